@@ -1,0 +1,1 @@
+"""nano-vLLM Labs reference engine."""

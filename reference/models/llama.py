@@ -1,0 +1,161 @@
+"""The Llama-family decoder (Llama, Qwen2, Qwen3) in plain PyTorch, one concept per class.
+
+    token ids -> Embedding -> N x DecoderLayer -> RMSNorm -> LM head -> logits
+    DecoderLayer: x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))
+
+The model works on a packed batch: `input_ids` and `positions` are flat [num_tokens] vectors holding the new
+tokens of every sequence in this step, one after another. Where one sequence ends and the next begins, and
+where the KV cache lives, is in the AttentionMetadata the model runner built; the model does not know about
+requests or scheduling. Parameter names match Hugging Face's, so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AttentionMetadata, TorchAttentionBackend
+from ..config import ModelConfig
+from .rotary import RotaryEmbedding, apply_rotary
+
+# Per layer: (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]; None = no cache.
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face does) for stability."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.backend = TorchAttentionBackend()  # the model runner may swap in a faster one
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, rope, metadata, kv_cache) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, metadata, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, the stack of decoder layers and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids, positions, metadata, kv_caches: KVCaches) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, rope, metadata, None if kv_caches is None else kv_caches[i])
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model: `forward` gives hidden states, `compute_logits` turns the rows you need into logits.
+
+    Logits are computed only for the rows that will be sampled (the last token of each sequence), which saves
+    a [num_tokens, vocab] matrix during prefill.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one matrix between the embedding and the LM head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_caches: KVCaches = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: int64 [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        return self.model(input_ids, positions, metadata, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
+        return self.lm_head(hidden).float()
+
+    def set_attention_backend(self, backend) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend

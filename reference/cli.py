@@ -1,0 +1,120 @@
+"""`python -m reference ...`: generate and chat from the command line.
+
+User errors (a bad flag value, a missing model) print one line on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUBCOMMANDS = ("generate", "chat")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a checkpoint directory or a hub id")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 = no limit")
+    parser.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reference", description="The nano-vLLM Labs reference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
+    gen.add_argument("prompt")
+    gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text (completion)")
+    add_model_flags(gen)
+    add_sampling_flags(gen, max_tokens=128)
+    chat = sub.add_parser("chat", help="interactive chat that keeps the conversation's history")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    add_model_flags(chat)
+    add_sampling_flags(chat, max_tokens=512)
+    return parser
+
+
+class Session:
+    """A loaded model + tokenizer, and streaming generation of one prompt's reply."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import transformers
+
+        from .models import load_model
+        from .runtime import resolve_device, resolve_dtype
+        from .sampling import SamplingParams
+        from .tokenizer import Tokenizer
+
+        transformers.logging.set_verbosity_error()
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        self.params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+        self.model, model_dir = load_model(args.model, device, dtype)
+        self.tokenizer = Tokenizer(model_dir)
+        if not self.tokenizer.available:
+            raise ValueError(f"{args.model} has no tokenizer files; the CLI needs a tokenizer to read text")
+        self.eos_token_ids = self.tokenizer.eos_token_ids | set(self.model.config.eos_token_ids)
+
+    def stream_reply(self, prompt_ids: list[int]) -> str:
+        """Print the reply as it is generated; return its full text."""
+        from .generate import generate_stream
+        from .tokenizer import IncrementalDetokenizer
+
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        for (token,) in generate_stream(self.model, [prompt_ids], self.params, eos_token_ids=self.eos_token_ids):
+            if token is not None and token not in self.eos_token_ids:
+                print(detokenizer.push([token]), end="", flush=True)
+        print(flush=True)
+        return detokenizer.text
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    session = Session(args)
+    if args.no_chat_template:
+        prompt_ids = session.tokenizer.encode(args.prompt)
+    else:
+        prompt_ids = session.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    session.stream_reply(prompt_ids)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    session = Session(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with", args.model, "- type /reset to forget the conversation, /exit or Ctrl-D to leave.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = session.stream_reply(session.tokenizer.apply_chat_template(history))
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": run_generate, "chat": run_chat}[args.command](args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,354 @@
+"""SamplingParams validation, and the sampler's distributions, seeding and logprobs.
+
+Statistical tests draw NUM_DRAWS samples as one batch of identical rows and require every token's empirical
+frequency to be within 5 standard errors of its expected probability (a correct sampler misses that bound with
+probability < 1e-6 per token); tokens with expected probability 0 must never appear. The autouse fixture in
+conftest.py seeds torch, so these tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from reference.sampling import SamplingParams, compute_logprobs, sample, seeded_generator
+
+NUM_DRAWS = 20_000
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SamplingParams
+
+
+INVALID = [
+    ({"n": 0}, "n"),
+    ({"n": 2.0}, "n"),
+    ({"n": True}, "n"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": -0.5}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"top_p": "0.9"}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": -2}, "top_k"),
+    ({"top_k": 5.0}, "top_k"),
+    ({"top_k": True}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"max_tokens": 8.0}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 2.0}, "logprobs"),
+    ({"logprobs": False}, "logprobs"),
+    ({"seed": 1.5}, "seed"),
+    ({"seed": "42"}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["end", ""]}, "stop"),
+    ({"stop": 7}, "stop"),
+    ({"stop": ["end", 7]}, "stop"),
+    ({"stop_token_ids": 7}, "stop_token_ids"),
+    ({"stop_token_ids": [1, -1]}, "stop_token_ids"),
+    ({"stop_token_ids": [1.0]}, "stop_token_ids"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"temprature": 0.5}, "temprature"),
+]
+
+
+@pytest.mark.parametrize("kwargs, field", INVALID, ids=[f"{k}" for k, _ in INVALID])
+def test_invalid_sampling_params_raise_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"\b{re.escape(field)}\b") as info:
+        SamplingParams(**kwargs)
+    if field != "temprature":
+        assert f"{field} must be" in str(info.value)  # and says what is allowed
+
+
+def test_unknown_keyword_lists_the_valid_fields_and_the_close_match():
+    with pytest.raises(ValueError) as info:
+        SamplingParams(temprature=0.5)
+    message = str(info.value)
+    assert "'temprature'" in message and "did you mean 'temperature'" in message
+    for field in ("n", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "logprobs"):
+        assert field in message
+
+
+def test_defaults_are_the_public_contract():
+    params = SamplingParams()
+    assert [(f.name, f.default) for f in dataclasses.fields(SamplingParams)] == [
+        ("n", 1), ("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("max_tokens", 16), ("stop", None),
+        ("stop_token_ids", None), ("ignore_eos", False), ("seed", None), ("logprobs", None),
+    ]
+    assert params.stop == [] and params.stop_token_ids == [] and not params.greedy
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"top_p": 1.0}, {"top_p": 1}, {"top_p": 1e-9}, {"top_k": -1}, {"top_k": 1}, {"temperature": 0},
+    {"temperature": 0.0}, {"max_tokens": 1}, {"n": 1}, {"logprobs": 0}, {"seed": 0}, {"seed": -7},
+    {"seed": 2**70}, {"ignore_eos": True},
+])
+def test_valid_edge_values_are_accepted(kwargs):
+    params = SamplingParams(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(params, name) == value
+
+
+def test_stop_and_stop_token_ids_are_normalised_to_lists():
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop_token_ids=(2, 3)).stop_token_ids == [2, 3]
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+
+
+def test_greedy_means_temperature_zero():
+    assert SamplingParams(temperature=0).greedy
+    assert not SamplingParams(temperature=1e-3).greedy
+
+
+def test_copy_and_replace_still_work_and_replace_validates():
+    params = SamplingParams(temperature=0.5, stop=["x"], seed=3)
+    assert copy.deepcopy(params) == params
+    assert dataclasses.replace(params, top_k=4).top_k == 4
+    with pytest.raises(ValueError, match="top_k"):
+        dataclasses.replace(params, top_k=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample: shapes and greedy
+
+
+def test_greedy_rows_return_argmax_even_in_a_mixed_batch():
+    logits = torch.randn(8, 300)
+    params = [SamplingParams(temperature=0.0) if i % 2 == 0 else SamplingParams(temperature=1.0) for i in range(8)]
+    params[2] = SamplingParams(temperature=1e-9)  # too small to divide by safely: sampled as argmax, no NaN
+    tokens = sample(logits, params, [None] * 8)
+    assert tokens.dtype == torch.int64 and tokens.shape == (8,)
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(tokens[::2], argmax[::2])
+
+
+def test_sample_rejects_mismatched_params_and_generators():
+    with pytest.raises(ValueError, match="one SamplingParams and one generator per logits row"):
+        sample(torch.randn(3, 10), [SamplingParams()] * 2, [None] * 3)
+    with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
+        sample(torch.randn(10), [SamplingParams()], [None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample: distributions
+
+
+def reference_distribution(logits: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
+    """The target distribution written as plainly as possible: scale, keep top k, keep the nucleus, renormalise."""
+    scaled = [x / temperature for x in logits]
+    top = max(scaled)
+    weights = [math.exp(x - top) for x in scaled]
+    order = sorted(range(len(logits)), key=lambda i: -scaled[i])
+    kept = order if top_k == -1 else order[:top_k]
+    total = sum(weights[i] for i in kept)
+    nucleus, mass = [], 0.0
+    for i in kept:
+        nucleus.append(i)
+        mass += weights[i] / total
+        if mass >= top_p:
+            break
+    nucleus_total = sum(weights[i] for i in nucleus)
+    return [weights[i] / nucleus_total if i in nucleus else 0.0 for i in range(len(logits))]
+
+
+def draw_frequencies(logits: list[float], params: SamplingParams, device: str = "cpu") -> torch.Tensor:
+    """Empirical frequencies of NUM_DRAWS samples from one logits row (batched as NUM_DRAWS identical rows)."""
+    batch = torch.tensor(logits, device=device).expand(NUM_DRAWS, -1).contiguous()
+    tokens = sample(batch, [params] * NUM_DRAWS, [None] * NUM_DRAWS)
+    assert tokens.device == batch.device
+    return torch.bincount(tokens.cpu(), minlength=len(logits)).double() / NUM_DRAWS
+
+
+def assert_frequencies_match(frequencies: torch.Tensor, expected: list[float]) -> None:
+    for token, (freq, prob) in enumerate(zip(frequencies.tolist(), expected)):
+        if prob == 0.0:
+            assert freq == 0.0, f"token {token} is outside the kept set but was drawn (frequency {freq})"
+        else:
+            tolerance = 5 * math.sqrt(prob * (1 - prob) / NUM_DRAWS)
+            assert abs(freq - prob) <= tolerance, f"token {token}: frequency {freq:.4f}, expected {prob:.4f}"
+
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_samples_from_softmax_of_logits_over_temperature(temperature, device):
+    expected = torch.softmax(torch.tensor(LOGITS, dtype=torch.float64) / temperature, dim=0).tolist()
+    assert_frequencies_match(draw_frequencies(LOGITS, SamplingParams(temperature=temperature), device), expected)
+
+
+def test_temperature_changes_the_distribution_by_more_than_the_tolerance():
+    # Guards the test above: the three temperatures' distributions are far apart compared with 5 standard errors.
+    top_prob = [torch.softmax(torch.tensor(LOGITS) / t, dim=0)[0].item() for t in (0.5, 1.0, 2.0)]
+    assert min(abs(a - b) for a, b in zip(top_prob, top_prob[1:])) > 0.1
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_top_k_keeps_only_the_k_largest_with_renormalised_frequencies(top_k):
+    logits = [0.3, 1.5, -0.2, 1.0, 0.8]  # order by size: 1, 3, 4, 0, 2
+    expected = reference_distribution(logits, 1.0, top_k, 1.0)
+    assert sum(p > 0 for p in expected) == top_k
+    assert_frequencies_match(draw_frequencies(logits, SamplingParams(top_k=top_k)), expected)
+
+
+def test_top_k_larger_than_vocab_keeps_everything():
+    expected = reference_distribution(LOGITS, 1.0, -1, 1.0)
+    assert_frequencies_match(draw_frequencies(LOGITS, SamplingParams(top_k=50)), expected)
+
+
+# probs 0.5, 0.25, 0.15, 0.07, 0.03: top_p=0.7 keeps {0, 1} (0.5 < 0.7 <= 0.75) -> renormalised 2/3, 1/3.
+NUCLEUS_LOGITS = [math.log(p) for p in (0.5, 0.25, 0.15, 0.07, 0.03)]
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.7, [2 / 3, 1 / 3, 0.0, 0.0, 0.0]),
+    (0.85, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0, 0.0]),
+    (0.3, [1.0, 0.0, 0.0, 0.0, 0.0]),  # the top token alone already exceeds top_p: it is kept, alone
+    (1.0, [0.5, 0.25, 0.15, 0.07, 0.03]),
+])
+def test_top_p_keeps_the_smallest_nucleus_with_renormalised_frequencies(top_p, expected):
+    assert reference_distribution(NUCLEUS_LOGITS, 1.0, -1, top_p) == pytest.approx(expected)
+    assert_frequencies_match(draw_frequencies(NUCLEUS_LOGITS, SamplingParams(top_p=top_p)), expected)
+
+
+def test_top_p_applies_to_the_temperature_scaled_top_k_distribution():
+    # T=2 flattens 0.5/0.25/0.15 to about 0.44/0.31/0.24 after top_k=3; top_p=0.7 then keeps the top two,
+    # whereas on the unscaled distribution it would keep the same two with different weights.
+    expected = reference_distribution(NUCLEUS_LOGITS, 2.0, 3, 0.7)
+    assert [p > 0 for p in expected] == [True, True, False, False, False]
+    params = SamplingParams(temperature=2.0, top_k=3, top_p=0.7)
+    assert_frequencies_match(draw_frequencies(NUCLEUS_LOGITS, params), expected)
+
+
+def test_each_row_uses_its_own_temperature_top_k_and_top_p():
+    # Four parameter sets interleaved in one batch: the vectorised filter must not mix rows up.
+    settings = [(1.0, -1, 1.0), (0.5, 2, 1.0), (2.0, -1, 0.6), (1.5, 3, 0.8)]
+    logits = [0.1, 1.2, -0.5, 0.9, 0.4, -1.0]
+    rows = len(settings) * NUM_DRAWS
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in settings] * NUM_DRAWS
+    tokens = sample(torch.tensor(logits).expand(rows, -1).contiguous(), params, [None] * rows)
+    for group, (t, k, p) in enumerate(settings):
+        frequencies = torch.bincount(tokens[group::len(settings)], minlength=len(logits)).double() / NUM_DRAWS
+        assert_frequencies_match(frequencies, reference_distribution(logits, t, k, p))
+
+
+def test_seeded_rows_sample_from_the_same_distribution():
+    params = SamplingParams(temperature=1.0, top_k=4, seed=11)
+    generators = [seeded_generator(11, 0, position, "cpu") for position in range(NUM_DRAWS)]
+    batch = torch.tensor(LOGITS).expand(NUM_DRAWS, -1).contiguous()
+    tokens = sample(batch, [params] * NUM_DRAWS, generators)
+    frequencies = torch.bincount(tokens, minlength=len(LOGITS)).double() / NUM_DRAWS
+    assert_frequencies_match(frequencies, reference_distribution(LOGITS, 1.0, 4, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample: seeds
+
+
+def seeded_tokens(logits_row: torch.Tensor, params: SamplingParams, seed: int, sample_index: int, positions: int):
+    """The tokens one seeded row gets at positions 0..positions-1 when it is alone in the batch."""
+    return [
+        sample(logits_row[None], [params], [seeded_generator(seed, sample_index, pos, logits_row.device)]).item()
+        for pos in range(positions)
+    ]
+
+
+def test_seeded_generator_is_a_pure_function_of_its_triple():
+    first = seeded_generator(5, 1, 9, "cpu")
+    again = seeded_generator(5, 1, 9, "cpu")
+    assert first.initial_seed() == again.initial_seed()
+    assert torch.equal(torch.rand(16, generator=first), torch.rand(16, generator=again))
+    seeds = {seeded_generator(*triple, "cpu").initial_seed() for triple in [(5, 1, 9), (6, 1, 9), (5, 0, 9),
+                                                                          (5, 1, 8), (5, 9, 1), (-5, 1, 9)]}
+    assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_index_and_position_give_the_same_tokens(device):
+    logits_row = torch.randn(1000, device=device)
+    params = SamplingParams(temperature=1.0, seed=42)
+    first = seeded_tokens(logits_row, params, 42, 0, 20)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert seeded_tokens(logits_row, params, 42, 0, 20) == first
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_row_does_not_depend_on_the_rest_of_the_batch(device):
+    vocab = 1000
+    target = torch.randn(vocab, device=device)
+    params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=42)
+    alone = seeded_tokens(target, params, 42, 0, 20)
+    others = [SamplingParams(), SamplingParams(temperature=0), SamplingParams(top_k=3, seed=7),
+              SamplingParams(top_p=0.5, temperature=1.3), SamplingParams(seed=8, top_k=900)]
+    for position in range(20):
+        batch_size = 2 + position % 5
+        row = position % batch_size  # the target moves around the batch
+        logits = torch.randn(batch_size, vocab, device=device)
+        logits[row] = target
+        params_batch = [others[(i + position) % len(others)] for i in range(batch_size)]
+        params_batch[row] = params
+        generators = [
+            seeded_generator(p.seed, 0, position, device) if p.seed is not None else None for p in params_batch
+        ]
+        generators[row] = seeded_generator(42, 0, position, device)
+        tokens = sample(logits, params_batch, generators)
+        assert tokens[row].item() == alone[position], f"position {position}, batch of {batch_size}, row {row}"
+
+
+def test_different_seeds_and_sample_indices_give_different_draws():
+    logits_row = torch.randn(1000)
+    params = SamplingParams(temperature=1.0)
+    seed_1 = seeded_tokens(logits_row, params, 1, 0, 20)
+    seed_2 = seeded_tokens(logits_row, params, 2, 0, 20)
+    other_sample = seeded_tokens(logits_row, params, 1, 1, 20)
+    # With 1000 comparable tokens two independent draws agree with probability around 1%, so
+    # more than 5 agreements in 20 would mean the seeds are not decorrelated.
+    assert sum(a != b for a, b in zip(seed_1, seed_2)) >= 15
+    assert sum(a != b for a, b in zip(seed_1, other_sample)) >= 15
+    assert len(set(seed_1)) >= 15  # positions differ too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compute_logprobs
+
+
+def test_compute_logprobs_matches_log_softmax_of_raw_logits():
+    logits = torch.randn(4, 50) * 3
+    token_ids = torch.tensor([0, 17, 49, 3])
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    result = compute_logprobs(logits, token_ids, num_top=5)
+    assert result.token_logprobs.dtype == torch.float32 and result.token_logprobs.shape == (4,)
+    torch.testing.assert_close(result.token_logprobs.double(), reference[torch.arange(4), token_ids],
+                               atol=1e-5, rtol=0)
+    expected_top, expected_ids = reference.topk(5, dim=-1)
+    assert torch.equal(result.top_ids, expected_ids)
+    torch.testing.assert_close(result.top_logprobs.double(), expected_top, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_top", [None, 0])
+def test_compute_logprobs_without_top_tokens_returns_none_for_them(num_top):
+    token_logprobs, top_ids, top_logprobs = compute_logprobs(torch.randn(2, 10), torch.tensor([1, 2]), num_top)
+    assert token_logprobs.shape == (2,) and top_ids is None and top_logprobs is None
+
+
+@pytest.mark.parametrize("num_top", [-1, 11, 2.0])
+def test_compute_logprobs_rejects_bad_num_top(num_top):
+    with pytest.raises(ValueError, match="num_top"):
+        compute_logprobs(torch.randn(2, 10), torch.tensor([1, 2]), num_top)

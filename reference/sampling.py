@@ -265,7 +265,8 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     """
     if logits.dim() != 2 or token_ids.shape != logits.shape[:1]:
         raise ValueError(
-            f"need logits [batch, vocab] and token_ids [batch]; got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
+            f"need logits [batch, vocab] and token_ids [batch]; "
+            f"got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
         )
     vocab = logits.shape[1]
     if num_top is not None and (not _is_int(num_top) or not 0 <= num_top <= vocab):

@@ -1,0 +1,217 @@
+"""LLMEngine: the step loop. Requests in, one scheduled forward pass per step, outputs streamed back.
+
+    add_request -> Sequence(s) queued -> step(): scheduler plans -> model runner runs + samples
+                -> tokens appended, detokenized, stop conditions checked -> RequestOutputs of what progressed
+
+The engine owns requests (prompt, params, per-sample text and logprobs, metrics) and the step loop. It must
+not know how attention or memory work: that is the model runner's and the KV manager's business.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine_config import EngineConfig
+from .kv_manager import ContiguousKVManager
+from .metrics import StepRecord
+from .model_runner import ModelRunner, SampledToken
+from .models import load_model
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .runtime import resolve_device, resolve_dtype
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class _Sample:
+    """The engine's view of one output stream: its sequence, text so far and logprobs."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, model: str = "smollm2", **kwargs) -> None:
+        self.config = config = EngineConfig.from_kwargs(model, **kwargs)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self.model, model_dir = load_model(config.model, self.device, self.dtype)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer(model_dir)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        config.fill_defaults(self.device, self.model_config.max_position_embeddings)
+        self.kv_manager = ContiguousKVManager(config.max_num_seqs, config.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_manager, self.dtype)
+        self.scheduler = Scheduler(
+            self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
+            config.enable_chunked_prefill,
+        )
+        self.requests: dict[str, _Request] = {}
+        self.step_log: list[StepRecord] = []
+        self._aborted_outputs: list[RequestOutput] = []
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> None:
+        """Queue a request. Bad input raises ValueError and leaves the engine and other requests untouched."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        prompt_text, prompt_ids = self._prompt_token_ids(prompt)
+        limit = self.config.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens but max_model_len is {limit}: it must be at most "
+                f"{limit - 1} tokens to leave room for one output token; shorten it or raise max_model_len"
+            )
+        now = time.monotonic()
+        request = _Request(request_id, prompt_text, prompt_ids, params,
+                           metrics=RequestMetrics(arrival_time=now, num_prompt_tokens=len(prompt_ids)))
+        for index in range(params.n):
+            seq = Sequence(request_id, prompt_ids, params, sample_index=index, priority=priority, arrival_time=now)
+            detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer.available else None
+            request.samples.append(_Sample(seq, detok, logprobs=[] if params.logprobs is not None else None))
+        self.requests[request_id] = request
+        for sample in request.samples:
+            self.scheduler.add(sample.seq)
+
+    def _prompt_token_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token id")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise ValueError("prompt is an empty list of token ids; give at least one token")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV memory; its final output (reason "abort") comes with the next step."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        now = time.monotonic()
+        for sample in request.samples:
+            if not sample.seq.is_finished:
+                self.scheduler.finish(sample.seq, "abort")
+                sample.seq.finish_time = now
+        request.metrics.finish_time = now
+        self._aborted_outputs.append(self._output(request))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted_outputs)
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step. Returns a cumulative RequestOutput for every request that progressed or finished."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        batch = self.scheduler.schedule()
+        started = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = started
+        sampled = self.runner.run(batch)
+        now = time.monotonic()
+        self.step_log.append(StepRecord.of(self.scheduler.step_count - 1, started, now, batch, self.scheduler,
+                                           self.kv_manager))
+        progressed: dict[str, _Request] = {}
+        for token in sampled:
+            request = self.requests[token.seq.request_id]
+            self._append_token(request, token, now)
+            progressed[request.request_id] = request
+        for request in progressed.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                request.metrics.finish_time = now
+                del self.requests[request.request_id]
+        return outputs
+
+    def _append_token(self, request: _Request, token: SampledToken, now: float) -> None:
+        seq, params = token.seq, request.params
+        sample = request.samples[seq.sample_index]
+        seq.token_ids.append(token.token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+        if sample.logprobs is not None:
+            sample.logprobs.append((token.logprob, token.top_logprobs or {}))
+        reason = None
+        if token.token_id in params.stop_token_ids or (
+            not params.ignore_eos and token.token_id in self.eos_token_ids
+        ):
+            reason = "stop"
+        if sample.detokenizer is not None:
+            previous = len(sample.text)
+            sample.text += sample.detokenizer.push([token.token_id])
+            cut = self._find_stop_string(sample.text, previous, params.stop)
+            if cut is not None:
+                sample.text, reason = sample.text[:cut], "stop"
+        if reason is None and (
+            len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            seq.finish_time = now
+
+    @staticmethod
+    def _find_stop_string(text: str, previous_len: int, stops: list[str]) -> int | None:
+        """Where the earliest stop string that ends in the new text starts, or None."""
+        best = None
+        for stop in stops:
+            at = text.find(stop, max(0, previous_len - len(stop) + 1))
+            if at != -1 and (best is None or at < best):
+                best = at
+        return best
+
+    def _output(self, request: _Request) -> RequestOutput:
+        metrics = request.metrics
+        metrics.num_output_tokens = sum(len(s.seq.output_token_ids) for s in request.samples)
+        metrics.num_preemptions = sum(s.seq.num_preemptions for s in request.samples)
+        scheduled = [s.seq.first_scheduled_time for s in request.samples if s.seq.first_scheduled_time is not None]
+        metrics.first_scheduled_time = min(scheduled, default=None)
+        completions = [
+            CompletionOutput(
+                index=i, text=s.text, token_ids=list(s.seq.output_token_ids), finish_reason=s.seq.finish_reason,
+                logprobs=None if s.logprobs is None else list(s.logprobs),
+            )
+            for i, s in enumerate(request.samples)
+        ]
+        return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
+                             request.finished, metrics)

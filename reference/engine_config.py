@@ -1,0 +1,75 @@
+"""EngineConfig: every knob of the engine in one validated place (the keyword arguments of LLM / LLMEngine)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+
+import torch
+
+from .policies import POLICIES, SchedulingPolicy
+
+KV_CACHE_KINDS = ("contiguous",)  # the paged block manager joins in lab 0.3
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"
+    device: str | torch.device | None = None  # None: cuda if available, else cpu
+    dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    max_num_seqs: int | None = None  # sequences running at once (None: 8 on CPU, 64 on GPU)
+    max_num_batched_tokens: int | None = None  # token budget per step (None: 512 on CPU, 8192 on GPU)
+    max_model_len: int | None = None  # prompt + output tokens per sequence (None: min(model's, 2048 CPU / 4096 GPU))
+    block_size: int | None = None  # KV slots per block (paged cache only)
+    num_kv_blocks: int | None = None  # KV capacity in blocks (paged cache only)
+    gpu_memory_utilization: float = 0.9
+    kv_cache: str = "contiguous"
+    enable_prefix_caching: bool = False
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str | SchedulingPolicy = "fcfs"
+    seed: int | None = None  # seeds torch's global RNG (requests without their own seed draw from it)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        valid = [f.name for f in fields(cls)]
+        for name in kwargs:
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown engine option {name!r}{hint}; valid options: {', '.join(valid)}")
+        return cls(model=str(model), **kwargs)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache={self.kv_cache!r} is not available; choose one of: {', '.join(KV_CACHE_KINDS)}")
+        if not isinstance(self.scheduling_policy, SchedulingPolicy) and self.scheduling_policy not in POLICIES:
+            raise ValueError(
+                f"scheduling_policy={self.scheduling_policy!r} is unknown; choose one of: {', '.join(POLICIES)}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def fill_defaults(self, device: torch.device, model_max_len: int) -> None:
+        """Resolve the None sizes for this device and model, then check they fit together."""
+        gpu = device.type == "cuda"
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 64 if gpu else 8
+        if self.max_model_len is None:
+            self.max_model_len = min(model_max_len, 4096 if gpu else 2048)
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if gpu else 512
+            if not self.enable_chunked_prefill:
+                self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+        if self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context length ({model_max_len})")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )

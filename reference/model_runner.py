@@ -1,0 +1,91 @@
+"""The model runner: turns the scheduler's plan into tensors, runs ONE forward pass, and samples.
+
+It owns the model and the KV cache tensors ([num_blocks, block_size, kv_heads, head_dim] per layer for K and
+V, sized by the KV manager). Each step it packs every scheduled token into one batch, builds the positions
+and the attention metadata once, runs the model, computes logits only for sequences whose last uncomputed
+token ran this step (a prefill chunk that stops mid-prompt samples nothing), and samples their next tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import build_metadata
+from .kv_manager import KVCacheManager
+from .models import LlamaForCausalLM
+from .sampling import compute_logprobs, sample, seeded_generator
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype) -> None:
+        self.model = model
+        self.kv = kv_manager
+        self.device = next(model.parameters()).device
+        config = model.config
+        shape = (kv_manager.num_blocks, kv_manager.block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """Execute one step; advance num_computed_tokens; return the tokens sampled this step."""
+        if not batch.seqs:
+            return []
+        input_ids, query_lens, context_lens = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            query_lens.append(n)
+            context_lens.append(start + n)
+        positions, metadata = build_metadata(
+            query_lens, context_lens, [self.kv.block_table(s) for s in batch.seqs], self.kv.block_size, self.device
+        )
+        hidden = self.model(torch.tensor(input_ids, device=self.device), positions, metadata, self.kv_caches)
+
+        # Only sequences whose every token is now computed predict a next token.
+        done = [i for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens)) if ctx == s.num_tokens]
+        for seq, ctx in zip(batch.seqs, context_lens):
+            seq.num_computed_tokens = ctx
+        if not done:
+            return []
+        last_rows = torch.tensor([sum(query_lens[: i + 1]) - 1 for i in done], device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows])
+        seqs = [batch.seqs[i] for i in done]
+        params = [s.params for s in seqs]
+        generators = [
+            seeded_generator(s.params.seed, s.sample_index, s.num_tokens, self.device)
+            if s.params.seed is not None and not s.params.greedy else None
+            for s in seqs
+        ]
+        token_ids = sample(logits, params, generators)
+        results = [SampledToken(s, t) for s, t in zip(seqs, token_ids.tolist())]
+        wants_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if wants_logprobs:
+            rows = torch.tensor(wants_logprobs, device=self.device)
+            num_top = max(params[i].logprobs for i in wants_logprobs)
+            lp = compute_logprobs(logits[rows], token_ids[rows], num_top or None)
+            for j, i in enumerate(wants_logprobs):
+                results[i].logprob = float(lp.token_logprobs[j])
+                k = params[i].logprobs
+                if k and lp.top_ids is not None:
+                    ids, values = lp.top_ids[j, :k].tolist(), lp.top_logprobs[j, :k].tolist()
+                    results[i].top_logprobs = dict(zip(ids, values))
+        return results

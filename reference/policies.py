@@ -1,0 +1,65 @@
+"""Scheduling policies: in which order waiting sequences are admitted and running ones are kept.
+
+A policy is one function, `sort_key(seq, step)`: sequences with SMALLER keys go first. The scheduler admits
+waiting sequences in increasing key order, serves running ones in that order, and when memory runs out it
+preempts the running sequence with the LARGEST key. Ties fall back to arrival order (the key ends with it).
+"""
+
+from __future__ import annotations
+
+from .sequence import Sequence
+
+
+class SchedulingPolicy:
+    name = "base"
+
+    def sort_key(self, seq: Sequence, step: int) -> tuple:
+        raise NotImplementedError
+
+
+class FCFS(SchedulingPolicy):
+    """First come, first served: arrival order. Never starves anyone; a long prompt delays those behind it."""
+
+    name = "fcfs"
+
+    def sort_key(self, seq: Sequence, step: int) -> tuple:
+        return (seq.arrival_time, seq.seq_id)
+
+
+class ShortestJobFirst(SchedulingPolicy):
+    """Fewest prompt tokens left to prefill first: lowers mean time-to-first-token; long prompts may wait."""
+
+    name = "sjf"
+
+    def sort_key(self, seq: Sequence, step: int) -> tuple:
+        return (seq.num_uncomputed_tokens, seq.arrival_time, seq.seq_id)
+
+
+class PriorityWithAging(SchedulingPolicy):
+    """Smaller `priority` first; a waiting sequence gains one level per `aging_steps` steps it has waited.
+
+    Without aging a steady stream of urgent requests starves everyone else forever; with it, any request's
+    effective priority eventually beats every newcomer's.
+    """
+
+    name = "priority"
+
+    def __init__(self, aging_steps: int = 32) -> None:
+        if aging_steps < 1:
+            raise ValueError(f"aging_steps must be >= 1, got {aging_steps}")
+        self.aging_steps = aging_steps
+
+    def sort_key(self, seq: Sequence, step: int) -> tuple:
+        waited = max(0, step - seq.waiting_since_step)
+        return (seq.priority - waited // self.aging_steps, seq.arrival_time, seq.seq_id)
+
+
+POLICIES = {"fcfs": FCFS, "sjf": ShortestJobFirst, "priority": PriorityWithAging}
+
+
+def make_policy(policy: str | SchedulingPolicy) -> SchedulingPolicy:
+    if isinstance(policy, SchedulingPolicy):
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(f"scheduling_policy={policy!r} is unknown; choose one of: {', '.join(POLICIES)}")
+    return POLICIES[policy]()

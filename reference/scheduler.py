@@ -1,0 +1,149 @@
+"""The scheduler: each step, which sequences run and how many of their tokens (continuous batching).
+
+Every step has a token budget (max_num_batched_tokens) and a cap on running sequences (max_num_seqs):
+
+1. Running sequences go first, in policy order. A decoding sequence needs 1 token; one still prefilling gets
+   the next chunk of its prompt that fits the budget. If the KV manager cannot grow a sequence, the scheduler
+   preempts the running sequence the policy values least (recompute: its cache is freed and it goes back to
+   the front of the queue to be prefilled again later), until the sequence fits or is itself the victim.
+2. The budget left over admits waiting sequences, in policy order, while the KV manager can hold them. With
+   chunked prefill a long prompt takes several steps, possibly beside chunks of other prompts; without it a
+   prompt is admitted only when it fits the budget whole.
+
+Finished sequences leave and waiting ones join at every step. The scheduler never runs the model: it returns
+a plan (which sequences, how many tokens each) that the model runner executes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_manager import KVCacheManager
+from .policies import SchedulingPolicy, make_policy
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's plan: seqs[i] runs its next num_tokens[i] uncomputed tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for s, n in zip(self.seqs, self.num_tokens) if s.is_prefilling)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.total_tokens - self.num_prefill_tokens
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(num_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str | SchedulingPolicy = "fcfs",
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv = kv_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = make_policy(policy)
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.step_count = 0
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        seq.waiting_since_step = self.step_count
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take seq out of the queues for good and return its KV memory."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Recompute preemption: drop seq's cache and queue it at the front; its tokens so far are kept."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's uncomputed tokens to run now (0 = none fit)."""
+        want = seq.num_uncomputed_tokens
+        if want <= budget:
+            return want
+        return budget if self.enable_chunked_prefill else 0
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        key = lambda s: self.policy.sort_key(s, self.step_count)  # noqa: E731
+
+        # 1. Running sequences, most valued first; the least valued ones are the preemption victims.
+        self.running.sort(key=key)
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            num_tokens = self._chunk(seq, budget)
+            if num_tokens == 0:
+                continue
+            while not self.kv.can_allocate(seq, num_tokens):
+                victim = queue.pop() if queue else seq  # the least valued not yet scheduled, else seq itself
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                self.kv.allocate(seq, num_tokens)
+                batch.add(seq, num_tokens)
+                budget -= num_tokens
+
+        # 2. Admit waiting sequences with what is left (none while anything was preempted this step: memory is
+        #    short, and a preempted sequence must not be readmitted in the same step it was evicted).
+        if not batch.preempted:
+            self.waiting = deque(sorted(self.waiting, key=key))
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                num_tokens = self._chunk(seq, budget)
+                if num_tokens == 0 or not self.kv.can_allocate(seq, num_tokens):
+                    break  # keep policy order: do not let later arrivals overtake the head of the queue
+                self.waiting.popleft()
+                self.kv.allocate(seq, num_tokens)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                batch.add(seq, num_tokens)
+                budget -= num_tokens
+
+        self.step_count += 1
+        return batch

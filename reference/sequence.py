@@ -1,0 +1,74 @@
+"""Sequence: one output stream being generated, and the state the scheduler and KV manager keep about it.
+
+A request with SamplingParams.n = k becomes k sequences that share a prompt. A sequence's tokens are its
+prompt followed by its output so far; `num_computed_tokens` of them have their K/V in the cache. Each step
+the scheduler gives a sequence a number of its uncomputed tokens to run: a prefill chunk, or the single newest
+token when decoding. After preemption by recompute the cache is dropped, num_computed_tokens goes back to 0,
+and prompt + output so far are prefilled again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .sampling import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # queued (new or preempted); holds no KV memory
+    RUNNING = "running"  # admitted; holds KV memory
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sample_index: int = 0  # which of the request's n samples this is
+    priority: int = 0  # smaller runs first under the "priority" policy
+    arrival_time: float = 0.0
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    num_preemptions: int = 0
+    waiting_since_step: int = 0  # for aging in the priority policy
+    # Filled in by the engine as the sequence progresses (time.monotonic() seconds).
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens not yet in the KV cache: the rest of the prompt while prefilling, 1 while decoding."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_config import EngineConfig
-from .kv_manager import ContiguousKVManager
+from .block_manager import BlockManager
+from .kv_cache import kv_bytes_per_token
+from .kv_manager import ContiguousKVManager, KVCacheManager
 from .metrics import StepRecord
 from .model_runner import ModelRunner, SampledToken
 from .models import load_model
@@ -63,7 +65,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         config.fill_defaults(self.device, self.model_config.max_position_embeddings)
-        self.kv_manager = ContiguousKVManager(config.max_num_seqs, config.max_model_len)
+        self.kv_manager = self._make_kv_manager()
         self.runner = ModelRunner(self.model, self.kv_manager, self.dtype)
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
@@ -72,6 +74,33 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []
         self._aborted_outputs: list[RequestOutput] = []
+
+    def _make_kv_manager(self) -> KVCacheManager:
+        config = self.config
+        if config.kv_cache == "contiguous":
+            return ContiguousKVManager(config.max_num_seqs, config.max_model_len)
+        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
+        if num_blocks * config.block_size < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {config.block_size} = {num_blocks * config.block_size} "
+                f"tokens, fewer than max_model_len ({config.max_model_len}); raise num_kv_blocks or lower max_model_len"
+            )
+        return BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+
+    def _num_blocks_from_memory(self) -> int:
+        """KV capacity when num_kv_blocks is not given: what the memory budget holds, and no more than needed."""
+        config = self.config
+        block_bytes = kv_bytes_per_token(self.model_config, self.dtype) * config.block_size
+        enough = -(-config.max_num_seqs * config.max_model_len // config.block_size)  # every seat at full length
+        if self.device.type == "cuda":
+            budget = ModelRunner.free_gpu_memory_for_kv(self.model, self.device, config)
+        else:
+            budget = config.cpu_kv_cache_bytes
+        num_blocks = min(enough, budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes); lower max_num_batched_tokens "
+                             f"or raise gpu_memory_utilization / cpu_kv_cache_bytes")
+        return num_blocks
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(
@@ -102,8 +131,9 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer.available else None
             request.samples.append(_Sample(seq, detok, logprobs=[] if params.logprobs is not None else None))
         self.requests[request_id] = request
-        for sample in request.samples:
-            self.scheduler.add(sample.seq)
+        # Only sample 0 prefills the prompt; the others are forked from it once it has (see _append_token).
+        request.samples[0].seq.num_unborn_siblings = params.n - 1
+        self.scheduler.add(request.samples[0].seq)
 
     def _prompt_token_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -164,6 +194,9 @@ class LLMEngine:
     def _append_token(self, request: _Request, token: SampledToken, now: float) -> None:
         seq, params = token.seq, request.params
         sample = request.samples[seq.sample_index]
+        if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
+            for sibling in request.samples[1:]:
+                self.scheduler.fork(seq, sibling.seq)
         seq.token_ids.append(token.token_id)
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -9,7 +9,7 @@ import torch
 
 from .policies import POLICIES, SchedulingPolicy
 
-KV_CACHE_KINDS = ("contiguous",)  # the paged block manager joins in lab 0.3
+KV_CACHE_KINDS = ("paged", "contiguous")
 
 
 @dataclass
@@ -20,11 +20,12 @@ class EngineConfig:
     max_num_seqs: int | None = None  # sequences running at once (None: 8 on CPU, 64 on GPU)
     max_num_batched_tokens: int | None = None  # token budget per step (None: 512 on CPU, 8192 on GPU)
     max_model_len: int | None = None  # prompt + output tokens per sequence (None: min(model's, 2048 CPU / 4096 GPU))
-    block_size: int | None = None  # KV slots per block (paged cache only)
-    num_kv_blocks: int | None = None  # KV capacity in blocks (paged cache only)
-    gpu_memory_utilization: float = 0.9
-    kv_cache: str = "contiguous"
-    enable_prefix_caching: bool = False
+    block_size: int = 16  # KV slots per block (paged cache only; a power of two)
+    num_kv_blocks: int | None = None  # KV capacity in blocks (paged only; None: from memory, see fill_defaults)
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights + activations + KV)
+    cpu_kv_cache_bytes: int = 1 << 30  # KV budget on CPU when num_kv_blocks is not given
+    kv_cache: str = "paged"
+    enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
     enable_chunked_prefill: bool = True
@@ -42,7 +43,8 @@ class EngineConfig:
         return cls(model=str(model), **kwargs)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_kv_blocks"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_kv_blocks",
+                     "cpu_kv_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -52,6 +54,8 @@ class EngineConfig:
             raise ValueError(
                 f"scheduling_policy={self.scheduling_policy!r} is unknown; choose one of: {', '.join(POLICIES)}"
             )
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

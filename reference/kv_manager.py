@@ -52,6 +52,18 @@ class KVCacheManager(ABC):
     def num_reserved_slots(self) -> int:
         """Slots reserved by live sequences (used or not): internal fragmentation = reserved - used."""
 
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
+        """Give child (holding nothing) the parent's KV of its first num_tokens tokens (parallel sampling)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork sequences")
+
+    def cached_prefix_len(self, seq: Sequence) -> int:
+        """Tokens at the start of a new sequence whose KV is already cached (0 without prefix caching)."""
+        return 0
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """(source block, destination block) copies the model runner must do before the next forward pass."""
+        return []
+
 
 class ContiguousKVManager(KVCacheManager):
     """One row of max_model_len slots per admitted sequence, reserved until it finishes."""
@@ -61,6 +73,7 @@ class ContiguousKVManager(KVCacheManager):
         self.block_size = max_model_len
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out row 0 first
         self._row_of: dict[int, int] = {}  # seq_id -> row
+        self._pending_copies: list[tuple[int, int]] = []
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         fits = seq.num_computed_tokens + num_new_tokens <= self.block_size
@@ -78,6 +91,15 @@ class ContiguousKVManager(KVCacheManager):
 
     def block_table(self, seq: Sequence) -> list[int]:
         return [self._row_of[seq.seq_id]]
+
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
+        # Rows cannot be shared, so the child gets its own row and a copy of the parent's.
+        self._row_of[child.seq_id] = self._free_rows.pop()
+        self._pending_copies.append((self._row_of[parent.seq_id], self._row_of[child.seq_id]))
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
 
     @property
     def num_free_blocks(self) -> int:

@@ -40,6 +40,25 @@ class ModelRunner:
             for _ in range(config.num_hidden_layers)
         ]
 
+    @staticmethod
+    @torch.inference_mode()
+    def free_gpu_memory_for_kv(model: LlamaForCausalLM, device: torch.device, config) -> int:
+        """Bytes left for the KV cache on the GPU: the budget (gpu_memory_utilization x total memory) minus
+        what the weights and the activations of a full-budget step (measured with a dummy pass) need."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        num_tokens = config.max_num_batched_tokens
+        seq_len = min(config.max_model_len, num_tokens)
+        query_lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        positions, metadata = build_metadata(query_lens, None, None, None, device)
+        hidden = model(torch.zeros(num_tokens, dtype=torch.int64, device=device), positions, metadata)
+        model.compute_logits(hidden[-config.max_num_seqs:])
+        del hidden
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        _, total = torch.cuda.mem_get_info(device)
+        return max(0, int(total * config.gpu_memory_utilization) - peak)
+
     @property
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
@@ -47,6 +66,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken]:
         """Execute one step; advance num_computed_tokens; return the tokens sampled this step."""
+        for source, destination in self.kv.take_pending_copies():  # copy-on-write / fork copies
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[destination] = k_cache[source]
+                v_cache[destination] = v_cache[source]
         if not batch.seqs:
             return []
         input_ids, query_lens, context_lens = [], [], []

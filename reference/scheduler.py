@@ -6,7 +6,8 @@ Every step has a token budget (max_num_batched_tokens) and a cap on running sequ
    the next chunk of its prompt that fits the budget. If the KV manager cannot grow a sequence, the scheduler
    preempts the running sequence the policy values least (recompute: its cache is freed and it goes back to
    the front of the queue to be prefilled again later), until the sequence fits or is itself the victim.
-2. The budget left over admits waiting sequences, in policy order, while the KV manager can hold them. With
+2. The budget left over admits waiting sequences, in policy order, while the KV manager can hold them (a
+   prefix it already caches is not recomputed). With
    chunked prefill a long prompt takes several steps, possibly beside chunks of other prompts; without it a
    prompt is admitted only when it fits the budget whole.
 
@@ -99,9 +100,28 @@ class Scheduler:
         batch.preempted.append(seq)
 
     # -- the step -------------------------------------------------------------------------------------------------
-    def _chunk(self, seq: Sequence, budget: int) -> int:
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` (another sample of parent's request) from the parent's computed prompt.
+
+        The child shares the KV of all prompt tokens but the last, and recomputes that one to get logits of
+        its own; with the paged manager that first write lands in a shared block and triggers copy-on-write.
+        Its seat in the running set was reserved when the parent was admitted.
+        """
+        shared = parent.num_prompt_tokens - 1
+        self.kv.fork(parent, child, shared)
+        child.num_computed_tokens = shared
+        child.status = SequenceStatus.RUNNING
+        child.waiting_since_step = parent.waiting_since_step
+        parent.num_unborn_siblings -= 1
+        self.running.append(child)
+
+    def _seats(self, seq: Sequence) -> int:
+        """Running-set seats a sequence needs: its own plus one per sibling still to be forked from it."""
+        return 1 + seq.num_unborn_siblings
+
+    def _chunk(self, seq: Sequence, budget: int, already_cached: int = 0) -> int:
         """How many of seq's uncomputed tokens to run now (0 = none fit)."""
-        want = seq.num_uncomputed_tokens
+        want = seq.num_uncomputed_tokens - already_cached
         if want <= budget:
             return want
         return budget if self.enable_chunked_prefill else 0
@@ -133,9 +153,12 @@ class Scheduler:
         #    short, and a preempted sequence must not be readmitted in the same step it was evicted).
         if not batch.preempted:
             self.waiting = deque(sorted(self.waiting, key=key))
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seats_taken = sum(self._seats(s) for s in self.running)
+            while self.waiting and budget > 0:
                 seq = self.waiting[0]
-                num_tokens = self._chunk(seq, budget)
+                if seats_taken + self._seats(seq) > self.max_num_seqs:
+                    break
+                num_tokens = self._chunk(seq, budget, self.kv.cached_prefix_len(seq))
                 if num_tokens == 0 or not self.kv.can_allocate(seq, num_tokens):
                     break  # keep policy order: do not let later arrivals overtake the head of the queue
                 self.waiting.popleft()
@@ -144,6 +167,7 @@ class Scheduler:
                 self.running.append(seq)
                 batch.add(seq, num_tokens)
                 budget -= num_tokens
+                seats_taken += self._seats(seq)
 
         self.step_count += 1
         return batch

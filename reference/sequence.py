@@ -38,6 +38,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     num_preemptions: int = 0
+    num_unborn_siblings: int = 0  # sample 0 of an n > 1 request: samples still to be forked from it
     waiting_since_step: int = 0  # for aging in the priority policy
     # Filled in by the engine as the sequence progresses (time.monotonic() seconds).
     first_scheduled_time: float | None = None

@@ -123,7 +123,7 @@ def load_model(
     with torch.device("meta"):  # no time wasted on random initialisation
         net = LlamaForCausalLM(config)
     net = net.to_empty(device=device).to(dtype)
-    net.model.rotary = RotaryEmbedding(config).to(device)  # its buffer was left empty by to_empty
+    net.model.rotary = RotaryEmbedding(config)  # built on the CPU: its tables were never materialised on meta
     net.tie_weights()  # to_empty gives each parameter its own storage, untying them
     load_weights(net, model_dir)
     return net.eval().requires_grad_(False), model_dir

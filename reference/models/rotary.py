@@ -2,7 +2,7 @@
 
 Each pair of dimensions (i, i + head_dim/2) of a query or key is rotated by the angle position * inv_freq[i].
 Because a rotation by a and one by b differ by a rotation by a - b, the dot product q.k then depends only on
-the distance between the two positions. cos/sin are tabulated once per position (float32) and grown on demand.
+the distance between the two positions. cos/sin are tabulated once per position (float32).
 """
 
 from __future__ import annotations
@@ -43,27 +43,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """cos/sin of every position's angles, tabulated once (float32) for the model's whole context length.
+
+    A table lookup needs no data-dependent shapes or host syncs, so it can run inside a CUDA graph.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-        self._cos = self._sin = None  # [max_position, head_dim] tables, built lazily on the right device
-
-    def _table(self, needed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < needed or self._cos.device != device:
-            size = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
-            angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
-            angles = torch.cat((angles, angles), dim=-1)
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos, self._sin
+        inv_freq = rope_inverse_frequencies(config)
+        angles = torch.arange(config.max_position_embeddings, dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)  # [max_position, head_dim]: both halves rotate together
+        # Plain attributes, not buffers: model.to(bfloat16) must not round the tables.
+        self.cos_table, self.sin_table = angles.cos(), angles.sin()
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: int64 [num_tokens] -> cos, sin: float32 [num_tokens, 1, head_dim] (the 1 broadcasts over heads).
 
         Computed once per forward pass and shared by every layer.
         """
-        max_position = int(positions.max()) + 1 if positions.numel() else 1
-        cos_table, sin_table = self._table(max_position, positions.device)
-        return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+        if self.cos_table.device != positions.device:
+            self.cos_table, self.sin_table = self.cos_table.to(positions.device), self.sin_table.to(positions.device)
+        return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,335 @@
+"""The Triton kernels compute what torch_ref computes, on random paged caches, for every layout we support.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are
+imported), so this file also runs on the CPU; shapes stay small because the interpreter is slow. bfloat16
+arithmetic is wrong in the interpreter, so bfloat16 cases are GPU-only. On a GPU every case runs compiled.
+
+Tolerances (|triton - torch_ref| <= atol + rtol * |torch_ref|, both equal to the value below):
+float32 1e-5 (the kernels' float32 dots are exact-precision, not tf32), float16 2e-3, bfloat16 2e-2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import (their @triton.jit)
+pytest.importorskip("triton")
+
+from reference.attention import build_metadata, torch_ref  # noqa: E402
+from reference.attention import triton_ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    tol = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def random_paged_cache(context_lens, kv_heads, head_dim, block_size, dtype, spare_blocks=3):
+    """Random K/V caches and block tables: shuffled block ids, a -1 column past the longest sequence.
+
+    Every slot (also the unused ones) holds random values, so reading a wrong block changes the result.
+    """
+    blocks_needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks_needed) + spare_blocks
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    ids = torch.randperm(num_blocks).tolist()
+    width = max(blocks_needed) + 1
+    tables = []
+    for n in blocks_needed:
+        tables.append(ids[:n] + [-1] * (width - n))
+        ids = ids[n:]
+    block_tables = torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+    return k_cache, v_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+
+
+def decode_case(context_lens, heads, kv_heads, head_dim, block_size, dtype):
+    k_cache, v_cache, block_tables, lens = random_paged_cache(context_lens, kv_heads, head_dim, block_size, dtype)
+    q = torch.randn(len(context_lens), heads, head_dim, device=DEVICE).to(dtype)
+    cu_seqlens = torch.arange(len(context_lens) + 1, dtype=torch.int32, device=DEVICE)
+    expected = torch_ref.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens, lens, head_dim**-0.5)
+    return (q, k_cache, v_cache, block_tables, lens, head_dim**-0.5), expected
+
+
+def prefill_case(query_lens, context_lens, heads, kv_heads, head_dim, block_size, dtype):
+    k_cache, v_cache, block_tables, lens = random_paged_cache(context_lens, kv_heads, head_dim, block_size, dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, device=DEVICE).to(dtype)
+    cu = torch.tensor([0] + query_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    expected = torch_ref.paged_attention(q, k_cache, v_cache, block_tables, cu, lens, head_dim**-0.5)
+    return (q, k_cache, v_cache, block_tables, cu, lens, head_dim**-0.5), expected
+
+
+def edge_lengths(block_size: int) -> list[int]:
+    """One token, a block minus one, exactly a block, a block plus one, several blocks."""
+    return [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
+
+
+# GQA ratios 1, 3, 4 and multi-query (one KV head).
+HEAD_LAYOUTS = [(4, 4), (6, 2), (8, 2), (4, 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# store_kvcache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size, head_dim", [(16, 64), (32, 128), (16, 80)])
+def test_store_writes_each_token_to_its_slot_and_skips_minus_one(dtype, block_size, head_dim):
+    kv_heads, num_blocks = 2, 4
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:7]
+    slots[[1, 4]] = -1  # padding tokens
+    k = torch.randn(7, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn_like(k)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    torch_ref.store_kvcache(k, v, expected_k, expected_v, slots)
+
+    triton_ops.store_kvcache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)  # a copy: exact
+
+
+def test_store_casts_to_the_cache_dtype_and_reads_strided_inputs():
+    k_cache = torch.zeros(2, 16, 2, 64, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    kv = torch.randn(5, 2, 2, 64, device=DEVICE)  # k and v as strided views of one tensor
+    slots = torch.tensor([3, 17, -1, 0, 31], device=DEVICE)
+    triton_ops.store_kvcache(kv[:, 0], kv[:, 1], k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], kv[token, 0].half())
+            assert torch.equal(flat_v[slot], kv[token, 1].half())
+    assert int((flat_k != 0).any(dim=(1, 2)).sum()) == 4  # nothing else written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", HEAD_LAYOUTS)
+def test_decode_matches_reference_for_each_gqa_ratio(heads, kv_heads, dtype):
+    args, expected = decode_case(edge_lengths(16), heads, kv_heads, 64, 16, dtype)
+    assert_matches(triton_ops.paged_decode_attention(*args), expected)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 40])
+def test_decode_matches_reference_for_block_sizes_and_head_dims(block_size, head_dim):
+    args, expected = decode_case(edge_lengths(block_size), 6, 2, head_dim, block_size, torch.float32)
+    assert_matches(triton_ops.paged_decode_attention(*args), expected)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_decode_splits_merge_to_the_same_result(num_splits):
+    # With 5 splits the short contexts leave some splits empty; their weight must be zero.
+    args, expected = decode_case([1, 20, 100, 170], 8, 2, 64, 16, torch.float32)
+    assert_matches(triton_ops.paged_decode_attention(*args, num_splits=num_splits), expected)
+
+
+def test_decode_block_larger_than_tile_and_odd_block_size():
+    # One block per sequence (the contiguous cache's layout): a tile covers only part of a block.
+    for block_size in (128, 100):
+        args, expected = decode_case([1, 70, 100], 4, 2, 64, block_size, torch.float16)
+        assert_matches(triton_ops.paged_decode_attention(*args), expected)
+
+
+def test_decode_writes_into_out_and_reads_strided_q():
+    args, expected = decode_case([5, 33], 6, 2, 64, 16, torch.float32)
+    q = args[0]
+    qkv = torch.randn(2, 10, 64, device=DEVICE)
+    qkv[:, 2:8] = q  # q as a strided view, like a slice of a fused qkv projection
+    out = torch.full_like(q, float("nan"))
+    result = triton_ops.paged_decode_attention(qkv[:, 2:8], *args[1:], out=out)
+    assert result is out
+    assert_matches(out, expected)  # also: no element left as NaN
+
+
+def test_choose_num_splits_adapts_to_batch_and_context():
+    device = torch.device("cuda" if DEVICE == "cuda" else "cpu")
+    many_programs = 1024
+    assert triton_ops.choose_num_splits(many_programs, 8, 4096, device) == 1
+    few = triton_ops.choose_num_splits(1, 2, 1 << 16, device)
+    assert few > 1
+    assert few >= triton_ops.choose_num_splits(4, 2, 1 << 16, device)  # fewer sequences: at least as many
+    short = triton_ops.choose_num_splits(1, 2, 300, device)
+    assert short <= 2  # no split shorter than MIN_TOKENS_PER_SPLIT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", HEAD_LAYOUTS)
+def test_prefill_matches_reference_with_and_without_cached_prefix(heads, kv_heads, dtype):
+    # Packed chunk: a fresh prompt (q_len == context), a chunk after a cached prefix, a single token, and a
+    # prompt long enough to need several query tiles and KV tiles.
+    query_lens = [17, 9, 1, 40]
+    context_lens = [17, 9 + 23, 12, 40]
+    args, expected = prefill_case(query_lens, context_lens, heads, kv_heads, 64, 16, dtype)
+    assert_matches(triton_ops.paged_prefill_attention(*args), expected)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
+def test_prefill_matches_reference_for_block_sizes_and_head_dims(block_size, head_dim):
+    query_lens = [block_size + 1, 3, block_size - 1]
+    context_lens = [block_size + 1, 2 * block_size + 3, block_size - 1]
+    args, expected = prefill_case(query_lens, context_lens, 6, 2, head_dim, block_size, torch.float32)
+    assert_matches(triton_ops.paged_prefill_attention(*args, max_query_len=max(query_lens)), expected)
+
+
+def test_prefill_writes_into_out():
+    args, expected = prefill_case([4, 6], [4, 10], 4, 2, 64, 16, torch.float16)
+    out = torch.full_like(args[0], float("nan"))
+    assert triton_ops.paged_prefill_attention(*args, out=out) is out
+    assert_matches(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    args, _ = decode_case([3], 6, 2, 64, 16, torch.float32)
+    q, k_cache, v_cache, block_tables, lens, scale = args
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        triton_ops.paged_decode_attention(q[:, :5], k_cache, v_cache, block_tables, lens, scale)
+    with pytest.raises(TypeError, match="cast one to match"):
+        triton_ops.paged_decode_attention(q.half(), k_cache, v_cache, block_tables, lens, scale)
+    with pytest.raises(ValueError, match="int32"):
+        triton_ops.paged_decode_attention(q, k_cache, v_cache, block_tables.long(), lens, scale)
+    with pytest.raises(ValueError, match="head_dim"):
+        big = torch.zeros(1, 16, 1, 512, device=DEVICE)
+        triton_ops.store_kvcache(torch.zeros(1, 1, 512, device=DEVICE), torch.zeros(1, 1, 512, device=DEVICE),
+                                 big, big.clone(), torch.zeros(1, dtype=torch.int64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bfloat16 (GPU only: the interpreter's bfloat16 arithmetic is wrong)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("heads, kv_heads", HEAD_LAYOUTS + [(16, 8)])
+def test_bf16_decode_and_prefill_match_reference(block_size, heads, kv_heads):
+    lengths = edge_lengths(block_size) + [1000]
+    args, expected = decode_case(lengths, heads, kv_heads, 128, block_size, torch.bfloat16)
+    assert_matches(triton_ops.paged_decode_attention(*args), expected)
+    assert_matches(triton_ops.paged_decode_attention(*args, num_splits=7), expected)
+    query_lens = [block_size + 1, 5, 300]
+    args, expected = prefill_case(query_lens, [block_size + 1, 700, 300], heads, kv_heads, 128, block_size,
+                                  torch.bfloat16)
+    assert_matches(triton_ops.paged_prefill_attention(*args), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_gpu_long_contexts_and_head_dims(dtype, head_dim):
+    args, expected = decode_case([4096, 1, 2049, 513], 16, 8, head_dim, 16, dtype)
+    assert_matches(triton_ops.paged_decode_attention(*args), expected)
+    args, expected = prefill_case([512, 64], [512, 3000], 16, 8, head_dim, 16, dtype)
+    assert_matches(triton_ops.paged_prefill_attention(*args), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backend inside a real (tiny, random) model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_steps(model, backend, steps, kv_caches, block_size):
+    """Run the model through `steps` [(query tokens per sequence, context lens, block tables)]; return the
+    last-token logits of every step."""
+    model.set_attention_backend(backend)
+    logits = []
+    for new_tokens, context_lens, tables in steps:
+        query_lens = [len(t) for t in new_tokens]
+        positions, metadata = build_metadata(query_lens, context_lens, tables, block_size, DEVICE)
+        input_ids = torch.tensor([t for seq in new_tokens for t in seq], device=DEVICE)
+        hidden = model(input_ids, positions, metadata, kv_caches)
+        logits.append(model.compute_logits(hidden[metadata.cu_seqlens_q[1:].long() - 1]))
+    return logits
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(checkpoint_factory):
+    from reference.models import load_model
+
+    model, _ = load_model(checkpoint_factory("qwen3"), device=DEVICE, progress=False)
+    return model
+
+
+def paged_caches(model, num_blocks, block_size):
+    config = model.config
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [(torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE))
+            for _ in range(config.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def test_backend_matches_torch_backend_on_a_tiny_model_with_the_contiguous_cache(tiny_qwen3):
+    from reference.kv_cache import ContiguousKVCache
+
+    model = tiny_qwen3
+    prompts = [[5, 9, 14, 2, 77], [3, 1, 4, 1, 5, 9, 2, 6, 5]]
+    max_len = 13  # not a power of two: the contiguous cache's one block per row is max_len long
+    results = []
+    for backend in (torch_ref.TorchAttentionBackend(), triton_ops.TritonAttentionBackend()):
+        cache = ContiguousKVCache(model.config, len(prompts), max_len, torch.float32, DEVICE)
+        tables = [cache.block_table(i) for i in range(len(prompts))]
+        steps = [(prompts, [len(p) for p in prompts], tables)]
+        for step in range(3):  # teacher-forced decode: the same fixed tokens for both backends
+            steps.append(([[10 + step], [20 + step]], [len(p) + step + 1 for p in prompts], tables))
+        results.append(run_steps(model, backend, steps, cache.layers, cache.block_size))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_backend_matches_torch_backend_with_paged_blocks_and_a_mixed_batch(tiny_qwen3):
+    model = tiny_qwen3
+    block_size = 16
+    tables = [[7, 2, 9], [4, 0]]
+    chunk = list(range(30, 50))
+    steps = [
+        ([chunk[:12]], [12], tables[:1]),  # first chunk of sequence 0
+        ([chunk[12:]], [20], tables[:1]),  # second chunk, over a cached prefix (crosses a block)
+        ([[3], list(range(60, 78))], [21, 18], tables),  # a decode packed with a new prompt: prefill kernel
+        ([[4], [5]], [22, 19], tables),  # pure decode: decode kernel
+    ]
+    results = [
+        run_steps(model, backend, steps, paged_caches(model, 10, block_size), block_size)
+        for backend in (torch_ref.TorchAttentionBackend(), triton_ops.TritonAttentionBackend())
+    ]
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_backend_without_cache_falls_back_to_varlen_attention(tiny_qwen3):
+    model = tiny_qwen3
+    positions, metadata = build_metadata([4, 6], None, None, None, DEVICE)
+    input_ids = torch.arange(10, device=DEVICE)
+    model.set_attention_backend(torch_ref.TorchAttentionBackend())
+    expected = model(input_ids, positions, metadata, None)
+    model.set_attention_backend(triton_ops.TritonAttentionBackend())
+    actual = model(input_ids, positions, metadata, None)
+    model.set_attention_backend(torch_ref.TorchAttentionBackend())
+    assert torch.equal(actual, expected)

@@ -66,7 +66,10 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         config.fill_defaults(self.device, self.model_config.max_position_embeddings)
         self.kv_manager = self._make_kv_manager()
-        self.runner = ModelRunner(self.model, self.kv_manager, self.dtype)
+        self.runner = ModelRunner(
+            self.model, self.kv_manager, self.dtype, attention_backend=config.attention_backend,
+            enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+        )
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
             config.enable_chunked_prefill,

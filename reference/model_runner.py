@@ -8,11 +8,13 @@ token ran this step (a prefill chunk that stops mid-prompt samples nothing), and
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from .attention import build_metadata
+from .attention import build_metadata, get_backend
+from .cuda_graphs import DecodeGraphs
 from .kv_manager import KVCacheManager
 from .models import LlamaForCausalLM
 from .sampling import compute_logprobs, sample, seeded_generator
@@ -29,16 +31,25 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype, *,
+        attention_backend: str = "auto", enforce_eager: bool = True, max_num_seqs: int = 1, max_model_len: int = 1,
+    ) -> None:
         self.model = model
         self.kv = kv_manager
         self.device = next(model.parameters()).device
+        self.attention_backend = get_backend(attention_backend, self.device)
+        model.set_attention_backend(self.attention_backend)
         config = model.config
         shape = (kv_manager.num_blocks, kv_manager.block_size, config.num_key_value_heads, config.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(config.num_hidden_layers)
         ]
+        # CUDA graphs need kernels that read everything from device memory: not the torch reference.
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not enforce_eager and self.attention_backend.name != "torch":
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, kv_manager.block_size, max_num_seqs, max_model_len)
 
     @staticmethod
     @torch.inference_mode()
@@ -78,19 +89,27 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + n])
             query_lens.append(n)
             context_lens.append(start + n)
-        positions, metadata = build_metadata(
-            query_lens, context_lens, [self.kv.block_table(s) for s in batch.seqs], self.kv.block_size, self.device
-        )
-        hidden = self.model(torch.tensor(input_ids, device=self.device), positions, metadata, self.kv_caches)
-
+        block_tables = [self.kv.block_table(s) for s in batch.seqs]
         # Only sequences whose every token is now computed predict a next token.
         done = [i for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens)) if ctx == s.num_tokens]
         for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_computed_tokens = ctx
+
+        is_decode = len(input_ids) == len(batch.seqs)
+        if is_decode and self.decode_graphs is not None and self.decode_graphs.can_run(len(input_ids)):
+            size = self.kv.block_size
+            slots = [t[(c - 1) // size] * size + (c - 1) % size for t, c in zip(block_tables, context_lens)]
+            positions = [c - 1 for c in context_lens]
+            logits = self.decode_graphs.run(input_ids, positions, slots, context_lens, block_tables)
+        else:
+            positions, metadata = build_metadata(query_lens, context_lens, block_tables, self.kv.block_size, self.device)
+            hidden = self.model(torch.tensor(input_ids, device=self.device), positions, metadata, self.kv_caches)
+            if not done:
+                return []
+            ends = list(itertools.accumulate(query_lens))
+            logits = self.model.compute_logits(hidden[torch.tensor([ends[i] - 1 for i in done], device=self.device)])
         if not done:
             return []
-        last_rows = torch.tensor([sum(query_lens[: i + 1]) - 1 for i in done], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
         seqs = [batch.seqs[i] for i in done]
         params = [s.params for s in seqs]
         generators = [

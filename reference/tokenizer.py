@@ -12,10 +12,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path) -> None:
-        self.model_dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path | None) -> None:
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self._hf = None
-        if any((self.model_dir / name).is_file() for name in TOKENIZER_FILES):
+        if self.model_dir is not None and any((self.model_dir / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
             self._hf = AutoTokenizer.from_pretrained(str(self.model_dir))
@@ -27,7 +27,8 @@ class Tokenizer:
     def _require(self):
         if self._hf is None:
             raise ValueError(
-                f"{self.model_dir} has no tokenizer files, so prompts must be lists of token ids, not text"
+                f"{self.model_dir or 'this model'} has no tokenizer files, so prompts must be lists of token ids, "
+                "not text"
             )
         return self._hf
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in its interpreter; that must be decided before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import exactness`, `import checkpoints`
 
 from checkpoints import make_checkpoint  # noqa: E402

@@ -98,3 +98,32 @@ def test_too_small_cache_is_a_clear_error(tiny):
     path, _, _, _ = tiny
     with pytest.raises(ValueError, match="fewer than max_model_len"):
         LLM(str(path), max_model_len=128, block_size=8, num_kv_blocks=4)
+
+
+def test_triton_backend_gives_the_same_tokens_in_the_interpreter(tiny):
+    pytest.importorskip("triton")
+    path, hf, prompts, reference = tiny
+    short = SamplingParams(temperature=0, max_tokens=6)
+    llm = LLM(str(path), max_num_seqs=3, max_num_batched_tokens=24, max_model_len=96, block_size=8,
+              num_kv_blocks=64, attention_backend="triton")
+    assert llm.engine.runner.attention_backend.name == "triton"
+    ours = run(llm, prompts[:4], short)
+    assert_greedy_agree(prompts[:4], ours, [r[:6] for r in reference[:4]], hf_next_token_logits(hf))
+
+
+def test_backend_choice_is_reported_and_checked(monkeypatch):
+    from reference import attention
+    from reference.attention import resolve_backend_name
+
+    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    assert resolve_backend_name("auto", torch.device("cuda")) == "flash"
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert resolve_backend_name("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="needs the triton package"):
+        resolve_backend_name("triton", torch.device("cuda"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_backend_name("flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backend_name("xformers", torch.device("cpu"))

@@ -5,6 +5,8 @@ Accepted `model` values:
   directory (see gguf_convert.py) so the second load just reads safetensors.
 - a local Hugging Face checkpoint directory: config.json + *.safetensors (sharded or not), tokenizer optional.
 - a Hugging Face hub id such as "Qwen/Qwen3-0.6B" (needs a network connection the first time).
+- "random:<architecture>" (e.g. "random:qwen3-0.6b"): that architecture with random weights, for benchmarks
+  that need real shapes but no download (see presets.py). It has no tokenizer.
 """
 
 from __future__ import annotations
@@ -116,8 +118,22 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
 def load_model(
     model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     progress: bool = True,
-) -> tuple[LlamaForCausalLM, Path]:
-    """Build the model for `model` on `device` in `dtype` and load its weights. Returns (model, checkpoint dir)."""
+) -> tuple[LlamaForCausalLM, Path | None]:
+    """Build the model for `model` on `device` in `dtype` and load its weights. Returns (model, checkpoint dir).
+
+    For "random:<architecture>" the directory is None (there is no checkpoint).
+    """
+    if str(model).startswith("random:"):
+        from .presets import preset_config, randomize_weights
+
+        config = preset_config(str(model).removeprefix("random:"))
+        with torch.device("meta"):
+            net = LlamaForCausalLM(config)
+        net = net.to_empty(device=device).to(dtype)
+        net.model.rotary = RotaryEmbedding(config)
+        net.tie_weights()
+        randomize_weights(net)
+        return net.eval().requires_grad_(False), None
     model_dir = resolve_model_dir(model, progress=progress)
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):  # no time wasted on random initialisation

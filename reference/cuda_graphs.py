@@ -1,0 +1,80 @@
+"""CUDA graphs for decode steps: record the whole forward pass once per batch size, then replay it.
+
+A decode step of a small model is hundreds of tiny kernel launches; launching them from Python costs more
+than running them. A CUDA graph records the launches once and replays them with one call. The price: every
+tensor the graph touches must live at a fixed address with a fixed shape. So each step copies its inputs into
+static buffers, a batch is padded up to the next captured size (padding rows write nothing: slot -1), and the
+attention kernel is captured for the longest context (max_model_len), reading the true lengths from memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then every 16 up to max_num_seqs (which is always included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
+        device = next(model.parameters()).device
+        self.block_size = block_size
+        self.sizes = capture_sizes(max_num_seqs)
+        largest = self.sizes[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            metadata = AttentionMetadata(
+                cu_seqlens_q=cu_seqlens[: size + 1], query_lens=[1] * size,
+                context_lens=self.context_lens[:size], context_lens_host=[max_model_len] * size,
+                slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+            )
+
+            def forward(size=size, metadata=metadata):
+                hidden = model(self.input_ids[:size], self.positions[:size], metadata, kv_caches)
+                return model.compute_logits(hidden)
+
+            forward()  # warm-up outside the graph: compiles the Triton kernels, initialises cuBLAS
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = forward()
+            pool = graph.pool()
+            self.graphs[size] = graph
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    def run(
+        self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode step for len(input_ids) sequences; returns their logits [batch, vocab] (a view)."""
+        n = len(input_ids)
+        size = next(s for s in self.sizes if s >= n)
+        width = max(len(t) for t in block_tables)
+        host = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:n, :width].copy_(host, non_blocking=True)
+        # Padding rows: write nothing (slot -1) and attend over one token of block 0 (output ignored).
+        self.slot_mapping[n:size].fill_(-1)
+        self.context_lens[n:size].fill_(1)
+        self.block_tables[n:size].fill_(0)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

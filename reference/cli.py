@@ -1,4 +1,4 @@
-"""`python -m reference ...`: generate and chat from the command line.
+"""`python -m reference ...`: generate, chat and bench from the command line.
 
 User errors (a bad flag value, a missing model) print one line on stderr and exit with status 2; no traceback.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-SUBCOMMANDS = ("generate", "chat")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,44 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     add_model_flags(chat)
     add_sampling_flags(chat, max_tokens=512)
+    bench = sub.add_parser("bench", help="offline throughput and latency of the engine on a synthetic workload")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(bench)
     return parser
 
 
 class Session:
-    """A loaded model + tokenizer, and streaming generation of one prompt's reply."""
+    """A loaded engine, and streaming generation of one prompt's reply."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import transformers
 
-        from .models import load_model
-        from .runtime import resolve_device, resolve_dtype
+        from .llm import LLM
         from .sampling import SamplingParams
-        from .tokenizer import Tokenizer
 
         transformers.logging.set_verbosity_error()
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
         self.params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        self.model, model_dir = load_model(args.model, device, dtype)
-        self.tokenizer = Tokenizer(model_dir)
+        self.llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        self.tokenizer = self.llm.tokenizer
         if not self.tokenizer.available:
             raise ValueError(f"{args.model} has no tokenizer files; the CLI needs a tokenizer to read text")
-        self.eos_token_ids = self.tokenizer.eos_token_ids | set(self.model.config.eos_token_ids)
 
     def stream_reply(self, prompt_ids: list[int]) -> str:
         """Print the reply as it is generated; return its full text."""
-        from .generate import generate_stream
-        from .tokenizer import IncrementalDetokenizer
-
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        for (token,) in generate_stream(self.model, [prompt_ids], self.params, eos_token_ids=self.eos_token_ids):
-            if token is not None and token not in self.eos_token_ids:
-                print(detokenizer.push([token]), end="", flush=True)
+        text = ""
+        for out in self.llm.stream(prompt_ids, self.params):
+            new_text = out.outputs[0].text
+            print(new_text[len(text):], end="", flush=True)
+            text = new_text
         print(flush=True)
-        return detokenizer.text
+        return text
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -111,7 +107,12 @@ def run_chat(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat}[args.command](args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args)
+        else:
+            {"generate": run_generate, "chat": run_chat}[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -178,10 +178,10 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
+        record = StepRecord.of(self.scheduler.step_count - 1, started, batch, self.scheduler, self.kv_manager)
         sampled = self.runner.run(batch)
-        now = time.monotonic()
-        self.step_log.append(StepRecord.of(self.scheduler.step_count - 1, started, now, batch, self.scheduler,
-                                           self.kv_manager))
+        now = record.end = time.monotonic()
+        self.step_log.append(record)
         progressed: dict[str, _Request] = {}
         for token in sampled:
             request = self.requests[token.seq.request_id]

@@ -14,7 +14,6 @@ class StepRecord:
 
     step: int
     start: float
-    end: float
     num_prefill_tokens: int
     num_decode_tokens: int
     num_running: int
@@ -22,11 +21,13 @@ class StepRecord:
     num_preempted: int
     kv_usage: float
     scheduled: list[tuple[str, int, int]]  # (request_id, sample index, tokens run) for each scheduled sequence
+    end: float = 0.0
 
     @classmethod
-    def of(cls, step, start, end, batch, scheduler, kv_manager) -> "StepRecord":
+    def of(cls, step, start, batch, scheduler, kv_manager) -> "StepRecord":
+        """Taken before the model runner advances the sequences (so prefill and decode are told apart)."""
         return cls(
-            step=step, start=start, end=end,
+            step=step, start=start,
             num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_preempted=len(batch.preempted), kv_usage=kv_manager.usage,

@@ -38,12 +38,13 @@ class ScheduledBatch:
         return sum(self.num_tokens)
 
     @property
-    def num_prefill_tokens(self) -> int:
-        return sum(n for s, n in zip(self.seqs, self.num_tokens) if s.is_prefilling)
+    def num_decode_tokens(self) -> int:
+        """Read before the model runner advances the sequences."""
+        return sum(1 for s in self.seqs if s.is_decoding)
 
     @property
-    def num_decode_tokens(self) -> int:
-        return self.total_tokens - self.num_prefill_tokens
+    def num_prefill_tokens(self) -> int:
+        return self.total_tokens - self.num_decode_tokens
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)

@@ -67,8 +67,9 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        return self.num_uncomputed_tokens > 1
+    def is_decoding(self) -> bool:
+        """Its only uncomputed token is its newest output token (else it is (re)computing its prompt)."""
+        return self.num_uncomputed_tokens == 1 and self.num_tokens > self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,548 @@
+"""Offline benchmark of the engine: throughput and latency on a synthetic workload (`python -m reference bench`).
+
+What it measures. A workload of N requests (prompt token ids, a requested output length, an arrival time) runs
+through one `LLMEngine` in this process. Reported: output tokens/s, total (prompt + output) tokens/s and
+requests/s over the wall time from the first arrival to the last finish; per-request latency (TTFT, TPOT,
+end-to-end, queueing) as mean/P50/P90/P99; and what the engine's steps did (tokens per step, preemptions, peak KV
+usage). With `--baseline hf` the same requests also go through Hugging Face `generate` on the same weights, and
+the two output throughputs are compared per requested output token.
+
+How. Lengths are uniform in the given inclusive ranges, drawn from `random.Random(seed)`, so a seed fixes the
+workload. `random` prompts are token ids drawn uniformly from the vocabulary (EOS ids excluded); `real` prompts
+are a built-in list of questions, chat-templated, at their natural lengths (`--input-len` is not used). With
+`--ignore-eos` (the default) every request generates exactly its requested length, so runs are comparable.
+`--rate inf` submits every request at once; `--rate R` draws Poisson arrivals (exponential gaps, mean 1/R s)
+and the loop submits each request once its arrival time has passed, stepping the engine meanwhile; latencies
+count from that scheduled arrival time, so time spent waiting for a busy step is included. One short warm-up
+request runs before the clock starts.
+
+The HF baseline is what a server without continuous batching does: static batches of `max_num_seqs` requests,
+left-padded with an attention mask, every row generating the batch's longest requested length (EOS suppressed).
+Only each request's own requested tokens count as useful output; the rest is reported as padding waste.
+
+This module only drives the public engine API and reads its step log; it must not change how the engine works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # keep `python -m reference --help` fast: torch and the engine load only when a bench runs
+    import torch
+
+    from .engine import LLMEngine
+    from .metrics import StepRecord, Summary
+    from .outputs import RequestOutput
+    from .tokenizer import Tokenizer
+
+# Workload options a preset may set; the user's flags override them, and these fill whatever is still unset.
+DEFAULTS = dict(num_requests=32, input_len=(32, 256), output_len=(16, 128), prompts="random", ignore_eos=True)
+PRESETS = {
+    # nano-vllm's own benchmark workload (meant for a GPU): 256 requests, lengths uniform in [100, 1024].
+    "nano-vllm": dict(num_requests=256, input_len=(100, 1024), output_len=(100, 1024), prompts="random",
+                      ignore_eos=True),
+}
+
+REAL_QUESTIONS = (
+    "What is the capital of France?",
+    "Explain how a rainbow forms.",
+    "Write a haiku about autumn leaves.",
+    "What are the main differences between Python lists and tuples?",
+    "Give me three tips for a good night's sleep.",
+    "How does a refrigerator keep food cold?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is photosynthesis?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Why is the sky blue?",
+    "List five fruits that are high in vitamin C.",
+    "What is the difference between weather and climate?",
+    "How do I reverse a string in Python?",
+    "Describe the water cycle for a ten-year-old.",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a small bakery by the sea.",
+)
+
+REQUEST_ID_PREFIX = "bench-"
+
+
+# -- parsing ------------------------------------------------------------------------------------------------------
+def parse_range(text: str, name: str = "length") -> tuple[int, int]:
+    """'32:256' -> (32, 256) (inclusive); '64' -> (64, 64). Raises ValueError naming the fix for anything else."""
+    parts = str(text).split(":")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        low, high = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not a length or a range: write N (fixed) or LOW:HIGH, "
+                         f"e.g. '64' or '32:256'") from None
+    if low < 1:
+        raise ValueError(f"{name} {text!r} must be at least 1 token")
+    if low > high:
+        raise ValueError(f"{name} {text!r} is an empty range: LOW ({low}) must not exceed HIGH ({high})")
+    return low, high
+
+
+def parse_rate(text: str) -> float:
+    """'inf' -> math.inf (all at once); 'R' -> R requests/s, R > 0."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ValueError(f"rate {text!r} is not a number: give requests per second, or 'inf' for all at once") from None
+    if not rate > 0:  # also rejects nan
+        raise ValueError(f"rate {text!r} must be positive (requests per second), or 'inf' for all at once")
+    return rate
+
+
+def _argparse_type(parse, *args):
+    """Wrap a parser so argparse prints our message instead of 'invalid value'."""
+    def convert(text: str):
+        try:
+            return parse(text, *args)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive_int(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+# -- the workload -------------------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """The requests of one benchmark, in submission order. arrival_times are seconds after the start."""
+
+    prompt_token_ids: list[list[int]]
+    output_lens: list[int]
+    arrival_times: list[float]
+    prompt_kind: str  # "random" or "real"
+    input_len: tuple[int, int] | None  # the range drawn from; None for real prompts (natural lengths)
+    output_len: tuple[int, int]
+    rate: float  # requests/s; math.inf = all at once
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    seed: int = 0
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def input_lens(self) -> list[int]:
+        return [len(p) for p in self.prompt_token_ids]
+
+    def sampling_params(self, index: int):
+        from .sampling import SamplingParams
+
+        # Greedy needs no seed; sampled requests get one each, so a seed reproduces the run's tokens.
+        seed = None if self.temperature == 0 else self.seed + index
+        return SamplingParams(temperature=self.temperature, max_tokens=self.output_lens[index],
+                              ignore_eos=self.ignore_eos, seed=seed)
+
+    def head(self, count: int) -> "Workload":
+        """The first `count` requests (same arrival times)."""
+        return dataclasses.replace(self, prompt_token_ids=self.prompt_token_ids[:count],
+                                   output_lens=self.output_lens[:count], arrival_times=self.arrival_times[:count])
+
+    def describe(self) -> str:
+        def span(r):
+            return f"{r[0]}" if r[0] == r[1] else f"uniform {r[0]}-{r[1]}"
+
+        lens = self.input_lens
+        prompts = (f"random token-id prompts, input {span(self.input_len)} tokens" if self.prompt_kind == "random"
+                   else f"{min(len(REAL_QUESTIONS), self.num_requests)} built-in chat questions at natural "
+                        f"lengths ({min(lens)}-{max(lens)} tokens)")
+        arrivals = "all at once" if math.isinf(self.rate) else f"Poisson arrivals at {self.rate:g} req/s"
+        sampling = "greedy" if self.temperature == 0 else f"temperature {self.temperature:g}"
+        eos = "ignore EOS" if self.ignore_eos else "stop at EOS"
+        return (f"{self.num_requests} requests, {prompts} (total {sum(lens)}), output {span(self.output_len)} "
+                f"tokens ({eos}, requested {sum(self.output_lens)}), {arrivals}, {sampling}, seed {self.seed}")
+
+
+def make_workload(
+    num_requests: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    *,
+    prompts: str = "random",
+    vocab_size: int | None = None,
+    tokenizer: "Tokenizer | None" = None,
+    avoid_token_ids: set[int] | frozenset[int] = frozenset(),
+    rate: float = math.inf,
+    ignore_eos: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Workload:
+    """Draw a workload from random.Random(seed): same arguments, same workload.
+
+    prompts="random" needs vocab_size (ids are drawn from [0, vocab_size) minus avoid_token_ids);
+    prompts="real" needs a tokenizer with a chat template and ignores input_len.
+    Draw order is lengths, then prompt ids, then arrivals, so changing the rate keeps the same requests.
+    """
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be at least 1, got {num_requests}")
+    rng = random.Random(seed)
+    input_lens = [rng.randint(*input_len) for _ in range(num_requests)]
+    output_lens = [rng.randint(*output_len) for _ in range(num_requests)]
+    if prompts == "random":
+        if vocab_size is None:
+            raise ValueError("random prompts need the model's vocab_size")
+        allowed = [t for t in range(vocab_size) if t not in avoid_token_ids]
+        prompt_ids = [[rng.choice(allowed) for _ in range(n)] for n in input_lens]
+    elif prompts == "real":
+        if tokenizer is None or not tokenizer.available:
+            raise ValueError("--prompts real needs a model with tokenizer files; use --prompts random")
+        questions = [REAL_QUESTIONS[i % len(REAL_QUESTIONS)] for i in range(num_requests)]
+        prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+        input_len = None
+    else:
+        raise ValueError(f"prompts={prompts!r} is unknown; choose 'random' or 'real'")
+    arrivals, clock = [], 0.0
+    for _ in range(num_requests):
+        arrivals.append(clock)  # the first request arrives at 0
+        if not math.isinf(rate):
+            clock += rng.expovariate(rate)
+    workload = Workload(prompt_ids, output_lens, arrivals, prompts, input_len, tuple(output_len), rate,
+                        ignore_eos, temperature, seed)
+    workload.sampling_params(0)  # bad sampling values fail here, before anything runs
+    return workload
+
+
+# -- running the engine -------------------------------------------------------------------------------------------
+@dataclass
+class EngineRun:
+    outputs: list["RequestOutput"]  # in workload order; metrics.arrival_time is the scheduled arrival
+    summary: "Summary"
+    steps: list["StepRecord"]  # the engine steps of this run only
+
+    def step_stats(self) -> dict[str, float]:
+        count = len(self.steps)
+        return {
+            "steps": count,
+            "mean_prefill_tokens_per_step": sum(s.num_prefill_tokens for s in self.steps) / max(count, 1),
+            "mean_decode_tokens_per_step": sum(s.num_decode_tokens for s in self.steps) / max(count, 1),
+            "mean_seqs_per_step": sum(len(s.scheduled) for s in self.steps) / max(count, 1),
+            "preemptions": sum(s.num_preempted for s in self.steps),
+            "peak_kv_usage": max((s.kv_usage for s in self.steps), default=0.0),
+        }
+
+
+def check_fits(workload: Workload, max_model_len: int) -> None:
+    """Every request must fit max_model_len whole, or it would stop short and skew the token counts."""
+    longest = max(i + o for i, o in zip(workload.input_lens, workload.output_lens))
+    if longest > max_model_len:
+        raise ValueError(
+            f"the workload needs up to {longest} tokens per request (prompt + output) but max_model_len is "
+            f"{max_model_len}; raise --max-model-len or shorten --input-len / --output-len"
+        )
+
+
+def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -> EngineRun:
+    """Submit the workload's requests at their arrival times and step the engine until all have finished."""
+    from .metrics import summarize
+
+    check_fits(workload, engine.config.max_model_len)
+    _warm_up(engine)
+    request_ids = [f"{REQUEST_ID_PREFIX}{i}" for i in range(workload.num_requests)]
+    final: dict[str, RequestOutput] = {}
+    bar = _progress(workload.num_requests, "bench (engine)", use_tqdm)
+    first_step = len(engine.step_log)
+    output_tokens = 0
+    start = time.monotonic()
+    submitted = 0
+    try:
+        while len(final) < workload.num_requests:
+            now = time.monotonic()
+            while submitted < workload.num_requests and start + workload.arrival_times[submitted] <= now:
+                engine.add_request(request_ids[submitted], workload.prompt_token_ids[submitted],
+                                   workload.sampling_params(submitted))
+                submitted += 1
+            if not engine.has_unfinished_requests():  # idle until the next arrival
+                assert submitted < workload.num_requests, "engine idle with requests unfinished"
+                time.sleep(max(0.0, start + workload.arrival_times[submitted] - time.monotonic()))
+                continue
+            for out in engine.step():
+                if out.finished and out.request_id.startswith(REQUEST_ID_PREFIX):
+                    final[out.request_id] = out
+                    output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(f"{output_tokens / (time.monotonic() - start):.1f} out tok/s")
+    finally:
+        if bar is not None:
+            bar.close()
+    outputs = []
+    for request_id, offset in zip(request_ids, workload.arrival_times):
+        out = final[request_id]
+        # Latency counts from when the request arrived, not from when the busy loop got round to adding it.
+        outputs.append(dataclasses.replace(out, metrics=dataclasses.replace(out.metrics, arrival_time=start + offset)))
+    wall_time = max(o.metrics.finish_time for o in outputs) - start
+    return EngineRun(outputs, summarize(outputs, wall_time), engine.step_log[first_step:])
+
+
+def _warm_up(engine: "LLMEngine") -> None:
+    """One tiny request, so one-off costs (allocations, lazy initialisation) stay out of the measurement."""
+    from .sampling import SamplingParams
+
+    engine.add_request("warmup", [0] * 8, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
+
+
+# -- the Hugging Face baseline ------------------------------------------------------------------------------------
+@dataclass
+class HFRun:
+    num_requests: int
+    batch_size: int
+    wall_time: float
+    prompt_tokens: int
+    useful_output_tokens: int  # what the requests asked for
+    generated_tokens: int  # what the padded static batches produced (rows x the batch's longest request)
+
+    @property
+    def output_throughput(self) -> float:
+        return self.useful_output_tokens / self.wall_time
+
+    @property
+    def total_throughput(self) -> float:
+        return (self.prompt_tokens + self.useful_output_tokens) / self.wall_time
+
+    @property
+    def padding_waste(self) -> float:
+        return 1 - self.useful_output_tokens / self.generated_tokens
+
+
+def run_hf_baseline(
+    model_dir: str | Path,
+    workload: Workload,
+    batch_size: int,
+    device: "torch.device | str" = "cpu",
+    dtype: "torch.dtype | None" = None,
+    use_tqdm: bool = True,
+) -> HFRun:
+    """transformers `generate` on the workload in static batches of batch_size, all requests already there.
+
+    Each batch is left-padded to its longest prompt (pad positions masked) and generates exactly the batch's
+    longest requested output length in every row (min_new_tokens = max_new_tokens, so EOS cannot end it early).
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    dtype = torch.float32 if dtype is None else dtype
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    pad_id = 0  # any id: padded positions are masked out
+    sampling = {"do_sample": False}
+    if workload.temperature > 0:
+        sampling = {"do_sample": True, "temperature": workload.temperature}
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=pad_id, **sampling)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        assert out.shape == (len(prompts), width + new_tokens), out.shape
+        return out
+
+    generate([[0] * 8], 2)  # warm-up, as for the engine
+    bar = _progress(workload.num_requests, "bench (HF baseline)", use_tqdm)
+    wall_time, generated = 0.0, 0
+    try:
+        for first in range(0, workload.num_requests, batch_size):
+            prompts = workload.prompt_token_ids[first:first + batch_size]
+            new_tokens = max(workload.output_lens[first:first + batch_size])
+            started = time.perf_counter()
+            generate(prompts, new_tokens)
+            wall_time += time.perf_counter() - started
+            generated += len(prompts) * new_tokens
+            if bar is not None:
+                bar.update(len(prompts))
+    finally:
+        if bar is not None:
+            bar.close()
+    return HFRun(workload.num_requests, batch_size, wall_time, sum(workload.input_lens),
+                 sum(workload.output_lens), generated)
+
+
+# -- reporting ----------------------------------------------------------------------------------------------------
+def format_report(workload: Workload, engine_line: str, run: EngineRun, hf: HFRun | None = None) -> str:
+    """The table printed by `bench`: workload, throughput and latency, step statistics, HF comparison."""
+    stats = run.step_stats()
+    lines = [
+        f"workload: {workload.describe()}",
+        f"engine: {engine_line}",
+        run.summary.table(),
+        f"steps: {stats['steps']}, per step: {stats['mean_prefill_tokens_per_step']:.1f} prefill + "
+        f"{stats['mean_decode_tokens_per_step']:.1f} decode tokens, {stats['mean_seqs_per_step']:.1f} sequences; "
+        f"preemptions {stats['preemptions']}; peak KV usage {stats['peak_kv_usage']:.0%}",
+    ]
+    if hf is not None:
+        ours = run.summary.output_throughput
+        lines += [
+            f"HF transformers generate (static batches of {hf.batch_size}, left padding, first {hf.num_requests} "
+            f"requests): {hf.useful_output_tokens} requested output tokens in {hf.wall_time:.2f} s = "
+            f"{hf.output_throughput:.1f} output tok/s, {hf.total_throughput:.1f} total tok/s "
+            f"({hf.generated_tokens} generated, {hf.padding_waste:.0%} padding waste)",
+            f"ours / HF output throughput: {ours / hf.output_throughput:.2f}x "
+            f"({ours:.1f} vs {hf.output_throughput:.1f} output tok/s)",
+        ]
+    return "\n".join(lines)
+
+
+def report_dict(workload: Workload, engine_config: dict, run: EngineRun, hf: HFRun | None = None) -> dict:
+    """The numbers of a run as plain JSON-ready data (NaN becomes null); times in seconds."""
+    summary = run.summary
+    report = {
+        "workload": {
+            "num_requests": workload.num_requests, "prompts": workload.prompt_kind,
+            "input_len": list(workload.input_len) if workload.input_len else None,
+            "output_len": list(workload.output_len), "rate": None if math.isinf(workload.rate) else workload.rate,
+            "ignore_eos": workload.ignore_eos, "temperature": workload.temperature, "seed": workload.seed,
+            "input_tokens": sum(workload.input_lens), "requested_output_tokens": sum(workload.output_lens),
+        },
+        "engine": engine_config,
+        "results": {
+            "wall_time": summary.wall_time, "num_requests": summary.num_requests,
+            "prompt_tokens": summary.prompt_tokens, "output_tokens": summary.output_tokens,
+            "output_throughput": summary.output_throughput, "total_throughput": summary.total_throughput,
+            "request_throughput": summary.num_requests / summary.wall_time,
+            "latencies": summary.latencies, "steps": run.step_stats(),
+        },
+        "hf_baseline": None,
+    }
+    if hf is not None:
+        report["hf_baseline"] = {
+            **dataclasses.asdict(hf), "output_throughput": hf.output_throughput,
+            "total_throughput": hf.total_throughput, "padding_waste": hf.padding_waste,
+            "ours_over_hf_output_throughput": summary.output_throughput / hf.output_throughput,
+        }
+    return _json_safe(report)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m reference bench`."""
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a checkpoint directory or a hub id")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)")
+    work = parser.add_argument_group("workload (a preset sets these; flags given override it)")
+    work.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="a named workload: nano-vllm = 256 requests, input and output uniform in [100, 1024]")
+    work.add_argument("--num-requests", type=_argparse_type(_positive_int, "--num-requests"), default=None,
+                      help=f"requests in the workload (default {DEFAULTS['num_requests']})")
+    work.add_argument("--input-len", type=_argparse_type(parse_range, "--input-len"), default=None,
+                      help="prompt length in tokens: N or LOW:HIGH, uniform inclusive (default 32:256); "
+                           "random prompts only")
+    work.add_argument("--output-len", type=_argparse_type(parse_range, "--output-len"), default=None,
+                      help="requested output tokens: N or LOW:HIGH, uniform inclusive (default 16:128)")
+    work.add_argument("--prompts", choices=("random", "real"), default=None,
+                      help="random token ids (default), or built-in chat questions at their natural lengths")
+    work.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                      help="generate every requested token even past EOS (default: on)")
+    work.add_argument("--rate", type=_argparse_type(parse_rate), default=math.inf,
+                      help="arrivals: 'inf' = all at once (default), R = Poisson arrivals at R requests/s")
+    work.add_argument("--seed", type=int, default=0, help="seeds the workload and sampling (default 0)")
+    work.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (default 8 CPU, 64 GPU)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help="token budget per step (default 512 CPU, 8192 GPU)")
+    eng.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
+    eng.add_argument("--scheduling-policy", default="fcfs", help="fcfs (default), sjf or priority")
+    base = parser.add_argument_group("baseline")
+    base.add_argument("--baseline", choices=("hf",), default=None,
+                      help="also run Hugging Face generate in static batches of --max-num-seqs, and compare")
+    base.add_argument("--hf-subsample", type=_argparse_type(_positive_int, "--hf-subsample"), default=None,
+                      help="run the baseline on the first N requests only (it is slow); compared per token")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON to PATH")
+
+
+def workload_options(args: argparse.Namespace) -> dict:
+    """num_requests, input_len, output_len, prompts, ignore_eos: the flag if given, else the preset's, else default."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    return {name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
+            for name, default in DEFAULTS.items()}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed `add_bench_arguments` flags; print the table, return the numbers."""
+    import transformers
+
+    from .engine import LLMEngine
+    from .models import resolve_model_dir
+
+    transformers.logging.set_verbosity_error()
+    if args.hf_subsample is not None and args.baseline is None:
+        raise ValueError("--hf-subsample only applies with --baseline hf")
+    options = workload_options(args)
+    engine = LLMEngine(
+        args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        scheduling_policy=args.scheduling_policy, seed=args.seed,
+    )
+    workload = make_workload(
+        options["num_requests"], options["input_len"], options["output_len"], prompts=options["prompts"],
+        vocab_size=engine.model_config.vocab_size, tokenizer=engine.tokenizer, avoid_token_ids=engine.eos_token_ids,
+        rate=args.rate, ignore_eos=options["ignore_eos"], temperature=args.temperature, seed=args.seed,
+    )
+    config = engine.config
+    engine_config = {
+        "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_model_len": config.max_model_len, "scheduling_policy": str(config.scheduling_policy),
+        "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
+    }
+    engine_line = (f"{args.model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
+                   f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
+                   f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache")
+    run = run_engine(engine, workload)
+    hf = None
+    if args.baseline == "hf":
+        subset = workload.head(args.hf_subsample or workload.num_requests)
+        hf = run_hf_baseline(resolve_model_dir(args.model, progress=False), subset, config.max_num_seqs,
+                             engine.device, engine.dtype)
+    print(format_report(workload, engine_line, run, hf))
+    report = report_dict(workload, engine_config, run, hf)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report

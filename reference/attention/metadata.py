@@ -55,30 +55,36 @@ def build_metadata(
         context_lens[b] - query_lens[b] ... context_lens[b] - 1). None means "no cache": every sequence's new
         tokens are its whole context, starting at position 0.
     block_tables[b]: the cache blocks of sequence b, in order. Returns (positions [num_tokens] int64, metadata).
+
+    Token t of the packed batch, the i-th new token of sequence b, sits at position
+    context_lens[b] - query_lens[b] + i and goes to slot block_tables[b][pos // block_size] * block_size +
+    pos % block_size. Computed with tensor ops on the host (a Python loop over 8k tokens per step is slow).
     """
-    cu = [0]
-    for n in query_lens:
-        cu.append(cu[-1] + n)
-    cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
+    lens = torch.tensor(query_lens, dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+    cu_seqlens[1:] = torch.cumsum(lens, 0)
+    # Which sequence each packed token belongs to, and its index among that sequence's new tokens.
+    owner = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+    offset_in_chunk = torch.arange(int(cu_seqlens[-1])) - cu_seqlens[:-1][owner]
     if context_lens is None:
-        positions = [p for n in query_lens for p in range(n)]
-        return torch.tensor(positions, dtype=torch.int64, device=device), AttentionMetadata(cu_seqlens_q, list(query_lens))
+        positions = offset_in_chunk
+        metadata = AttentionMetadata(cu_seqlens.to(device, torch.int32), list(query_lens))
+        return positions.to(device), metadata
 
     if block_tables is None or block_size is None:
         raise ValueError("a cached step needs block_tables and block_size")
-    positions, slots = [], []
-    for n, ctx, table in zip(query_lens, context_lens, block_tables):
-        for pos in range(ctx - n, ctx):
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    first_new_position = torch.tensor(context_lens, dtype=torch.int64) - lens
+    positions = first_new_position[owner] + offset_in_chunk
     width = max((len(t) for t in block_tables), default=0)
-    padded_tables = [list(t) + [-1] * (width - len(t)) for t in block_tables]
+    tables = torch.tensor([list(t) + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int64)
+    tables = tables.reshape(len(block_tables), width)
+    slots = tables[owner, positions // block_size] * block_size + positions % block_size
     metadata = AttentionMetadata(
-        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_q=cu_seqlens.to(device, torch.int32),
         query_lens=list(query_lens),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32).to(device),
         context_lens_host=list(context_lens),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).reshape(len(block_tables), width),
+        slot_mapping=slots.to(device),
+        block_tables=tables.to(device, torch.int32),
     )
-    return torch.tensor(positions, dtype=torch.int64, device=device), metadata
+    return positions.to(device), metadata

@@ -16,7 +16,7 @@ def test_positions_and_slots_follow_the_definition():
         batch = rng.randint(1, 6)
         context_lens = [rng.randint(1, 70) for _ in range(batch)]
         query_lens = [rng.randint(1, c) for c in context_lens]
-        ids = list(range(200))
+        ids = list(range(1000))
         rng.shuffle(ids)
         tables = [[ids.pop() for _ in range(-(-c // block_size))] for c in context_lens]
         positions, metadata = build_metadata(query_lens, context_lens, tables, block_size, "cpu")

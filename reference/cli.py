@@ -57,7 +57,8 @@ class Session:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        self.llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        # One conversation at a time: one sequence's worth of KV memory is enough.
+        self.llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=1)
         self.tokenizer = self.llm.tokenizer
         if not self.tokenizer.available:
             raise ValueError(f"{args.model} has no tokenizer files; the CLI needs a tokenizer to read text")

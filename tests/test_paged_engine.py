@@ -22,7 +22,7 @@ def tiny(checkpoint_factory):
     generator = torch.Generator().manual_seed(3)
     system = torch.randint(0, 512, (37,), generator=generator).tolist()  # a shared "system prompt"
     prompts = [system + torch.randint(0, 512, (n,), generator=generator).tolist()
-               for n in torch.randint(1, 30, (16,), generator=generator).tolist()]
+               for n in torch.randint(1, 30, (24,), generator=generator).tolist()]
     reference = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
     return path, hf, prompts, reference
 
@@ -54,7 +54,7 @@ def test_prefix_caching_reuses_the_shared_prompt_and_changes_no_token(tiny, poli
     ours = run(llm, prompts, greedy())
     assert_greedy_agree(prompts, ours, reference, hf_next_token_logits(hf))
     kv = llm.engine.kv_manager
-    # All but the first prompt find the system prompt's 4 full blocks (32 of its 37 tokens) cached.
+    # All but the first batch of prompts find the system prompt's 4 full blocks (32 of its 37 tokens) cached.
     assert kv.prefix_hit_tokens >= 32 * (len(prompts) - 4)
     assert 0 < kv.prefix_hit_rate < 1
 
@@ -92,6 +92,21 @@ def test_parallel_samples_fork_with_copy_on_write(tiny, prompt_len):
     assert paged.engine.kv_manager.num_free_blocks == 64
     # Three owners of a shared partial block: the first two to write copy it, the last writes in place.
     assert paged.engine.kv_manager.num_cow_copies == (2 if (prompt_len - 1) % 8 else 0)
+
+
+def test_forked_samples_hold_the_prompt_blocks_once(tiny):
+    path, _, prompts, _ = tiny
+    prompt = prompts[0][:35]  # 4 full blocks of 8, then 3 tokens
+    llm = LLM(str(path), max_num_seqs=4, max_model_len=128, block_size=8, num_kv_blocks=64)
+    engine = llm.engine
+    engine.add_request("r", prompt, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=1))
+    engine.step()  # prefill; the other two samples are forked from sample 0
+    engine.step()  # every sample writes its first new token (copy-on-write of the partial block)
+    tables = [engine.kv_manager.block_table(s.seq) for s in engine.requests["r"].samples]
+    full = [t[:4] for t in tables]
+    assert full[0] == full[1] == full[2], "the 4 full prompt blocks are shared"
+    assert len({t[4] for t in tables}) == 3, "each sample has its own copy of the partial block"
+    assert engine.kv_manager.num_blocks - engine.kv_manager.num_free_blocks == 4 + 3  # not 3 x 5
 
 
 def test_too_small_cache_is_a_clear_error(tiny):

@@ -73,8 +73,8 @@ def edge_lengths(block_size: int) -> list[int]:
     return [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
 
 
-# GQA ratios 1, 3, 4 and multi-query (one KV head).
-HEAD_LAYOUTS = [(4, 4), (6, 2), (8, 2), (4, 1)]
+# GQA ratios 1, 2, 3, 4, 8 and multi-query (one KV head).
+HEAD_LAYOUTS = [(4, 4), (4, 2), (6, 2), (8, 2), (16, 2), (4, 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------

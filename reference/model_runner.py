@@ -38,7 +38,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv_manager
         self.device = next(model.parameters()).device
-        self.attention_backend = get_backend(attention_backend, self.device)
+        self.attention_backend = get_backend(attention_backend, self.device, kv_manager.block_size)
         model.set_attention_backend(self.attention_backend)
         config = model.config
         shape = (kv_manager.num_blocks, kv_manager.block_size, config.num_key_value_heads, config.head_dim)

@@ -50,8 +50,10 @@ class PriorityWithAging(SchedulingPolicy):
         self.aging_steps = aging_steps
 
     def sort_key(self, seq: Sequence, step: int) -> tuple:
+        # priority - waited / aging_steps, scaled by aging_steps to stay an integer. Not rounded down: rounding
+        # would make two sequences that age at the same rate swap places every few steps (and evict each other).
         waited = max(0, step - seq.waiting_since_step)
-        return (seq.priority - waited // self.aging_steps, seq.arrival_time, seq.seq_id)
+        return (seq.priority * self.aging_steps - waited, seq.arrival_time, seq.seq_id)
 
 
 POLICIES = {"fcfs": FCFS, "sjf": ShortestJobFirst, "priority": PriorityWithAging}

@@ -4,7 +4,9 @@ Backends (attention_backend=...):
 - "torch": plain PyTorch (torch_ref.py), any device. The reference every other backend is tested against.
 - "triton": the paged Triton kernels (triton_ops.py) for everything: store, decode, chunked prefill.
 - "flash": torch's SDPA (FlashAttention kernels) for fresh prefills, the Triton kernels for the rest.
-- "auto": "flash" on a CUDA GPU with Triton available, "torch" otherwise.
+- "flash-attn": the `flash-attn` package for everything (when installed; needs block_size % 256 == 0).
+- "auto": on a CUDA GPU "flash-attn" when it is installed and the block size suits it, else "flash" when
+  Triton is available; "torch" otherwise.
 triton_ops is imported only when a Triton backend is built, so `import reference` never imports triton.
 """
 
@@ -18,7 +20,9 @@ from .metadata import AttentionMetadata, build_metadata
 from .sdpa import fresh_prefill_attention
 from .torch_ref import TorchAttentionBackend
 
-BACKENDS = ("auto", "torch", "triton", "flash")
+from .flash_attn_pkg import PAGE_MULTIPLE, flash_attn_installed
+
+BACKENDS = ("auto", "torch", "triton", "flash", "flash-attn")
 
 
 def triton_available() -> bool:
@@ -43,12 +47,22 @@ class FlashPrefillBackend:
         return fresh_prefill_attention(q, k, v, metadata.cu_seqlens_q, metadata.query_lens, scale)
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
+def resolve_backend_name(name: str, device: torch.device, block_size: int = 16) -> str:
     """The concrete backend `name` means on `device` ("auto" picks); unusable choices raise ValueError."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend={name!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
-        return "flash" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if flash_attn_installed() and triton_available() and block_size % PAGE_MULTIPLE == 0:
+            return "flash-attn"
+        return "flash" if triton_available() else "torch"
+    if name == "flash-attn":
+        if not flash_attn_installed() or device.type != "cuda":
+            raise ValueError("attention_backend='flash-attn' needs the flash-attn package and a CUDA GPU")
+        if block_size % PAGE_MULTIPLE:
+            raise ValueError(f"attention_backend='flash-attn' needs block_size to be a multiple of {PAGE_MULTIPLE}, "
+                             f"got {block_size}")
     if name in ("triton", "flash") and not triton_available():
         raise ValueError(f"attention_backend={name!r} needs the triton package (Linux); use 'torch'")
     if name == "flash" and device.type != "cuda":
@@ -56,11 +70,15 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return name
 
 
-def get_backend(name: str = "auto", device: torch.device | str = "cpu"):
-    """Build the attention backend called `name` for `device`."""
-    name = resolve_backend_name(name, torch.device(device))
+def get_backend(name: str = "auto", device: torch.device | str = "cpu", block_size: int = 16):
+    """Build the attention backend called `name` for `device` and the cache's block size."""
+    name = resolve_backend_name(name, torch.device(device), block_size)
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "flash-attn":
+        from .flash_attn_pkg import FlashAttnPackageBackend
+
+        return FlashAttnPackageBackend()
     from .triton_ops import TritonAttentionBackend
 
     return TritonAttentionBackend() if name == "triton" else FlashPrefillBackend(TritonAttentionBackend())

@@ -10,7 +10,12 @@ from exactness import assert_greedy_agree, hf_greedy, hf_next_token_logits
 
 pytestmark = pytest.mark.gpu
 
-MAX_NEW = 32
+# Random bf16 models meet a near-tie (within 2 ulps) every few dozen tokens: 30 prompts x 10 tokens keeps the
+# excused fraction well under the rule's 10% while every prompt still runs prefill, decode and CUDA graphs.
+MAX_NEW = 10
+# Tied embeddings scaled up: each token's own embedding dominates the residual stream, which makes the random
+# model's choices decisive (a bf16 near-tie within 2 ulps is then rare) while attention still steers them.
+LM_HEAD_SCALE = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +33,12 @@ def qwen3_06b(tmp_path_factory):
     with torch.device("cuda"):
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # peaked next-token distributions, so bf16 near-ties are rare
-        hf.get_output_embeddings().weight.mul_(4.0)
+        hf.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
     path = tmp_path_factory.mktemp("qwen3-0.6b")
     hf.save_pretrained(str(path))
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 151936, (n,), generator=generator).tolist()
-               for n in torch.randint(5, 300, (10,), generator=generator).tolist()]
+               for n in torch.randint(5, 300, (30,), generator=generator).tolist()]
     reference = [hf_greedy(hf.eval(), p, MAX_NEW) for p in prompts]
     return path, hf, prompts, reference
 
@@ -46,7 +51,7 @@ def test_bf16_engine_matches_transformers(qwen3_06b, backend, enforce_eager):
 
     path, hf, prompts, reference = qwen3_06b
     llm = LLM(str(path), device="cuda", dtype="bfloat16", attention_backend=backend, enforce_eager=enforce_eager,
-              max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512)
+              max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=1024)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outputs]
     assert_greedy_agree(prompts, ours, reference, hf_next_token_logits(hf), dtype=torch.bfloat16)
@@ -62,7 +67,7 @@ def test_cuda_graphs_match_eager_under_preemption(qwen3_06b):
     params = [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=MAX_NEW, seed=i) for i in range(len(prompts))]
     runs = []
     for enforce_eager in (True, False):
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", enforce_eager=enforce_eager, max_num_seqs=10,
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", enforce_eager=enforce_eager, max_num_seqs=30,
                   max_num_batched_tokens=256, max_model_len=512, block_size=16, num_kv_blocks=64)
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
         assert sum(s.num_preempted for s in llm.engine.step_log) > 0

@@ -168,3 +168,19 @@ def test_freed_cached_blocks_are_evicted_least_recently_freed_first():
 def test_block_size_must_be_a_power_of_two(block_size):
     with pytest.raises(ValueError, match="power of two"):
         BlockManager(num_blocks=4, block_size=block_size)
+
+
+def test_accounting_reports_used_reserved_and_cached_slots():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    lengths = [5, 8, 1]  # 2 + 2 + 1 blocks; 3 + 0 + 3 slots reserved but empty
+    seqs = [Sequence(f"s{i}", list(range(100 * i, 100 * i + n)), PARAMS) for i, n in enumerate(lengths)]
+    for seq in seqs:
+        manager.allocate(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+    assert manager.num_free_blocks == 5 and manager.usage == 0.5
+    assert manager.num_used_slots() == sum(lengths)
+    assert manager.num_reserved_slots() == 5 * 4  # internal fragmentation = 20 - 14 = 6 slots
+    manager.free(seqs[1])
+    assert manager.num_cached_free_blocks == 2  # its two full blocks stay findable
+    assert manager.cached_prefix_len(Sequence("again", list(range(100, 108)) + [7], PARAMS)) == 8
+    assert manager.prefix_hit_rate == 0.0  # lookups count when a sequence is admitted, not when asked

@@ -219,7 +219,7 @@ class LLMEngine:
             if cut is not None:
                 sample.text, reason = sample.text[:cut], "stop"
         if reason is None and (
-            len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len
+            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len
         ):
             reason = "length"
         if reason is not None:
@@ -238,13 +238,13 @@ class LLMEngine:
 
     def _output(self, request: _Request) -> RequestOutput:
         metrics = request.metrics
-        metrics.num_output_tokens = sum(len(s.seq.output_token_ids) for s in request.samples)
+        metrics.num_output_tokens = sum(s.seq.num_output_tokens for s in request.samples)
         metrics.num_preemptions = sum(s.seq.num_preemptions for s in request.samples)
         scheduled = [s.seq.first_scheduled_time for s in request.samples if s.seq.first_scheduled_time is not None]
         metrics.first_scheduled_time = min(scheduled, default=None)
         completions = [
             CompletionOutput(
-                index=i, text=s.text, token_ids=list(s.seq.output_token_ids), finish_reason=s.seq.finish_reason,
+                index=i, text=s.text, token_ids=s.seq.output_token_ids, finish_reason=s.seq.finish_reason,
                 logprobs=None if s.logprobs is None else list(s.logprobs),
             )
             for i, s in enumerate(request.samples)

@@ -134,9 +134,9 @@ class Scheduler:
 
         # 1. Running sequences, most valued first; the least valued ones are the preemption victims.
         self.running.sort(key=key)
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             num_tokens = self._chunk(seq, budget)
             if num_tokens == 0:
                 continue

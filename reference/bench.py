@@ -495,6 +495,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--hf-subsample", type=_argparse_type(_positive_int, "--hf-subsample"), default=None,
                       help="run the baseline on the first N requests only (it is slow); compared per token")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON to PATH")
+    from .server.load import add_serve_bench_arguments
+
+    add_serve_bench_arguments(parser)
 
 
 def workload_options(args: argparse.Namespace) -> dict:
@@ -506,6 +509,10 @@ def workload_options(args: argparse.Namespace) -> dict:
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed `add_bench_arguments` flags; print the table, return the numbers."""
+    if args.serve:
+        from .server.load import run_serve_bench_from_args
+
+        return run_serve_bench_from_args(args)
     import transformers
 
     from .engine import LLMEngine

@@ -1,4 +1,4 @@
-"""`python -m reference ...`: generate, chat and bench from the command line.
+"""`python -m reference ...`: generate, chat, bench and serve from the command line.
 
 User errors (a bad flag value, a missing model) print one line on stderr and exit with status 2; no traceback.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_arguments
 
     add_bench_arguments(bench)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)")
+    from .server.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
     return parser
 
 
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             run_bench(args)
+        elif args.command == "serve":
+            from .server.cli import run_serve
+
+            run_serve(args)
         else:
             {"generate": run_generate, "chat": run_chat}[args.command](args)
     except ValueError as exc:

@@ -119,6 +119,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if params.n > self.config.max_num_seqs:
+            # All n samples run side by side once forked; more than max_num_seqs could never be scheduled.
+            raise ValueError(f"n={params.n} samples need {params.n} sequence seats but max_num_seqs is "
+                             f"{self.config.max_num_seqs}; lower n or raise max_num_seqs")
         prompt_text, prompt_ids = self._prompt_token_ids(prompt)
         limit = self.config.max_model_len
         if len(prompt_ids) >= limit:

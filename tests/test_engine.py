@@ -173,6 +173,10 @@ def test_other_bad_requests_raise(tiny):
         LLM(str(path), max_num_seq=4)
     with pytest.raises(ValueError, match="scheduling_policy"):
         LLM(str(path), scheduling_policy="random")
+    small = LLM(str(path), max_num_seqs=2, max_model_len=128)
+    with pytest.raises(ValueError, match="max_num_seqs is 2"):
+        small.generate([prompts[0]], SamplingParams(n=3, max_tokens=2), use_tqdm=False)
+    assert not small.engine.requests, "the rejected request left nothing behind"
 
 
 def test_generate_is_all_or_nothing_on_a_bad_prompt(tiny):

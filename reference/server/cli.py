@@ -1,0 +1,95 @@
+"""`serve`: the flags of the OpenAI-compatible server and `run_serve`, which loads the engine and runs uvicorn.
+
+    python -m reference.server --model smollm2 --port 8000 [--api-key KEY] [--max-queue N] [--request-timeout S]
+
+Shutdown: on SIGTERM or SIGINT uvicorn stops accepting connections; we first tell the engine loop to abort
+every request in flight (a non-streamed one gets a 503, a streamed one an error event and [DONE]), so the open
+connections close at once, then uvicorn runs the app's shutdown, which joins the loop thread, and the process
+exits with status 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..cli import add_model_flags
+
+SHUTDOWN_TIMEOUT_S = 10  # after this, uvicorn cancels whatever is still running
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m reference serve` (and `python -m reference.server`)."""
+    add_model_flags(parser)
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    net.add_argument("--served-model-name", default=None, help="the name clients give as 'model' (default: --model)")
+    net.add_argument("--api-key", default=os.environ.get("NANO_VLLM_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_VLLM_API_KEY, or none)")
+    net.add_argument("--max-queue", type=int, default=None,
+                     help="requests that may wait beyond --max-num-seqs; more get HTTP 429 (default: no limit)")
+    net.add_argument("--request-timeout", type=float, default=None,
+                     help="seconds a request may take from arrival to its last token, then it is aborted "
+                          "(default: no limit)")
+    net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    net.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (default 8 CPU, 64 GPU)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help="token budget per step (default 512 CPU, 8192 GPU)")
+    eng.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
+    eng.add_argument("--num-kv-blocks", type=int, default=None,
+                     help="KV cache capacity in blocks (default: from memory)")
+    eng.add_argument("--block-size", type=int, default=None, help="KV slots per block (default 16)")
+    eng.add_argument("--kv-cache", choices=("paged", "contiguous"), default=None, help="default paged")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                     help="reuse the KV of shared prompt prefixes (default: on)")
+    eng.add_argument("--scheduling-policy", default=None, help="fcfs (default), sjf or priority")
+    eng.add_argument("--attention-backend", default=None, help="default auto")
+    eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    eng.add_argument("--seed", type=int, default=None, help="seeds the global RNG (requests may bring their own seed)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The LLMEngine keyword arguments the flags set (flags left out keep the engine's defaults)."""
+    names = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+             "block_size", "kv_cache", "enable_prefix_caching", "scheduling_policy", "attention_backend", "seed")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    return options
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Load the engine and serve until SIGTERM / SIGINT. Bad flags raise ValueError before anything loads."""
+    import transformers
+    import uvicorn
+
+    from ..engine import LLMEngine
+    from .app import ServerSettings, create_app
+    from .graceful import GracefulServer
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    transformers.logging.set_verbosity_error()
+
+    engine = LLMEngine(args.model, **engine_options(args))
+    settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+                              max_queue=args.max_queue, request_timeout=args.request_timeout)
+    app = create_app(engine, settings)
+    config = engine.config
+    logging.getLogger("reference.server").info(
+        "serving %r (%s, max_num_seqs %d, max_model_len %d, %d KV blocks of %d) on http://%s:%d%s",
+        settings.model_name, engine.device, config.max_num_seqs, config.max_model_len, engine.kv_manager.num_blocks,
+        engine.kv_manager.block_size, args.host, args.port, ", API key required" if settings.api_key else "")
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               access_log=args.access_log, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
+    GracefulServer(uv_config, app.state.engine_loop).run()
+    logging.getLogger("reference.server").info("shut down cleanly")

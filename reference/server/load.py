@@ -1,0 +1,323 @@
+"""A load generator for a running server: Poisson arrivals, streamed replies, latency percentiles and throughput.
+
+    python -m reference bench --serve http://127.0.0.1:8000 --num-requests 64 --rate 2 --input-len 32:128 ...
+
+What it measures. Each request is sent at its arrival time (exponential gaps with mean 1/rate seconds, or all at
+once for rate inf) as a streamed completion, and timed on the client from that scheduled arrival, so a client
+that falls behind shows up as latency:
+- TTFT: arrival to the first chunk that carries a generated token;
+- TPOT: (last token - first token) / (output tokens - 1), per request;
+- end-to-end: arrival to the end of the stream;
+- throughput: output (and prompt + output) tokens, and requests, per second of wall time from the first arrival
+  to the last finish. Tokens are counted from the chunks' `token_ids` (the `return_token_ids` extension) and
+  checked against the stream's usage.
+
+The workload is the offline bench's (`reference.bench.make_workload`): the same seed gives the same lengths,
+prompt token ids and arrival times, so `bench` and `bench --serve` runs are comparable. Random prompts are drawn
+from the vocabulary the server reports in /v1/models; `real` prompts are the offline bench's questions, sent as
+chat messages. One short warm-up request runs before the clock starts.
+
+This module is a client: it speaks HTTP (httpx) and never imports the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ..bench import REAL_QUESTIONS, check_fits, make_workload, workload_options
+from ..metrics import Summary, percentile
+
+
+@dataclass
+class PlannedRequest:
+    path: str  # "/v1/completions" or "/v1/chat/completions"
+    body: dict
+    arrival: float  # seconds after the start
+    max_tokens: int
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, timed on the client (seconds; None where it never got that far)."""
+
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    decode_time: float | None = None  # first token to last token
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.decode_time is None or self.output_tokens < 2:
+            return None
+        return self.decode_time / (self.output_tokens - 1)
+
+
+@dataclass
+class ServeBenchResult:
+    url: str
+    model: str
+    description: str
+    records: list[RequestRecord]
+    wall_time: float
+    summary: Summary = field(init=False)
+
+    def __post_init__(self) -> None:
+        done = [r for r in self.records if r.ok]
+        series = {"TTFT": [r.ttft for r in done if r.ttft is not None],
+                  "TPOT": [r.tpot for r in done if r.tpot is not None],
+                  "end-to-end": [r.e2e for r in done if r.e2e is not None]}
+        latencies = {name: {"mean": sum(v) / len(v) if v else math.nan,
+                            **{f"p{q}": percentile(v, q) for q in (50, 90, 99)}} for name, v in series.items()}
+        self.summary = Summary(num_requests=len(done), wall_time=self.wall_time,
+                               prompt_tokens=sum(r.prompt_tokens for r in done),
+                               output_tokens=sum(r.output_tokens for r in done), latencies=latencies)
+
+    @property
+    def failures(self) -> list[RequestRecord]:
+        return [r for r in self.records if not r.ok]
+
+    def table(self) -> str:
+        lines = [f"server {self.url}, model {self.model}", f"workload: {self.description}",
+                 f"completed {self.summary.num_requests} of {len(self.records)} requests"
+                 + (f"; first failure: {self.failures[0].error}" if self.failures else ""),
+                 self.summary.table()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        s = self.summary
+        return {"url": self.url, "model": self.model, "workload": self.description,
+                "num_requests": len(self.records), "num_failed": len(self.failures), "wall_time_s": s.wall_time,
+                "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
+                "output_tokens_per_s": s.output_throughput, "total_tokens_per_s": s.total_throughput,
+                "requests_per_s": s.num_requests / s.wall_time, "latency_s": s.latencies}
+
+
+# -- the workload -------------------------------------------------------------------------------------------------
+def plan_requests(
+    model: str,
+    num_requests: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    *,
+    prompts: str,
+    vocab_size: int,
+    max_model_len: int,
+    rate: float,
+    ignore_eos: bool,
+    temperature: float,
+    seed: int,
+) -> tuple[list[PlannedRequest], str]:
+    """The requests to send and a one-line description. Random prompts: the offline bench's workload exactly."""
+    stream = {"stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    common = {"model": model, "temperature": temperature, "ignore_eos": ignore_eos, **stream}
+    if prompts == "random":
+        workload = make_workload(num_requests, input_len, output_len, prompts="random", vocab_size=vocab_size,
+                                 rate=rate, ignore_eos=ignore_eos, temperature=temperature, seed=seed)
+        check_fits(workload, max_model_len)
+        planned = []
+        for i, (ids, out_len, arrival) in enumerate(zip(workload.prompt_token_ids, workload.output_lens,
+                                                        workload.arrival_times)):
+            body = {**common, "prompt": ids, "max_tokens": out_len, "seed": workload.sampling_params(i).seed}
+            planned.append(PlannedRequest("/v1/completions", body, arrival, out_len))
+        return planned, workload.describe()
+    if prompts != "real":
+        raise ValueError(f"prompts={prompts!r} is unknown; choose 'random' or 'real'")
+    # The offline bench chat-templates these questions itself; here the server does, so only lengths and
+    # arrivals are drawn (same draw order: output lengths, then arrivals).
+    rng = random.Random(seed)
+    output_lens = [rng.randint(*output_len) for _ in range(num_requests)]
+    arrivals, clock = [], 0.0
+    for _ in range(num_requests):
+        arrivals.append(clock)
+        if not math.isinf(rate):
+            clock += rng.expovariate(rate)
+    planned = []
+    for i, (out_len, arrival) in enumerate(zip(output_lens, arrivals)):
+        question = REAL_QUESTIONS[i % len(REAL_QUESTIONS)]
+        body = {**common, "messages": [{"role": "user", "content": question}], "max_tokens": out_len,
+                "seed": None if temperature == 0 else seed + i}
+        planned.append(PlannedRequest("/v1/chat/completions", body, arrival, out_len))
+    span = f"{output_len[0]}" if output_len[0] == output_len[1] else f"uniform {output_len[0]}-{output_len[1]}"
+    arrivals_text = "all at once" if math.isinf(rate) else f"Poisson arrivals at {rate:g} req/s"
+    description = (f"{num_requests} requests, built-in chat questions, output {span} tokens "
+                   f"({'ignore EOS' if ignore_eos else 'stop at EOS'}), {arrivals_text}, "
+                   f"{'greedy' if temperature == 0 else f'temperature {temperature:g}'}, seed {seed}")
+    return planned, description
+
+
+# -- sending ------------------------------------------------------------------------------------------------------
+async def _send(client: httpx.AsyncClient, request: PlannedRequest, arrival_clock: float) -> RequestRecord:
+    """Stream one request; times count from arrival_clock (time.perf_counter() of its scheduled arrival)."""
+    record = RequestRecord(ok=False)
+    first_token = last_token = None
+    usage = None
+    try:
+        async with client.stream("POST", request.path, json=request.body) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                record.error = f"HTTP {response.status_code}: {body[:200]}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    record.error = chunk["error"].get("message", str(chunk["error"]))
+                    return record
+                usage = chunk.get("usage") or usage
+                new_tokens = sum(_tokens_in(choice) for choice in chunk.get("choices", []))
+                if new_tokens:
+                    now = time.perf_counter()
+                    first_token = first_token or now
+                    last_token = now
+                    record.output_tokens += new_tokens
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record
+    end = time.perf_counter()
+    if usage is not None:
+        record.prompt_tokens = usage["prompt_tokens"]
+        record.output_tokens = usage["completion_tokens"]  # the server's count wins over ours
+    record.ok = True
+    record.e2e = end - arrival_clock
+    if first_token is not None:
+        record.ttft = first_token - arrival_clock
+        record.decode_time = last_token - first_token
+    return record
+
+
+def _tokens_in(choice: dict) -> int:
+    """Tokens a streamed choice carries: its token_ids (our extension), else 1 if it has any text."""
+    if "token_ids" in choice:
+        return len(choice["token_ids"] or [])
+    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+    return 1 if text else 0
+
+
+async def _run(url: str, planned: list[PlannedRequest], headers: dict, timeout: float,
+               progress: bool) -> tuple[list[RequestRecord], float]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+        warm_up = dict(planned[0].body, max_tokens=2, stream=False)
+        warm_up.pop("stream_options", None)
+        response = await client.post(planned[0].path, json=warm_up)
+        if response.status_code != 200:
+            raise ValueError(f"the warm-up request failed with HTTP {response.status_code}: {response.text[:300]}")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(planned), desc="Requests", unit="req", dynamic_ncols=True)
+
+        async def timed(request: PlannedRequest, arrival_clock: float) -> RequestRecord:
+            record = await _send(client, request, arrival_clock)
+            if bar is not None:
+                bar.update(1)
+            return record
+
+        start = time.perf_counter()
+        tasks = []
+        for request in planned:
+            delay = start + request.arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(timed(request, start + request.arrival)))
+        records = await asyncio.gather(*tasks)
+        wall_time = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+    return list(records), wall_time
+
+
+def fetch_model_card(url: str, model: str | None = None, api_key: str | None = None) -> dict:
+    """The server's /v1/models entry for `model` (None: its first model)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise ValueError(f"cannot reach a server at {url}: {exc}") from None
+    if response.status_code != 200:
+        raise ValueError(f"{url}/v1/models answered HTTP {response.status_code}: {response.text[:300]}")
+    cards = response.json()["data"]
+    for card in cards:
+        if model is None or card["id"] == model:
+            return card
+    raise ValueError(f"the server at {url} serves {[c['id'] for c in cards]}, not {model!r}")
+
+
+def run_serve_bench(
+    url: str,
+    num_requests: int = 32,
+    rate: float = math.inf,
+    input_len: tuple[int, int] = (32, 256),
+    output_len: tuple[int, int] = (16, 128),
+    model: str | None = None,
+    *,
+    prompts: str = "random",
+    ignore_eos: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    progress: bool = False,
+) -> ServeBenchResult:
+    """Send the workload to the server at `url` (e.g. "http://127.0.0.1:8000") and time every reply.
+
+    Lengths are inclusive (low, high) token ranges; rate is requests/s (math.inf: all at once); model None uses
+    the server's first model. Random prompts need the server to report `vocab_size` in /v1/models (ours does).
+    """
+    url = url.rstrip("/")
+    card = fetch_model_card(url, model, api_key)
+    if prompts == "random" and "vocab_size" not in card:
+        raise ValueError(f"{url} does not report vocab_size in /v1/models; use prompts='real'")
+    planned, description = plan_requests(
+        card["id"], num_requests, input_len, output_len, prompts=prompts, vocab_size=card.get("vocab_size", 0),
+        max_model_len=card.get("max_model_len", math.inf), rate=rate, ignore_eos=ignore_eos,
+        temperature=temperature, seed=seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    records, wall_time = asyncio.run(_run(url, planned, headers, timeout, progress))
+    return ServeBenchResult(url, card["id"], description, records, wall_time)
+
+
+# -- `python -m reference bench --serve URL` ---------------------------------------------------------------------
+def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `bench` needs on top of its own to drive a server instead of an in-process engine."""
+    parser.add_argument("--serve", default=None, metavar="URL",
+                        help="benchmark the server running at URL (e.g. http://127.0.0.1:8000) instead of an "
+                             "in-process engine; --model names the served model")
+    parser.add_argument("--api-key", default=None, help="with --serve: the server's API key")
+
+
+def run_serve_bench_from_args(args: argparse.Namespace) -> dict:
+    """`bench --serve URL` with the offline bench's workload flags; prints the table, returns the numbers."""
+    engine_flags = [f"--{name.replace('_', '-')}" for name in
+                    ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "baseline",
+                     "hf_subsample") if getattr(args, name, None) is not None]
+    if engine_flags:
+        raise ValueError(f"{', '.join(engine_flags)} configure the in-process engine; with --serve they belong on "
+                         "the server's command line")
+    options = workload_options(args)
+    result = run_serve_bench(
+        args.serve, options["num_requests"], args.rate, options["input_len"], options["output_len"], args.model,
+        prompts=options["prompts"], ignore_eos=options["ignore_eos"], temperature=args.temperature,
+        seed=args.seed, api_key=getattr(args, "api_key", None), progress=True)
+    print(result.table())
+    report = result.as_dict()
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report

@@ -1,0 +1,72 @@
+"""A tiny lab for testing the autograder itself (and for graders' fast tests): no model, instant cases.
+
+Exercise `add` (function `add(a, b) -> a + b` on tensors) and exercise `counter` (class `Counter` with
+`increment(by) -> new total`, a stateful trace). The visible cases of `add` have 2-second limits, so a hanging
+submission is cut off quickly. Learner notebooks for it are built by the tests in a temporary folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..compare import Close, Exact, Trace
+from ..spec import Case, Exercise, Lab
+
+PREAMBLE = "import torch\n"
+
+
+def ref_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+class ReferenceCounter:
+    def __init__(self, start: int) -> None:
+        self.total = start
+
+    def increment(self, by: int) -> int:
+        if by < 0:
+            raise ValueError("by must be >= 0")
+        self.total += by
+        return self.total
+
+
+def drive_counter(cls: type, inputs: dict[str, Any]) -> list[Any]:
+    counter = cls(inputs["start"])
+    trace: list[Any] = []
+    for by in inputs["steps"]:
+        try:
+            trace.append(counter.increment(by))
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            trace.append({"error": f"{type(exc).__name__}: {exc}"})
+    return trace
+
+
+ADD = Exercise(
+    name="add", symbol="add", notebook="fixture.ipynb", signature="add(a: Tensor, b: Tensor) -> Tensor",
+    reference=ref_add,
+    cases=(
+        Case("vectors", lambda g: {"a": torch.randn(4, generator=g), "b": torch.randn(4, generator=g)},
+             Close(1e-6, 0.0), "elementwise sum of two float32 vectors", points=2.0, seed=1, timeout_s=2.0),
+        Case("slow_guard", lambda g: {"a": torch.ones(2, 2), "b": torch.ones(2, 2)}, Exact(),
+             "a 2x2 sum, within 2 seconds", timeout_s=2.0),
+        Case("hidden_matrix", lambda g: {"a": torch.randn(3, 5, generator=g), "b": torch.randn(3, 5, generator=g)},
+             Close(1e-6, 0.0), "elementwise sum of two matrices", visible=False, seed=2),
+    ),
+)
+
+COUNTER = Exercise(
+    name="counter", symbol="Counter", notebook="fixture.ipynb",
+    signature="class Counter: __init__(self, start: int); increment(self, by: int) -> int (ValueError if by < 0)",
+    reference=ReferenceCounter, driver=drive_counter,
+    cases=(
+        Case("counts_up", lambda g: {"start": 3, "steps": [1, 2, 0, 5]}, Trace(Exact()), "3, then +1, +2, +0, +5"),
+        Case("rejects_negative", lambda g: {"start": 0, "steps": [1, -1, 2]}, Trace(Exact()),
+             "a negative step raises ValueError and changes nothing"),
+    ),
+)
+
+LAB = Lab(name="fixture", folder="fixture", preamble=PREAMBLE, exercises=(ADD, COUNTER))

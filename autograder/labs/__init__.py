@@ -12,6 +12,7 @@ from ..spec import Lab
 
 LAB_MODULES = {
     "lab0.1": "autograder.labs.lab0_1",
+    "lab0.2": "autograder.labs.lab0_2",
     "fixture": "autograder.labs.fixture",  # a tiny lab for the autograder's own tests
 }
 

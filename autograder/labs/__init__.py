@@ -13,6 +13,7 @@ from ..spec import Lab
 LAB_MODULES = {
     "lab0.1": "autograder.labs.lab0_1",
     "lab0.2": "autograder.labs.lab0_2",
+    "lab0.3": "autograder.labs.lab0_3",
     "fixture": "autograder.labs.fixture",  # a tiny lab for the autograder's own tests
 }
 

@@ -33,9 +33,18 @@ NOTEBOOK_3 = "03_attention_kernels.ipynb"
 # Exercise cells may rely on these imports and nothing else from their notebook.
 PREAMBLE = """\
 import math
+import os
 from collections import OrderedDict, deque
 import torch
 import torch.nn.functional as F
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter on a CPU
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is Linux-only: stand-ins let a kernel be defined (running it then fails)
+    import types
+    triton, tl = types.SimpleNamespace(jit=lambda fn: fn), types.SimpleNamespace(constexpr=int)
 """
 
 

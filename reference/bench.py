@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # keep `python -m reference --help` fast: torch and the engin
 
     from .engine import LLMEngine
     from .metrics import StepRecord, Summary
+    from .speed_floor import Floor
     from .outputs import RequestOutput
     from .tokenizer import Tokenizer
 
@@ -278,8 +279,8 @@ def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -
                 assert submitted < workload.num_requests, "engine idle with requests unfinished"
                 time.sleep(max(0.0, start + workload.arrival_times[submitted] - time.monotonic()))
                 continue
-            for out in engine.step():
-                if out.finished and out.request_id.startswith(REQUEST_ID_PREFIX):
+            for out in engine.step(only_finished=True):
+                if out.request_id.startswith(REQUEST_ID_PREFIX):
                     final[out.request_id] = out
                     output_tokens += sum(len(c.token_ids) for c in out.outputs)
                     if bar is not None:
@@ -338,7 +339,7 @@ class HFRun:
 
 
 def run_hf_baseline(
-    model_dir: str | Path,
+    model: "str | Path | torch.nn.Module",
     workload: Workload,
     batch_size: int,
     device: "torch.device | str" = "cpu",
@@ -356,7 +357,9 @@ def run_hf_baseline(
 
     transformers.logging.set_verbosity_error()
     dtype = torch.float32 if dtype is None else dtype
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    if not isinstance(model, torch.nn.Module):  # a checkpoint directory
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
+    model = model.to(device=device, dtype=dtype).eval()
     pad_id = 0  # any id: padded positions are masked out
     sampling = {"do_sample": False}
     if workload.temperature > 0:
@@ -394,8 +397,28 @@ def run_hf_baseline(
                  sum(workload.output_lens), generated)
 
 
+def hf_twin(model: "torch.nn.Module", name: str) -> "torch.nn.Module":
+    """A transformers model with our random model's architecture and the very same weights (random:<arch>)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models.presets import ARCHITECTURES
+
+    fields = dict(ARCHITECTURES[name.removeprefix("random:")])
+    fields.pop("qk_norm", None)  # implied by the Qwen3 architecture in transformers
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    twin = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"HF twin of {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    twin.tie_weights()
+    return twin
+
+
 # -- reporting ----------------------------------------------------------------------------------------------------
-def format_report(workload: Workload, engine_line: str, run: EngineRun, hf: HFRun | None = None) -> str:
+def format_report(
+    workload: Workload, engine_line: str, run: EngineRun, hf: HFRun | None = None, floor: "Floor | None" = None,
+) -> str:
     """The table printed by `bench`: workload, throughput and latency, step statistics, HF comparison."""
     stats = run.step_stats()
     lines = [
@@ -406,6 +429,8 @@ def format_report(workload: Workload, engine_line: str, run: EngineRun, hf: HFRu
         f"{stats['mean_decode_tokens_per_step']:.1f} decode tokens, {stats['mean_seqs_per_step']:.1f} sequences; "
         f"preemptions {stats['preemptions']}; peak KV usage {stats['peak_kv_usage']:.0%}",
     ]
+    if floor is not None:
+        lines.append(floor.describe(run.summary.wall_time))
     if hf is not None:
         ours = run.summary.output_throughput
         lines += [
@@ -419,7 +444,9 @@ def format_report(workload: Workload, engine_line: str, run: EngineRun, hf: HFRu
     return "\n".join(lines)
 
 
-def report_dict(workload: Workload, engine_config: dict, run: EngineRun, hf: HFRun | None = None) -> dict:
+def report_dict(
+    workload: Workload, engine_config: dict, run: EngineRun, hf: HFRun | None = None, floor: "Floor | None" = None,
+) -> dict:
     """The numbers of a run as plain JSON-ready data (NaN becomes null); times in seconds."""
     summary = run.summary
     report = {
@@ -439,6 +466,10 @@ def report_dict(workload: Workload, engine_config: dict, run: EngineRun, hf: HFR
             "latencies": summary.latencies, "steps": run.step_stats(),
         },
         "hf_baseline": None,
+        "floor": None if floor is None else {
+            "kv_bytes": floor.kv_bytes, "weight_bytes": floor.weight_bytes, "copy_bandwidth": floor.bandwidth,
+            "seconds": floor.seconds, "achieved_fraction": floor.fraction(summary.wall_time),
+        },
     }
     if hf is not None:
         report["hf_baseline"] = {
@@ -489,6 +520,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                      help="token budget per step (default 512 CPU, 8192 GPU)")
     eng.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     eng.add_argument("--scheduling-policy", default="fcfs", help="fcfs (default), sjf or priority")
+    eng.add_argument("--attention-backend", default="auto", help="auto (default), torch, triton, flash or flash-attn")
+    eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to measure what they bring)")
+    eng.add_argument("--no-fused-kernels", action="store_true",
+                     help="torch code for RMSNorm, RoPE and SiLU-and-multiply instead of fused Triton kernels (GPU)")
     base = parser.add_argument_group("baseline")
     base.add_argument("--baseline", choices=("hf",), default=None,
                       help="also run Hugging Face generate in static batches of --max-num-seqs, and compare")
@@ -516,7 +551,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     import transformers
 
     from .engine import LLMEngine
+    from .kv_cache import kv_bytes_per_token
     from .models import resolve_model_dir
+    from .speed_floor import copy_bandwidth, parameter_bytes, workload_floor
 
     transformers.logging.set_verbosity_error()
     if args.hf_subsample is not None and args.baseline is None:
@@ -525,7 +562,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     engine = LLMEngine(
         args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        scheduling_policy=args.scheduling_policy, seed=args.seed,
+        scheduling_policy=args.scheduling_policy, seed=args.seed, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager, fused_kernels=not args.no_fused_kernels,
     )
     workload = make_workload(
         options["num_requests"], options["input_len"], options["output_len"], prompts=options["prompts"],
@@ -538,18 +576,28 @@ def run_bench(args: argparse.Namespace) -> dict:
         "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
         "max_model_len": config.max_model_len, "scheduling_policy": str(config.scheduling_policy),
         "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
+        "attention_backend": engine.runner.attention_backend.name,
+        "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
     }
     engine_line = (f"{args.model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
                    f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
-                   f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache")
+                   f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache, "
+                   f"{engine_config['attention_backend']} attention, "
+                   f"{'CUDA graphs' if engine_config['cuda_graphs'] else 'eager'}"
+                   f"{', fused kernels' if engine_config['fused_kernels'] else ''}")
     run = run_engine(engine, workload)
+    floor = workload_floor(
+        workload.input_lens, workload.output_lens, kv_bytes_per_token(engine.model_config, engine.dtype),
+        parameter_bytes(engine.model), copy_bandwidth(engine.device),
+    )
     hf = None
     if args.baseline == "hf":
         subset = workload.head(args.hf_subsample or workload.num_requests)
-        hf = run_hf_baseline(resolve_model_dir(args.model, progress=False), subset, config.max_num_seqs,
-                             engine.device, engine.dtype)
-    print(format_report(workload, engine_line, run, hf))
-    report = report_dict(workload, engine_config, run, hf)
+        hf_model = (hf_twin(engine.model, args.model) if str(args.model).startswith("random:")
+                    else resolve_model_dir(args.model, progress=False))
+        hf = run_hf_baseline(hf_model, subset, config.max_num_seqs, engine.device, engine.dtype)
+    print(format_report(workload, engine_line, run, hf, floor))
+    report = report_dict(workload, engine_config, run, hf, floor)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -9,6 +9,9 @@ attention kernel is captured for the longest context (max_model_len), reading th
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
 from .attention import AttentionMetadata
@@ -27,11 +30,17 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         largest = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        # Static device inputs. Token ids, positions and slots share one tensor so one copy fills them.
+        self.token_inputs = torch.zeros(3, largest, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_inputs.unbind(0)
+        self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
         self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        # Their staging copies in pinned host memory, so the copies to the GPU are asynchronous. Reusing them
+        # every step is safe because the engine waits for each step's sampled tokens before the next step.
+        self.host_tokens = torch.zeros(3, largest, dtype=torch.int64, pin_memory=True)
+        self.host_context_lens = torch.ones(largest, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.zeros(largest * max_blocks, dtype=torch.int32, pin_memory=True)
         cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -65,16 +74,23 @@ class DecodeGraphs:
         """One decode step for len(input_ids) sequences; returns their logits [batch, vocab] (a view)."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        width = max(len(t) for t in block_tables)
-        host = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:n, :width].copy_(host, non_blocking=True)
-        # Padding rows: write nothing (slot -1) and attend over one token of block 0 (output ignored).
-        self.slot_mapping[n:size].fill_(-1)
-        self.context_lens[n:size].fill_(1)
-        self.block_tables[n:size].fill_(0)
+        # Fill the pinned staging buffers with numpy (far cheaper than building tensors from nested lists).
+        # Padding rows n..size-1 write nothing (slot -1) and attend over one token of block 0 (output ignored).
+        tokens = self.host_tokens.numpy()
+        tokens[:, :size] = 0
+        tokens[0, :n], tokens[1, :n], tokens[2, :n] = input_ids, positions, slots
+        tokens[2, n:size] = -1
+        lens = self.host_context_lens.numpy()
+        lens[:n], lens[n:size] = context_lens, 1
+        num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
+        width = int(num_blocks.max())
+        tables = self.host_tables.numpy()[: size * width].reshape(size, width)
+        tables.fill(0)
+        tables[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(num_blocks.sum()))
+        self.token_inputs.copy_(self.host_tokens, non_blocking=True)
+        self.context_lens.copy_(self.host_context_lens, non_blocking=True)
+        # Columns past `width` keep stale ids: the kernel reads only the blocks a row's context length covers.
+        self.block_tables[:size, :width].copy_(self.host_tables[: size * width].view(size, width), non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]

@@ -69,6 +69,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.kv_manager, self.dtype, attention_backend=config.attention_backend,
             enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+            fused_kernels=config.fused_kernels,
         )
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
@@ -174,8 +175,12 @@ class LLMEngine:
         return bool(self.requests) or bool(self._aborted_outputs)
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one step. Returns a cumulative RequestOutput for every request that progressed or finished."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one step. Returns a cumulative RequestOutput for every request that progressed or finished.
+
+        only_finished=True returns only the requests that finished (or were aborted): a caller that does not
+        stream saves building an output per running request per step, which adds up at hundreds of requests.
+        """
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
         started = time.monotonic()
@@ -192,7 +197,8 @@ class LLMEngine:
             self._append_token(request, token, now)
             progressed[request.request_id] = request
         for request in progressed.values():
-            outputs.append(self._output(request))
+            if request.finished or not only_finished:
+                outputs.append(self._output(request))
             if request.finished:
                 request.metrics.finish_time = now
                 del self.requests[request.request_id]
@@ -253,5 +259,6 @@ class LLMEngine:
             )
             for i, s in enumerate(request.samples)
         ]
-        return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
+        # The prompt's ids are shared, not copied: nothing changes them after add_request.
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              request.finished, metrics)

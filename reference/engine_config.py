@@ -28,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    fused_kernels: bool = True  # on the GPU: RMSNorm, RoPE, SiLU-and-multiply as fused Triton kernels
     enable_chunked_prefill: bool = True
     scheduling_policy: str | SchedulingPolicy = "fcfs"
     seed: int | None = None  # seeds torch's global RNG (requests without their own seed draw from it)

@@ -89,7 +89,7 @@ class LLM:
         start, output_tokens = time.monotonic(), 0
         try:
             while len(final) < len(wanted):
-                for out in self.engine.step():
+                for out in self.engine.step(only_finished=True):
                     if out.request_id in wanted and out.finished:
                         final[out.request_id] = out
                         output_tokens += sum(len(c.token_ids) for c in out.outputs)

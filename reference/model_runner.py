@@ -17,6 +17,7 @@ from .attention import build_metadata, get_backend
 from .cuda_graphs import DecodeGraphs
 from .kv_manager import KVCacheManager
 from .models import LlamaForCausalLM
+from .models.llama import fused_available
 from .sampling import compute_logprobs, sample, seeded_generator
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -34,12 +35,16 @@ class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype, *,
         attention_backend: str = "auto", enforce_eager: bool = True, max_num_seqs: int = 1, max_model_len: int = 1,
+        fused_kernels: bool = False,
     ) -> None:
         self.model = model
         self.kv = kv_manager
         self.device = next(model.parameters()).device
         self.attention_backend = get_backend(attention_backend, self.device, kv_manager.block_size)
         model.set_attention_backend(self.attention_backend)
+        # Fused elementwise kernels (Triton) on the GPU; set before any CUDA graph records the forward pass.
+        self.fused_kernels = fused_kernels and self.device.type == "cuda" and fused_available()
+        model.use_fused_kernels(self.fused_kernels)
         config = model.config
         shape = (kv_manager.num_blocks, kv_manager.block_size, config.num_key_value_heads, config.head_dim)
         self.kv_caches = [

@@ -2,12 +2,18 @@
 
 SDPA knows nothing about block tables, so it only serves the case where a sequence's whole context is in this
 step: a fresh prefill (no cached prefix). Its causal mask is aligned top-left, which is right exactly then.
+
+The cuDNN backend is left out: it builds an execution plan per new shape (tens of milliseconds on the host), and
+every prompt length is a new shape. Measured on an H200, the first 8192-token prefill step took 0.5 s with it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def fresh_prefill_attention(
@@ -20,11 +26,12 @@ def fresh_prefill_attention(
     """
     out = torch.empty_like(q)
     start = 0
-    for length in query_lens:
-        end = start + length
-        # SDPA wants [batch, heads, seq, head_dim].
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = attended.squeeze(0).transpose(0, 1)
-        start = end
+    with sdpa_kernel(WITHOUT_CUDNN):
+        for length in query_lens:
+            end = start + length
+            # SDPA wants [batch, heads, seq, head_dim].
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            out[start:end] = attended.squeeze(0).transpose(0, 1)
+            start = end
     return out

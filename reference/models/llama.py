@@ -11,6 +11,8 @@ requests or scheduling. Parameter names match Hugging Face's, so checkpoints loa
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,14 @@ from ..attention import AttentionMetadata, TorchAttentionBackend
 from ..config import ModelConfig
 from .rotary import RotaryEmbedding, apply_rotary
 
+# The fused Triton kernels (fused.py), imported by use_fused_kernels: importing the model must not import Triton
+# (Triton is Linux-only, and the labs choose when to import it, e.g. after setting TRITON_INTERPRET=1).
+fused = None
+
+
+def fused_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
 # Per layer: (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]; None = no cache.
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]] | None
 
@@ -26,12 +36,16 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]] | None
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face does) for stability."""
 
+    fused = False  # True: one Triton kernel on the GPU (fused.py) instead of the torch code below
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.is_cuda:
+            return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -40,6 +54,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
+
+    fused = False  # True: RoPE as one Triton kernel on the GPU
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -72,7 +88,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rotate = fused.apply_rotary if self.fused and q.is_cuda else apply_rotary
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
@@ -80,6 +97,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    fused = False  # True: silu(gate) * up as one Triton kernel on the GPU
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -89,7 +108,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused and x.is_cuda:
+            return self.down_proj(fused.silu_and_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -155,6 +177,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
         return self.lm_head(hidden).float()
+
+    def use_fused_kernels(self, enabled: bool = True) -> None:
+        """Run RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels when on the GPU (see fused.py)."""
+        global fused
+        if enabled and fused is None:
+            if not fused_available():
+                raise ValueError("fused kernels need Triton, which is not installed (it is Linux-only)")
+            from . import fused
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = enabled
 
     def set_attention_backend(self, backend) -> None:
         for layer in self.model.layers:

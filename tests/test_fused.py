@@ -1,0 +1,65 @@
+"""The fused Triton kernels against their torch twins (llama.py / rotary.py): on CPU in the Triton interpreter
+(float32, float16), on the GPU in bfloat16, to within one unit in the last place of the output dtype (RoPE
+exactly, in the interpreter). tests/test_gpu.py checks the whole engine, fused kernels on, against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from reference.models import fused  # noqa: E402  (after the skip: Triton is Linux-only)
+from reference.models.llama import RMSNorm  # noqa: E402
+from reference.models.rotary import apply_rotary  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
+ONE_ULP = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 96), (3, 4, 64), (0, 128), (7, 100), (37, 16, 128)])  # 100: not a power of two
+def test_rms_norm_matches_the_torch_code(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=generator) * 3).to(DEVICE, dtype)
+    norm = RMSNorm(shape[-1], 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=generator))
+        expected = norm(x)
+        got = fused.rms_norm(x, norm.weight, norm.eps)
+    assert got.shape == expected.shape and got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=ONE_ULP[dtype], atol=ONE_ULP[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim", [(4, 64), (3, 128), (2, 16), (9, 64)])
+def test_rotary_matches_the_torch_code(dtype, heads, head_dim):
+    generator = torch.Generator().manual_seed(1)
+    num_tokens = 6
+    x = torch.randn(num_tokens, heads, head_dim, generator=generator).to(DEVICE, dtype)
+    angles = torch.rand(num_tokens, 1, head_dim // 2, generator=generator) * 100
+    angles = torch.cat((angles, angles), dim=-1).to(DEVICE)
+    expected = apply_rotary(x, angles.cos(), angles.sin())
+    got = fused.apply_rotary(x, angles.cos(), angles.sin())
+    if DEVICE == "cpu":
+        assert torch.equal(got, expected)
+    else:  # compiled for the GPU, some elements land one bfloat16 unit away (see fused.py)
+        torch.testing.assert_close(got, expected, rtol=ONE_ULP[dtype], atol=ONE_ULP[dtype])
+
+
+def test_rotary_rejects_an_odd_head_dim():
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        fused.apply_rotary(torch.zeros(1, 1, 96, device=DEVICE), torch.zeros(1, 1, 96, device=DEVICE),
+                           torch.zeros(1, 1, 96, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 300), (2049,), (0, 8)])
+def test_silu_and_mul_matches_the_torch_code(dtype, shape):
+    generator = torch.Generator().manual_seed(2)
+    gate = (torch.randn(shape, generator=generator) * 4).to(DEVICE, dtype)
+    up = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+    got = fused.silu_and_mul(gate, up)
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=ONE_ULP[dtype], atol=ONE_ULP[dtype])

@@ -71,3 +71,29 @@ def test_prefix_cache_verifies_tokens_and_forgets_evicted_blocks():
     assert cache.lookup([-1, 5, 7]) == [3]
     assert cache.evict(3) and not cache.evict(3)
     assert cache.lookup([-1, 5, 7]) == []
+
+
+def _attention_benchmark():
+    """benchmarks/attention_kernels.py as a module (lab 0.3's notebook 3 loads it the same way)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attention_kernels.py"
+    spec = importlib.util.spec_from_file_location("attention_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+def test_attention_benchmark_functions_that_notebook_3_calls_run_and_report_bandwidth():
+    bench = _attention_benchmark()
+    copy_gbps = bench.copy_bandwidth()
+    rows = bench.bench_decode(copy_gbps, [(8, 256, 16)])
+    assert copy_gbps > 100 and rows
+    for name, batch, context_len, _, ms, gbps, fraction in rows:
+        assert (batch, context_len) == (8, 256) and ms > 0 and gbps > 0 and fraction == pytest.approx(gbps / copy_gbps)
+    q, k_cache, v_cache, tables, lens = bench.paged_data(4, 100, 16)
+    assert tables.shape == (4, 7) and lens.tolist() == [100] * 4 and q.shape == (4, bench.HEADS, bench.HEAD_DIM)
+    assert bench.decode_bytes(4, 100) == 2 * 4 * 100 * bench.KV_HEADS * bench.HEAD_DIM * 2 + 2 * 4 * bench.HEADS * bench.HEAD_DIM * 2
+    assert bench.time_ms(lambda: torch.ones(1, device="cuda"), warmup=1, samples=2, calls=2) > 0

@@ -81,3 +81,144 @@ def test_machine_measurements_are_positive_rates(device):
     flops = costs.measure_matmul_flops(device, torch.float32, size=256, repeats=2)
     bandwidth = costs.measure_memory_bandwidth(device, nbytes=1 << 24, repeats=2)
     assert 1e8 < flops < 1e16 and 1e8 < bandwidth < 1e14
+
+
+# -- reference.step_plan: the scheduler's step over plain data, and the hook that runs a plan function ---------------
+import random  # noqa: E402
+
+from fakes import FakePagedKVManager, FakeRunner  # noqa: E402
+
+from reference import LLM, LLMEngine, SamplingParams  # noqa: E402
+from reference.scheduler import Scheduler  # noqa: E402
+from reference.sequence import Sequence  # noqa: E402
+from reference.step_plan import PlanScheduler, install_scheduler, plan_step, scheduler_state  # noqa: E402
+from reference.workload import serve_arrivals  # noqa: E402
+
+
+def entry(seq_id, num_tokens, num_computed=0):
+    return {"seq_id": seq_id, "num_tokens": num_tokens, "num_computed": num_computed}
+
+
+def test_plan_step_runs_decodes_first_and_gives_the_leftover_budget_to_a_prefill_chunk():
+    plan = plan_step([entry(0, 10, 9)], [entry(1, 30)], num_free_blocks=100, block_size=4, max_num_seqs=4,
+                     token_budget=16)
+    assert plan == {"scheduled": [[0, 1], [1, 15]], "preempted": []}
+    whole_only = plan_step([entry(0, 10, 9)], [entry(1, 30)], 100, 4, 4, 16, chunked_prefill=False)
+    assert whole_only == {"scheduled": [[0, 1]], "preempted": []}
+
+
+def test_plan_step_preempts_the_last_running_sequence_and_admits_nothing_that_step():
+    # seq 0 holds 2 blocks of 4 for 8 computed tokens; its 9th token needs a third block and none is free.
+    plan = plan_step([entry(0, 9, 8), entry(1, 5, 4)], [entry(2, 3)], 0, 4, 4, 16)
+    assert plan == {"scheduled": [[0, 1]], "preempted": [1]}
+    alone = plan_step([entry(0, 9, 8)], [], 0, 4, 4, 16)
+    assert alone == {"scheduled": [], "preempted": [0]}
+
+
+def test_plan_step_keeps_the_head_of_the_queue_and_the_seat_limit():
+    blocked = plan_step([], [entry(0, 40), entry(1, 2)], num_free_blocks=5, block_size=4, max_num_seqs=4,
+                        token_budget=64)
+    assert blocked == {"scheduled": [], "preempted": []}  # the head needs 10 blocks; 1 may not overtake it
+    seats = plan_step([entry(0, 5, 4)], [entry(1, 2), entry(2, 2)], 100, 4, 2, 64)
+    assert seats == {"scheduled": [[0, 1], [1, 2]], "preempted": []}
+
+
+def random_workload(rng: random.Random, count: int) -> list[tuple[int, int, int]]:
+    """(arrival step, prompt length, max_tokens) per request."""
+    return sorted((rng.randint(0, 12), rng.randint(1, 30), rng.randint(1, 12)) for _ in range(count))
+
+
+def replay(scheduler: Scheduler, workload) -> list:
+    runner = FakeRunner(scheduler)
+    seqs = [Sequence(f"r{i}", [i + 1] * prompt_len, SamplingParams(max_tokens=max_tokens), arrival_time=float(i))
+            for i, (_, prompt_len, max_tokens) in enumerate(workload)]
+    trace, step = [], 0
+    while step < 500 and (scheduler.has_unfinished() or any(a >= step for a, _, _ in workload)):
+        for seq, (arrival, _, _) in zip(seqs, workload):
+            if arrival == step:
+                scheduler.add(seq)
+        batch = scheduler.schedule()
+        trace.append(([(s.request_id, n) for s, n in zip(batch.seqs, batch.num_tokens)],
+                      [s.request_id for s in batch.preempted]))
+        runner.step(batch)
+        step += 1
+    assert not scheduler.has_unfinished()
+    return trace
+
+
+def test_a_plan_scheduler_running_plan_step_makes_the_schedulers_decisions():
+    runs_with_preemption = 0
+    for seed in range(12):
+        rng = random.Random(seed)
+        workload = random_workload(rng, 10)
+        options = dict(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 40]),
+                       enable_chunked_prefill=rng.choice([True, True, False]))
+        if not options["enable_chunked_prefill"]:
+            options["max_num_batched_tokens"] = 48  # every prompt (and its regrown output) fits one step whole
+        blocks = rng.choice([12, 20, 200])
+        expected = replay(Scheduler(FakePagedKVManager(blocks, 4), **options), workload)
+        got = replay(PlanScheduler(plan_step, FakePagedKVManager(blocks, 4), **options), workload)
+        assert got == expected, seed
+        runs_with_preemption += any(preempted for _, preempted in expected)
+    assert runs_with_preemption >= 2
+
+
+def test_plan_scheduler_rejects_plans_that_break_the_rules():
+    kv = FakePagedKVManager(4, 4)
+    for bad in ({"scheduled": [[99, 1]], "preempted": []}, {"scheduled": [[0, 3]], "preempted": []},
+                {"scheduled": [[0, 2], [1, 2]], "preempted": []}, {"scheduled": []}):
+        scheduler = PlanScheduler(lambda **state: bad, kv, 4, 3)
+        scheduler.add(Sequence("a", [1, 2], SamplingParams(), seq_id=0))
+        scheduler.add(Sequence("b", [1, 2], SamplingParams(), seq_id=1))
+        with pytest.raises(ValueError):
+            scheduler.schedule()
+        assert kv.num_free_blocks == 4  # nothing was carried out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(checkpoint_factory):
+    return checkpoint_factory("qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def test_an_engine_driven_by_plan_step_generates_the_same_tokens_and_steps_under_preemption(tiny_checkpoint):
+    options = dict(max_num_seqs=4, max_model_len=64, num_kv_blocks=10, block_size=8, max_num_batched_tokens=24,
+                   enable_prefix_caching=False)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 500, (int(n),), generator=generator).tolist() for n in (20, 9, 14, 30, 5)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain = LLM(str(tiny_checkpoint), **options)
+    expected = plain.generate(prompts, params, use_tqdm=False)
+    planned = LLM(str(tiny_checkpoint), **options)
+    engine = planned.engine
+    install_scheduler(engine, PlanScheduler(plan_step, engine.kv_manager, 4, 24))
+    got = planned.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert [r.scheduled for r in engine.step_log] == [r.scheduled for r in plain.engine.step_log]
+    assert sum(r.num_preempted for r in engine.step_log) > 0
+
+
+def test_install_scheduler_and_scheduler_state_refuse_what_they_cannot_handle(tiny_checkpoint):
+    engine = LLMEngine(str(tiny_checkpoint), max_num_seqs=2, max_model_len=64, num_kv_blocks=16, block_size=8)
+    with pytest.raises(ValueError):
+        install_scheduler(engine, Scheduler(FakePagedKVManager(4, 4), 2, 8))
+    with pytest.raises(ValueError):
+        install_scheduler(engine, Scheduler(engine.kv_manager, 3, 8))
+    with pytest.raises(ValueError):
+        scheduler_state(engine.scheduler)  # prefix caching is on by default
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError):
+        install_scheduler(engine, Scheduler(engine.kv_manager, 2, 8))
+
+
+def test_serve_arrivals_adds_requests_at_their_step_and_skips_idle_gaps(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint), max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
+    requests = [{"request_id": "a", "prompt": [5, 6, 7], "max_tokens": 3, "arrival_step": 0},
+                {"request_id": "b", "prompt": [8, 9], "max_tokens": 2, "arrival_step": 1},
+                {"request_id": "c", "prompt": [4] * 6, "max_tokens": 2, "arrival_step": 10}]
+    results = serve_arrivals(llm.engine, requests)
+    assert results["a"]["first_token_step"] == 0 and results["a"]["finish_step"] == 2
+    assert results["b"]["first_token_step"] == 1 and results["b"]["finish_step"] == 2
+    assert results["c"]["first_token_step"] == 10 and results["c"]["finish_step"] == 11  # the clock jumped to 10
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert results["a"]["token_ids"] == alone

@@ -8,23 +8,33 @@ a grader that later hides those symbols from learner code does not break the sta
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
 
 from reference import costs
 from reference.config import ModelConfig
+from reference.kv_manager import ContiguousKVManager
+from reference.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from reference.sampling import SamplingParams
+from reference.scheduler import Scheduler
+from reference.sequence import Sequence
+from reference.step_plan import plan_step
+from reference.workload import serve_arrivals
 
-from ..compare import Close, Exact
+from ..compare import Close, Exact, Trace
 from ..spec import Case, Exercise, Lab
 
 NOTEBOOK_1 = "01_two_phases.ipynb"
+NOTEBOOK_2 = "02_batching.ipynb"
 
 # Exercise cells may rely on these imports and nothing else from their notebook.
 PREAMBLE = """\
 import math
 from collections import deque
 import torch
+from reference import SamplingParams
 """
 
 _step_flops, _step_bytes, _flops_per_token = costs.step_flops, costs.step_bytes, costs.flops_per_token
@@ -136,9 +146,260 @@ ARITHMETIC_INTENSITY = Exercise(
 )
 
 
+# ============================================================================================================
+# Notebook 2: batching, the scheduler's step, the engine loop
+# ============================================================================================================
+
+
+def _blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _plain_plan(plan: Any) -> dict[str, Any]:
+    """The learner's plan as plain lists (ints stay ints); the codec rejects anything stranger later."""
+    if not isinstance(plan, dict) or set(plan) != {"scheduled", "preempted"}:
+        raise ValueError(f"schedule_step must return a dict with keys 'scheduled' and 'preempted', got {type(plan).__name__}"
+                         + (f" with keys {sorted(map(str, plan))}" if isinstance(plan, dict) else ""))
+    return {"scheduled": [list(pair) for pair in plan["scheduled"]], "preempted": list(plan["preempted"])}
+
+
+def _simulate_schedule(fn, engine: dict[str, Any], requests: list[dict[str, Any]], max_steps: int = 300) -> list[Any]:
+    """Replay a workload with a fake model (every scheduled token is computed; a sequence that reaches its end gets
+    one new token) on the plain state; one trace entry per step: the plan, or {"error": ...} and stop."""
+    block_size = engine["block_size"]
+    free = engine["num_blocks"]
+    seqs: dict[int, dict[str, int]] = {}
+    running: list[int] = []
+    waiting: list[int] = []
+    trace: list[Any] = []
+    for step in range(max_steps):
+        for seq_id, request in enumerate(requests):
+            if request["arrival_step"] == step:
+                seqs[seq_id] = {"num_tokens": request["prompt_len"], "num_computed": 0,
+                                "prompt_len": request["prompt_len"], "max_tokens": request["max_tokens"]}
+                waiting.append(seq_id)
+        if not running and not waiting and all(r["arrival_step"] < step for r in requests):
+            break
+        plain = lambda ids: [{"seq_id": i, "num_tokens": seqs[i]["num_tokens"],  # noqa: E731
+                              "num_computed": seqs[i]["num_computed"]} for i in sorted(ids)]
+        try:
+            plan = _plain_plan(fn(plain(running), plain(waiting), free, block_size, engine["max_num_seqs"],
+                                  engine["token_budget"], engine["chunked_prefill"]))
+            free = _apply_plan(plan, seqs, running, waiting, free, engine)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            trace.append({"error": f"{type(exc).__name__}: {exc}"})
+            break
+        trace.append(plan)
+    return trace
+
+
+def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
+    block_size = engine["block_size"]
+    for seq_id in plan["preempted"]:
+        if seq_id not in running:
+            raise ValueError(f"preempted {seq_id!r}, which is not running")
+        free += _blocks(seqs[seq_id]["num_computed"], block_size)
+        seqs[seq_id]["num_computed"] = 0
+        running.remove(seq_id)
+        waiting.append(seq_id)
+    total = 0
+    done = set()
+    for seq_id, num_tokens in plan["scheduled"]:
+        if seq_id in done or seq_id in plan["preempted"] or (seq_id not in running and seq_id not in waiting):
+            raise ValueError(f"scheduled {seq_id!r}: unknown, preempted or listed twice")
+        seq = seqs[seq_id]
+        if not 1 <= num_tokens <= seq["num_tokens"] - seq["num_computed"]:
+            raise ValueError(f"scheduled {num_tokens} tokens of {seq_id}, which has "
+                             f"{seq['num_tokens'] - seq['num_computed']} uncomputed")
+        free -= _blocks(seq["num_computed"] + num_tokens, block_size) - _blocks(seq["num_computed"], block_size)
+        if free < 0:
+            raise ValueError(f"scheduling {seq_id} needs more KV blocks than are free")
+        if seq_id in waiting:
+            waiting.remove(seq_id)
+            running.append(seq_id)
+        done.add(seq_id)
+        total += num_tokens
+        seq["num_computed"] += num_tokens
+    if total > engine["token_budget"] or len(running) > engine["max_num_seqs"]:
+        raise ValueError(f"the plan runs {total} tokens (budget {engine['token_budget']}) with {len(running)} "
+                         f"sequences running (max {engine['max_num_seqs']})")
+    for seq_id in list(running):
+        seq = seqs[seq_id]
+        if seq["num_computed"] == seq["num_tokens"]:  # the whole sequence is computed: the model samples a token
+            seq["num_tokens"] += 1
+            if seq["num_tokens"] - seq["prompt_len"] >= seq["max_tokens"]:
+                free += _blocks(seq["num_computed"], block_size)
+                running.remove(seq_id)
+    return free
+
+
+def drive_schedule_step(fn, inputs: dict[str, Any]) -> Any:
+    """One step from a given state ("state"), or a whole workload replayed step by step ("engine", "requests")."""
+    if "state" in inputs:
+        return _plain_plan(fn(*inputs["state"].values()))
+    return _simulate_schedule(fn, inputs["engine"], inputs["requests"])
+
+
+def _state(running, waiting, num_free_blocks, block_size=4, max_num_seqs=4, token_budget=16, chunked_prefill=True):
+    as_entries = lambda seqs: [{"seq_id": i, "num_tokens": t, "num_computed": c} for i, t, c in seqs]  # noqa: E731
+    return {"state": {"running": as_entries(running), "waiting": as_entries(waiting),
+                      "num_free_blocks": num_free_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
+                      "token_budget": token_budget, "chunked_prefill": chunked_prefill}}
+
+
+def _workload(generator, count, num_blocks, max_num_seqs, token_budget, chunked_prefill=True, block_size=4):
+    requests = []
+    for _ in range(count):
+        requests.append({"arrival_step": int(torch.randint(0, 8, (1,), generator=generator)),
+                         "prompt_len": int(torch.randint(1, 24, (1,), generator=generator)),
+                         "max_tokens": int(torch.randint(1, 10, (1,), generator=generator))})
+    requests.sort(key=lambda r: r["arrival_step"])
+    return {"engine": {"num_blocks": num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
+                       "token_budget": token_budget, "chunked_prefill": chunked_prefill}, "requests": requests}
+
+
+def _requests(*specs):
+    return [{"arrival_step": a, "prompt_len": p, "max_tokens": m} for a, p, m in specs]
+
+
+SCHEDULE_STEP = Exercise(
+    name="schedule_step", symbol="schedule_step", notebook=NOTEBOOK_2,
+    signature="schedule_step(running: list[dict], waiting: list[dict], num_free_blocks: int, block_size: int, "
+              "max_num_seqs: int, token_budget: int, chunked_prefill: bool) -> dict  "
+              "# {'scheduled': [[seq_id, num_tokens], ...], 'preempted': [seq_id, ...]}",
+    reference=plan_step, driver=drive_schedule_step, hides=("reference.step_plan.plan_step",),
+    cases=(
+        Case("decode_first_then_a_chunk", lambda g: _state([(0, 10, 9)], [(1, 30, 0)], 100), Exact(),
+             "one sequence decoding, one 30-token prompt waiting, budget 16: the decode runs first (1 token), "
+             "the prompt gets the other 15 as a chunk"),
+        Case("whole_prompts_without_chunking", lambda g: _state([(0, 10, 9)], [(1, 30, 0), (2, 5, 0)], 100,
+                                                                chunked_prefill=False), Exact(),
+             "without chunked prefill the 30-token prompt does not fit the 15 tokens left, so it waits, and the "
+             "5-token prompt behind it may not overtake it"),
+        Case("preempt_the_last_running", lambda g: _state([(0, 9, 8), (1, 6, 5), (2, 5, 4)], [(3, 3, 0)], 0),
+             Exact(), "no free block and sequence 0 needs a third block for its 9th token: the last running "
+                      "sequence (2) is preempted to make room; nothing is admitted in a step that preempted"),
+        Case("preempt_itself", lambda g: _state([(0, 9, 8)], [(1, 2, 0)], 0), Exact(),
+             "the only running sequence needs a block and there is no one else to evict: it preempts itself "
+             "(and runs nothing)"),
+        Case("seats_and_budget_run_out", lambda g: _state([(0, 5, 4), (1, 7, 6)], [(2, 3, 0), (3, 20, 0), (4, 2, 0)],
+                                                          100, max_num_seqs=3, token_budget=8), Exact(),
+             "two decodes, then admission in order until the seats (3) are full: only sequence 2 joins"),
+        Case("a_workload_step_by_step", lambda g: {"engine": {"num_blocks": 64, "block_size": 4, "max_num_seqs": 3,
+                                                              "token_budget": 12, "chunked_prefill": True},
+                                                   "requests": _requests((0, 20, 3), (0, 5, 6), (1, 9, 4), (2, 3, 5),
+                                                                         (6, 14, 2))},
+             Trace(Exact()), "five requests arriving over 6 steps, plenty of KV blocks: chunked prefills beside "
+                             "decodes, sequences leaving and joining between steps"),
+        Case("a_workload_under_memory_pressure", lambda g: {"engine": {"num_blocks": 7, "block_size": 4,
+                                                                       "max_num_seqs": 4, "token_budget": 16,
+                                                                       "chunked_prefill": True},
+                                                            "requests": _requests((0, 6, 8), (0, 7, 8), (0, 5, 8),
+                                                                                  (1, 3, 4))},
+             Trace(Exact()), "four requests in 7 blocks of 4 tokens: sequences grow until someone must be "
+                             "preempted, later recomputed"),
+        Case("random_workload", lambda g: _workload(g, 10, 200, 4, 16), Trace(Exact()),
+             "ten random requests, plenty of memory", visible=False, seed=20),
+        Case("random_workload_tight", lambda g: _workload(g, 10, 12, 6, 24), Trace(Exact()),
+             "ten random requests in 12 blocks: preemption", visible=False, seed=21),
+        Case("random_workload_whole_prompts", lambda g: _workload(g, 8, 30, 3, 40, chunked_prefill=False),
+             Trace(Exact()), "eight random requests without chunked prefill", visible=False, seed=22),
+    ),
+)
+
+
+class ToyEngine:
+    """An engine-shaped test double: the engine's Scheduler over a contiguous KV manager, a hash for a model.
+
+    It keeps LLMEngine's contract for add_request / step / has_unfinished_requests: step() returns a cumulative
+    RequestOutput for each request that got a token (in batch order), finished=True on the step that ends it.
+    """
+
+    def __init__(self, max_num_seqs: int, token_budget: int) -> None:
+        self.scheduler = Scheduler(ContiguousKVManager(max_num_seqs, 4096), max_num_seqs, token_budget)
+        self.live: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        if not isinstance(params, SamplingParams) or request_id in self.live or not prompt:
+            raise ValueError("add_request(request_id, prompt token ids, SamplingParams): bad or duplicate request")
+        seq = Sequence(request_id, [int(t) for t in prompt], params, arrival_time=float(self.num_steps))
+        self.live[request_id] = seq
+        self.scheduler.add(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.live)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.num_steps += 1
+        outputs = []
+        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += num_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue
+            seq.token_ids.append(zlib.crc32(str(seq.token_ids).encode()) % 1000)
+            finished = seq.num_output_tokens >= seq.params.max_tokens
+            if finished:
+                self.scheduler.finish(seq, "length")
+                del self.live[seq.request_id]
+            completion = CompletionOutput(0, "", seq.output_token_ids, "length" if finished else None)
+            outputs.append(RequestOutput(seq.request_id, None, seq.prompt_token_ids, [completion], finished,
+                                         RequestMetrics(arrival_time=0.0)))
+        return outputs
+
+
+def drive_run_to_completion(fn, inputs: dict[str, Any]) -> Any:
+    engine = ToyEngine(inputs["engine"]["max_num_seqs"], inputs["engine"]["token_budget"])
+    results = fn(engine, [dict(r) for r in inputs["requests"]])
+    if not isinstance(results, dict):
+        raise ValueError(f"run_to_completion must return a dict, got {type(results).__name__}")
+    return {request_id: {"token_ids": list(entry["token_ids"]), "first_token_step": entry["first_token_step"],
+                         "finish_step": entry["finish_step"]} for request_id, entry in results.items()}
+
+
+def _serving(max_num_seqs, token_budget, *specs):
+    requests = [{"request_id": f"r{i}", "prompt": [7 + i] * prompt_len, "max_tokens": max_tokens, "arrival_step": arrival}
+                for i, (arrival, prompt_len, max_tokens) in enumerate(specs)]
+    return {"engine": {"max_num_seqs": max_num_seqs, "token_budget": token_budget}, "requests": requests}
+
+
+def _random_serving(generator, count):
+    specs = sorted((int(torch.randint(0, 30, (1,), generator=generator)), int(torch.randint(1, 40, (1,), generator=generator)),
+                    int(torch.randint(1, 12, (1,), generator=generator))) for _ in range(count))
+    return _serving(3, 24, *specs)
+
+
+RUN_TO_COMPLETION = Exercise(
+    name="run_to_completion", symbol="run_to_completion", notebook=NOTEBOOK_2,
+    signature="run_to_completion(engine, requests: list[dict]) -> dict[str, dict]  "
+              "# request_id -> {'token_ids': list[int], 'first_token_step': int, 'finish_step': int}",
+    reference=serve_arrivals, driver=drive_run_to_completion, hides=("reference.workload.serve_arrivals",),
+    cases=(
+        Case("all_at_step_zero", lambda g: _serving(4, 64, (0, 5, 3), (0, 8, 1), (0, 3, 4)), Exact(),
+             "three requests at step 0 that all fit: one step prefills them all, then they decode and leave "
+             "one by one"),
+        Case("staggered_arrivals", lambda g: _serving(2, 64, (0, 4, 4), (2, 6, 3), (3, 2, 2), (4, 9, 2)), Exact(),
+             "requests arriving at steps 0, 2, 3, 4 with 2 seats: each is added before the step of its arrival, "
+             "and some wait for a seat"),
+        Case("idle_gap", lambda g: _serving(2, 64, (0, 3, 2), (20, 4, 2)), Exact(),
+             "the second request arrives at step 20, long after the first finished: the clock jumps to 20 instead "
+             "of stepping an idle engine"),
+        Case("chunked_prompt", lambda g: _serving(2, 8, (0, 20, 2), (1, 2, 3)), Exact(),
+             "a 20-token prompt with an 8-token budget takes 3 steps before its first token; the request that "
+             "arrives at step 1 is prefilled beside its chunks"),
+        Case("random_workload", lambda g: _random_serving(g, 12), Exact(), "twelve random requests", visible=False,
+             seed=30),
+    ),
+)
+
+
 LAB = Lab(
     name="lab0.2",
     folder="lab0.2",
     preamble=PREAMBLE,
-    exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY),
+    exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP),
 )

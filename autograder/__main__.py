@@ -1,7 +1,7 @@
 """Command line: `python -m autograder SUBCOMMAND ...`.
 
-Subcommands live in COMMANDS as (help, add_arguments, run); a new one (grade, gradescope) adds a function pair
-and a line there. `run(args) -> int` is the exit status.
+Subcommands live in COMMANDS as (help, add_arguments, run): check, release, grade, gradescope; a new one adds
+a function pair and a line there. `run(args) -> int` is the exit status.
 """
 
 from __future__ import annotations
@@ -59,9 +59,62 @@ def _release(args: argparse.Namespace) -> int:
     return 1 if (args.check and stale) else 0
 
 
+def _grade_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lab", help="the lab, e.g. lab0.1")
+    parser.add_argument("submissions", nargs="+", help="notebooks, folders or zips, one per student")
+    parser.add_argument("--out", required=True, help="folder for grades.csv and one folder per student")
+    parser.add_argument("--tests", help="folder with hidden tests (<lab>.py defining CASES; see grade.py)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="submissions graded in parallel")
+    parser.add_argument("--timeout", type=float, help="wall-clock limit per submission in seconds "
+                        "(default: start-up plus every test's own limit)")
+    parser.add_argument("--memory", type=int, help="address-space limit per submission in MB (default: the lab's)")
+    parser.add_argument("--allow-reference", action="store_true",
+                        help="let submissions import the reference implementations of the graded exercises")
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from .grade import GradeOptions, grade, load_hidden_tests
+    from .gradebook import write_gradebook
+    from .labs import load_lab
+    from .report import points
+
+    if args.jobs < 1:
+        raise ValueError("-j must be at least 1")
+    lab = load_lab(args.lab)
+    if args.tests:
+        lab = load_hidden_tests(lab, args.tests)
+    options = GradeOptions(timeout_s=args.timeout, memory_mb=args.memory, jobs=args.jobs,
+                           allow_reference=args.allow_reference)
+    grades = grade(lab, args.submissions, options)
+    path = write_gradebook(lab, grades, args.out)
+    for graded in grades:
+        print(f"{graded.student}: {points(graded.score)}/{points(lab.points)} ({graded.status})")
+    print(f"wrote {path} and {len(grades)} student folders")
+    return 0
+
+
+def _gradescope_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lab", help="the lab, e.g. lab0.1")
+    parser.add_argument("--out", help="the zip to write (default: <lab>-gradescope.zip)")
+    parser.add_argument("--tests", help="folder with hidden tests to ship inside the zip")
+
+
+def _gradescope(args: argparse.Namespace) -> int:
+    from .gradescope import build_zip
+    from .labs import load_lab
+
+    lab = load_lab(args.lab)
+    path = build_zip(lab, args.out or f"{lab.name}-gradescope.zip", args.tests)
+    print(f"wrote {path}: upload it as the assignment's autograder (Ubuntu image)")
+    return 0
+
+
 COMMANDS = {
     "check": ("run a lab's visible tests on your notebooks (exit 0 only at full marks)", _check_arguments, _check),
     "release": ("regenerate the learner notebooks from the solution notebooks", _release_arguments, _release),
+    "grade": ("grade submissions in sandboxed processes; write grades.csv and Gradescope results",
+              _grade_arguments, _grade),
+    "gradescope": ("build a Gradescope autograder zip that runs this grader", _gradescope_arguments, _gradescope),
 }
 
 

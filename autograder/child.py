@@ -2,20 +2,31 @@
 
     python -m autograder.child JOB_FILE RESULT_FILE
 
-JOB_FILE (JSON, written by the parent): {"lab": "lab0.1", "exercises": [{"name", "source", "cases": [{"name",
-"inputs": <wire text>, "timeout_s"}]}]}. For each exercise, in a fresh namespace: the lab's preamble, then the
-reference stand-ins of the exercises it uses, then its cell; then each case's driver call. One JSON line per case
-is appended to RESULT_FILE: {"exercise", "case", "status", "result" (wire text) or "message"}.
+JOB_FILE (JSON, written by the parent): {"lab": "lab0.1", "hidden": [dotted reference names to hide],
+"exercises": [{"name", "source", "cell_timeout_s", "cases": [{"name", "inputs": <wire text>, "timeout_s"}]}]}.
+Each exercise runs in a forked process of its own, so an exercise that exits, crashes or breaks the
+interpreter (monkeypatching torch, say) costs only its own points. In that process, in a fresh namespace: the
+lab's preamble, the reference stand-ins of the exercises it uses, its cell, then each case's driver call.
+
+One JSON line per case is appended to RESULT_FILE: {"exercise", "case", "status", "result" (wire text) or
+"message"}. Lines with an empty "case" are notes about the exercise: status "process" (how its process ended,
+which explains any case without a line) or "hidden reference" (it tried to use a hidden reference symbol).
 
 Everything this process writes is untrusted by the parent: it decodes the lines with the safe codec, compares the
 results itself, and treats missing lines as a crash or a timeout. This module only has to be honest when the
-learner's code is; isolation (limits, scratch directory, hiding references) is the caller's business.
+learner's code is; limits, the scratch directory and clean-up are the warden's business (sandbox.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
+
+_exit = os._exit  # kept before any learner code can replace it
+SLACK_S = 5.0  # beyond an exercise's own limits, before its process is stopped
 
 
 def main(argv: list[str]) -> int:
@@ -27,10 +38,11 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)  # graders run many children side by side
 
+    from .hiding import HiddenImports
     from .labs import load_lab
-    from .runner import call_learner, describe_exception
 
     lab = load_lab(job["lab"])
+    guard = HiddenImports(job.get("hidden", []))
     out = open(result_path, "a", encoding="utf-8")
 
     def report(exercise: str, case: str, status: str, **fields) -> None:
@@ -38,28 +50,67 @@ def main(argv: list[str]) -> int:
         out.flush()
 
     for item in job["exercises"]:
-        exercise = lab.exercise(item["name"])
-        namespace: dict = {"__name__": "__exercise__"}
-        problem = None
-        try:
+        limit_s = item["cell_timeout_s"] + sum(case["timeout_s"] for case in item["cases"]) + SLACK_S
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                run_exercise(lab, item, guard, report)
+                status = 0
+            finally:
+                _exit(status)
+        report(item["name"], "", "process", message=wait_for(pid, limit_s))
+    out.close()
+    return 0
+
+
+def run_exercise(lab, item: dict, guard, report) -> None:
+    """In the exercise's own process: run its cell, then its cases, reporting each."""
+    from .runner import CaseTimeout, call_learner, describe_exception, time_limit
+
+    exercise = lab.exercise(item["name"])
+    namespace: dict = {"__name__": "__exercise__", "__builtins__": guard.builtins()}
+    problem = None
+    try:
+        with time_limit(item["cell_timeout_s"]):
             exec(compile(lab.preamble, "<preamble>", "exec"), namespace)
             namespace.update(lab.stand_ins(exercise))
             exec(compile(item["source"], f"<exercise:{exercise.name}>", "exec"), namespace)
-            obj = namespace.get(exercise.symbol)
-            if obj is None or not callable(obj):
-                problem = f"the cell does not define {exercise.symbol}"
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # the cell itself failed: syntax error, import error, sys.exit...
-            problem = f"the exercise cell failed to run: {describe_exception(exc)}"
-        for case in item["cases"]:
-            if problem is not None:
-                report(exercise.name, case["name"], "error", message=problem)
-                continue
-            outcome = call_learner(exercise, obj, case["inputs"], case["timeout_s"])
-            report(exercise.name, case["name"], outcome.status, result=outcome.result_wire, message=outcome.message)
-    out.close()
-    return 0
+        obj = namespace.get(exercise.symbol)
+        if obj is None or not callable(obj):
+            problem = f"the cell does not define {exercise.symbol}"
+    except CaseTimeout:
+        problem = f"the exercise cell did not finish running within {item['cell_timeout_s']:g} s"
+    except BaseException as exc:  # the cell itself failed: syntax error, import error, sys.exit, its time limit...
+        problem = f"the exercise cell failed to run: {describe_exception(exc)}"
+    for case in item["cases"]:
+        if problem is not None:
+            report(exercise.name, case["name"], "error", message=problem)
+            continue
+        outcome = call_learner(exercise, obj, case["inputs"], case["timeout_s"], interruptible=False)
+        report(exercise.name, case["name"], outcome.status, result=outcome.result_wire, message=outcome.message)
+    if guard.attempts:
+        report(exercise.name, "", "hidden reference", message=", ".join(sorted(set(guard.attempts))))
+
+
+def wait_for(pid: int, limit_s: float) -> str:
+    """Wait for an exercise's process and say how it ended. Stray processes that were re-parented to us (we
+    may be the first process of a PID namespace) are reaped on the way."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        reaped, status = os.waitpid(-1, os.WNOHANG)
+        if reaped == pid:
+            break
+        if reaped:
+            continue
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return f"timeout: the exercise was stopped after {limit_s:g} s"
+        time.sleep(0.02)
+    if os.WIFSIGNALED(status):
+        return f"crashed: the exercise's process was killed by signal {os.WTERMSIG(status)}"
+    return f"crashed: the exercise's process ended (exit status {os.WEXITSTATUS(status)}) before reporting"
 
 
 if __name__ == "__main__":

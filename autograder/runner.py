@@ -8,6 +8,7 @@ self-check (`run_in_process`) and in a child process for the command line (see c
 
 from __future__ import annotations
 
+import builtins
 import functools
 import signal
 import threading
@@ -100,10 +101,12 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     if outcome.status == "not implemented":
         return result("not implemented", f"{exercise.symbol} is not implemented yet (it raised NotImplementedError)")
     if outcome.status in ("error", "invalid result", "timeout"):
-        message = outcome.message if case.visible else outcome.message.split(":")[0]
+        message = outcome.message if case.visible else _without_values(outcome.message)
+        if "MemoryError" in message or "can't allocate memory" in message:
+            message += " (out of memory: the grader limits how much memory your code may use)"
         return result(outcome.status, f"{case.feedback} -- yours: {message}")
-    if outcome.status != "ok":
-        return result("crashed", f"{case.feedback} -- no result came back ({outcome.status})")
+    if outcome.status != "ok":  # the child wrote something it should not have: say so, without echoing it
+        return result("crashed", f"{case.feedback} -- no result came back")
     try:
         got = codec.loads(outcome.result_wire)
     except codec.CodecError as exc:
@@ -115,6 +118,15 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     return result("fail", f"{case.feedback} -- {why}")
 
 
+def _without_values(message: str) -> str:
+    """What a hidden case may say about an error: the name of a built-in exception or a time limit, never the
+    message (which could print the hidden inputs)."""
+    if message.startswith("took longer than"):
+        return message
+    name = message.split(":")[0].split(" ")[0]
+    return name if isinstance(getattr(builtins, name, None), type) else "an exception"
+
+
 # -- learner side ---------------------------------------------------------------------------------------------
 
 
@@ -122,18 +134,25 @@ class CaseTimeout(BaseException):
     """Raised by the alarm when a case runs past its limit (a BaseException, so `except Exception` can't eat it)."""
 
 
-def call_learner(exercise: Exercise, obj: Any, inputs_wire: str, timeout_s: float | None = None) -> LearnerOutcome:
-    """Run the driver on the learner's object for one case's inputs; never raises for learner errors."""
+def call_learner(
+    exercise: Exercise, obj: Any, inputs_wire: str, timeout_s: float | None = None, interruptible: bool = True
+) -> LearnerOutcome:
+    """Run the driver on the learner's object for one case's inputs; never raises for learner errors.
+
+    interruptible: let KeyboardInterrupt through (Ctrl-C in a notebook); a grading child counts it as an error.
+    """
     inputs = codec.loads(inputs_wire)  # a fresh copy: the learner may mutate it freely
     try:
-        with _time_limit(timeout_s):
+        with time_limit(timeout_s):
             result = exercise.driver(obj, inputs)
     except NotImplementedError as exc:
         return LearnerOutcome("not implemented", message=_clip(str(exc)))
     except CaseTimeout:
         return LearnerOutcome("timeout", message=f"took longer than {timeout_s:g} s")
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        if interruptible:
+            raise
+        return LearnerOutcome("error", message=describe_exception(exc))
     except BaseException as exc:  # SystemExit and friends are learner errors too
         return LearnerOutcome("error", message=describe_exception(exc))
     try:
@@ -160,7 +179,7 @@ def _clip(text: str) -> str:
 
 
 @contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
+def time_limit(seconds: float | None) -> Iterator[None]:
     """Interrupt the block after `seconds` with CaseTimeout (Unix main thread only; elsewhere no limit)."""
     usable = (
         seconds is not None and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()

@@ -121,6 +121,8 @@ class Lab:
     preamble: the imports every exercise cell may rely on; it is run before an exercise cell wherever the cell
     runs outside its notebook (the command-line check, the grader). Exercise cells must not depend on anything
     else from their notebook.
+    memory_mb: the default address-space limit of a grading child (RLIMIT_AS), about twice what a child
+    grading the solution needs; address space, not resident memory (importing torch alone maps about 1 GB).
     """
 
     name: str
@@ -128,6 +130,7 @@ class Lab:
     preamble: str
     exercises: tuple[Exercise, ...]
     notes: dict[str, str] = field(default_factory=dict)
+    memory_mb: int = 4096
 
     def __post_init__(self) -> None:
         names = [exercise.name for exercise in self.exercises]

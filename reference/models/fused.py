@@ -27,17 +27,16 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """ROWS rows per program (short rows, such as Qwen3's per-head q/k norms, would leave one program idle)."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
-    x = tl.load(x_ptr + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     dtype = out_ptr.dtype.element_ty
-    normed = _rounded(x * inv_rms[:, None], dtype)  # torch: x.to(dtype) before the weight
-    weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * n_cols + cols, _rounded(normed * weight, dtype).to(dtype), mask=mask)
+    normed = _rounded(x * inv_rms, dtype)  # torch: x.to(dtype) before the weight
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, _rounded(normed * weight, dtype).to(dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,32 +44,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()
     out = torch.empty_like(x)
-    n_rows, n_cols = x.shape
-    if n_rows:
-        block = triton.next_power_of_2(n_cols)
-        rows = max(1, 2048 // block)  # about 2048 elements per program
-        _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](x, weight, out, n_rows, n_cols, eps, ROWS=rows, BLOCK=block)
+    if x.shape[0]:
+        _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]))
     return out.view(shape)
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, HEADS: tl.constexpr, HALF: tl.constexpr):
-    """All heads of one token: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code."""
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, HALF: tl.constexpr):
+    """One (token, head) row: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code."""
     token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
-    heads = tl.arange(0, HEADS)[:, None]  # HEADS: num_heads rounded up to a power of two
-    cols = tl.arange(0, HALF)[None, :]
-    mask = heads < num_heads
-    first = (token * num_heads + heads) * 2 * HALF + cols  # offsets of each head's first half
-    x1 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + first + HALF, mask=mask, other=0.0).to(tl.float32)
+    base = (token * num_heads + head) * 2 * HALF
+    cols = tl.arange(0, HALF)
+    x1 = tl.load(x_ptr + base + cols).to(tl.float32)
+    x2 = tl.load(x_ptr + base + HALF + cols).to(tl.float32)
     # Both halves of a row rotate by the same angles; the tables are float32, cast to x's dtype as torch does.
     cos = _rounded(tl.load(cos_ptr + token * 2 * HALF + cols), dtype)
     sin = _rounded(tl.load(sin_ptr + token * 2 * HALF + cols), dtype)
     out1 = _rounded(_rounded(x1 * cos, dtype) + _rounded(-x2 * sin, dtype), dtype)
     out2 = _rounded(_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype), dtype)
-    tl.store(out_ptr + first, out1.to(dtype), mask=mask)
-    tl.store(out_ptr + first + HALF, out2.to(dtype), mask=mask)
+    tl.store(out_ptr + base + cols, out1.to(dtype))
+    tl.store(out_ptr + base + HALF + cols, out2.to(dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,8 +76,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x = x.contiguous()
     out = torch.empty_like(x)
     if num_tokens:
-        _rotary_kernel[(num_tokens,)](x, cos.contiguous(), sin.contiguous(), out, num_heads,
-                                      HEADS=triton.next_power_of_2(num_heads), HALF=head_dim // 2)
+        _rotary_kernel[(num_tokens, num_heads)](x, cos.contiguous(), sin.contiguous(), out, num_heads,
+                                                HALF=head_dim // 2)
     return out
 
 

@@ -5,13 +5,15 @@ grader all depend on them. The references are thin adapters over the `reference`
 manager (allocation order, reference counts), `reference.paging` (slot mapping, chained block hashes, the
 prefix cache) and the attention paths (torch_ref, the Triton decode kernel, SDPA).
 
-This module must not import triton: the grader's child imports it before running the learner's Triton cell,
-which sets TRITON_INTERPRET first on machines without a GPU. The Triton exercise's expected values therefore
-come from the PyTorch reference, and its stand-in imports the Triton kernels only when called.
+This module must not import triton: the grader's child imports it before the preamble, which sets
+TRITON_INTERPRET so that the Triton exercise is graded in Triton's interpreter on every machine (CPU tensors, and
+no need for the kernel's source file, which compiled Triton reads). The Triton exercise's expected values
+therefore come from the PyTorch reference, and its stand-in imports the Triton kernels only when called.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -37,8 +39,7 @@ import os
 from collections import OrderedDict, deque
 import torch
 import torch.nn.functional as F
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter on a CPU
+os.environ.setdefault("TRITON_INTERPRET", "1")  # graded in Triton's interpreter, on the CPU, on every machine
 try:
     import triton
     import triton.language as tl
@@ -478,6 +479,19 @@ def _decode_inputs(g: torch.Generator, context_lens: list[int], heads: int, kv_h
     return {name: inputs[name] for name in ("q", "k_cache", "v_cache", "block_tables", "context_lens", "scale")}
 
 
+def drive_paged_decode_triton(fn, inputs: dict[str, Any]) -> torch.Tensor:
+    """Call the learner's launcher; on a GPU with compiled Triton (the notebook there), on CUDA copies.
+
+    The grader's child always runs Triton's interpreter (the preamble sets TRITON_INTERPRET before triton is
+    imported), which takes CPU tensors and needs no kernel source file.
+    """
+    args = list(inputs.values())
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        return fn(*args).cpu()
+    return fn(*args)
+
+
 def _decode_expected(inputs: dict[str, Any]) -> torch.Tensor:
     batch = inputs["q"].shape[0]
     cu = torch.arange(batch + 1, dtype=torch.int32)
@@ -489,7 +503,7 @@ PAGED_DECODE_TRITON = Exercise(
     name="paged_decode_triton", symbol="paged_decode_triton", notebook=NOTEBOOK_3,
     signature="paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale) -> Tensor  "
               "# q: [batch, heads, head_dim] -> [batch, heads, head_dim]; a Triton kernel inside",
-    reference=ref_paged_decode_triton,
+    reference=ref_paged_decode_triton, driver=drive_paged_decode_triton,
     hides=("reference.attention.triton_ops.paged_decode_attention",),
     cases=(
         Case("one_sequence_one_block", lambda g: _decode_inputs(g, [3], 2, 2, 16, 4), Close(1e-4, 1e-4),

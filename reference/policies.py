@@ -65,3 +65,23 @@ def make_policy(policy: str | SchedulingPolicy) -> SchedulingPolicy:
     if policy not in POLICIES:
         raise ValueError(f"scheduling_policy={policy!r} is unknown; choose one of: {', '.join(POLICIES)}")
     return POLICIES[policy]()
+
+
+def sequence_fields(seq: Sequence) -> dict:
+    """What a policy may look at, as plain data (the argument of a KeyFunctionPolicy's function)."""
+    return {"seq_id": seq.seq_id, "arrival_time": seq.arrival_time, "priority": seq.priority,
+            "num_uncomputed": seq.num_uncomputed_tokens, "waiting_since_step": seq.waiting_since_step}
+
+
+class KeyFunctionPolicy(SchedulingPolicy):
+    """A policy given as a function of plain data: key_fn(sequence_fields(seq), step) -> tuple (smaller first).
+
+    The hook lab 0.2 uses to run a learner's policy in the engine: LLM(..., scheduling_policy=KeyFunctionPolicy(fn)).
+    """
+
+    def __init__(self, key_fn, name: str = "key function") -> None:
+        self.key_fn = key_fn
+        self.name = name
+
+    def sort_key(self, seq: Sequence, step: int) -> tuple:
+        return tuple(self.key_fn(sequence_fields(seq), step))

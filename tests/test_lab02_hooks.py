@@ -222,3 +222,48 @@ def test_serve_arrivals_adds_requests_at_their_step_and_skips_idle_gaps(tiny_che
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     alone = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
     assert results["a"]["token_ids"] == alone
+
+
+# -- reference.policies.KeyFunctionPolicy: a policy as a function of plain data -----------------------------------
+from reference.policies import POLICIES, KeyFunctionPolicy, sequence_fields  # noqa: E402
+
+
+def test_sequence_fields_are_what_the_named_policies_read():
+    seq = Sequence("r", [1, 2, 3, 4], SamplingParams(), priority=2, arrival_time=5.0, seq_id=77)
+    seq.num_computed_tokens, seq.waiting_since_step = 1, 3
+    assert sequence_fields(seq) == {"seq_id": 77, "arrival_time": 5.0, "priority": 2, "num_uncomputed": 3,
+                                    "waiting_since_step": 3}
+
+
+def test_a_key_function_policy_rebuilt_from_plain_fields_orders_like_each_named_policy():
+    rng = random.Random(0)
+    rebuilt = {
+        "fcfs": lambda s, step: (s["arrival_time"], s["seq_id"]),
+        "sjf": lambda s, step: (s["num_uncomputed"], s["arrival_time"], s["seq_id"]),
+        "priority": lambda s, step: (s["priority"] * 32 - max(0, step - s["waiting_since_step"]), s["arrival_time"],
+                                     s["seq_id"]),
+    }
+    for _ in range(50):
+        seqs = []
+        for i in range(8):
+            seq = Sequence("r", [0] * rng.randint(1, 50), SamplingParams(), priority=rng.randint(0, 3),
+                           arrival_time=float(rng.randint(0, 5)))
+            seq.waiting_since_step = rng.randint(0, 100)
+            seqs.append(seq)
+        step = rng.randint(0, 150)
+        for name, key_fn in rebuilt.items():
+            policy = KeyFunctionPolicy(key_fn)
+            assert (sorted(seqs, key=lambda s: policy.sort_key(s, step))
+                    == sorted(seqs, key=lambda s: POLICIES[name]().sort_key(s, step)))
+
+
+def test_an_engine_with_a_key_function_policy_schedules_like_the_named_policy(tiny_checkpoint):
+    options = dict(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=16, enable_prefix_caching=False)
+    prompts = [[3] * n for n in (30, 4, 12, 7, 20)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    named = LLM(str(tiny_checkpoint), scheduling_policy="sjf", **options)
+    named.generate(prompts, params, use_tqdm=False)
+    keyed = LLM(str(tiny_checkpoint), scheduling_policy=KeyFunctionPolicy(
+        lambda s, step: (s["num_uncomputed"], s["arrival_time"], s["seq_id"])), **options)
+    keyed.generate(prompts, params, use_tqdm=False)
+    assert [r.scheduled for r in keyed.engine.step_log] == [r.scheduled for r in named.engine.step_log]

@@ -16,6 +16,8 @@ import torch
 from reference import costs
 from reference.config import ModelConfig
 from reference.kv_manager import ContiguousKVManager
+from reference.metrics import percentile
+from reference.policies import POLICIES
 from reference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from reference.sampling import SamplingParams
 from reference.scheduler import Scheduler
@@ -28,6 +30,7 @@ from ..spec import Case, Exercise, Lab
 
 NOTEBOOK_1 = "01_two_phases.ipynb"
 NOTEBOOK_2 = "02_batching.ipynb"
+NOTEBOOK_3 = "03_chunked_prefill_and_policies.ipynb"
 
 # Exercise cells may rely on these imports and nothing else from their notebook.
 PREAMBLE = """\
@@ -397,9 +400,150 @@ RUN_TO_COMPLETION = Exercise(
 )
 
 
+# ============================================================================================================
+# Notebook 3: chunked prefill, latency metrics, policies
+# ============================================================================================================
+
+_percentile, _policies = percentile, dict(POLICIES)
+
+
+def ref_latency_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    series: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    for entry in metrics:
+        request = RequestMetrics(arrival_time=entry["arrival_time"], first_token_time=entry["first_token_time"],
+                                 finish_time=entry["finish_time"], num_output_tokens=entry["num_output_tokens"])
+        series["ttft"].append(request.ttft)
+        if request.tpot is not None:
+            series["tpot"].append(request.tpot)
+    summary = {}
+    for name, values in series.items():
+        summary[f"{name}_mean"] = sum(values) / len(values) if values else float("nan")
+        for q in (50, 90):
+            summary[f"{name}_p{q}"] = _percentile(values, q)
+    return summary
+
+
+def _request_metrics(generator, count, max_tokens_high=40):
+    metrics = []
+    for _ in range(count):
+        arrival = float(torch.rand(1, generator=generator)) * 10
+        first = arrival + float(torch.rand(1, generator=generator)) * 3
+        tokens = int(torch.randint(1, max_tokens_high, (1,), generator=generator))
+        finish = first + (tokens - 1) * float(torch.rand(1, generator=generator)) * 0.2
+        metrics.append({"arrival_time": arrival, "first_token_time": first, "finish_time": finish,
+                        "num_output_tokens": tokens})
+    return {"metrics": metrics}
+
+
+def _metric(arrival, first, finish, tokens):
+    return {"arrival_time": arrival, "first_token_time": first, "finish_time": finish, "num_output_tokens": tokens}
+
+
+LATENCY_SUMMARY = Exercise(
+    name="latency_summary", symbol="latency_summary", notebook=NOTEBOOK_3,
+    signature="latency_summary(metrics: list[dict]) -> dict[str, float]  "
+              "# keys ttft_mean, ttft_p50, ttft_p90, tpot_mean, tpot_p50, tpot_p90",
+    reference=ref_latency_summary, hides=("reference.metrics.percentile", "reference.metrics.summarize"),
+    cases=(
+        Case("two_requests", lambda g: {"metrics": [_metric(0.0, 0.5, 2.5, 5), _metric(1.0, 1.25, 1.75, 3)]},
+             Close(1e-9, 1e-9), "TTFT 0.5 and 0.25 s; TPOT (2.5 - 0.5) / 4 = 0.5 and 0.5 / 2 = 0.25 s; the p50 of "
+                                "two values is their midpoint, the p90 is 90% of the way from the smaller"),
+        Case("one_token_has_no_tpot", lambda g: {"metrics": [_metric(0.0, 1.0, 1.0, 1), _metric(0.0, 2.0, 3.0, 2)]},
+             Close(1e-9, 1e-9), "a request with a single output token has a TTFT but no TPOT (no gap between "
+                                "tokens): the TPOT statistics use only the other request"),
+        Case("no_tpot_at_all", lambda g: {"metrics": [_metric(3.0, 4.0, 4.0, 1)]}, Close(1e-9, 1e-9),
+             "when no request has two tokens, every TPOT statistic is nan"),
+        Case("interpolated_percentiles", lambda g: _request_metrics(g, 7), Close(1e-9, 1e-9),
+             "seven random requests: percentiles interpolate linearly between sorted values (rank (n-1) q / 100)",
+             seed=40),
+        Case("many_requests", lambda g: _request_metrics(g, 200), Close(1e-9, 1e-9), "200 random requests",
+             visible=False, seed=41),
+    ),
+)
+
+
+def ref_policy_sort_key(policy: str, seq: dict[str, Any], step: int, aging_steps: int) -> tuple:
+    if policy not in _policies:
+        raise ValueError(f"unknown policy {policy!r}")
+    chosen = _policies[policy](aging_steps) if policy == "priority" else _policies[policy]()
+    sequence = Sequence("r", [0] * seq["num_uncomputed"], SamplingParams(), priority=seq["priority"],
+                        arrival_time=seq["arrival_time"], seq_id=seq["seq_id"])
+    sequence.waiting_since_step = seq["waiting_since_step"]
+    return chosen.sort_key(sequence, step)
+
+
+def drive_policy_sort_key(fn, inputs: dict[str, Any]) -> Any:
+    """Either a list of calls (each key as a list, or {"error": exception type}), or the order a key sorts into."""
+    if "order" in inputs:
+        order = inputs["order"]
+        keyed = [(tuple(fn(order["policy"], seq, order["step"], order["aging_steps"])), seq["seq_id"])
+                 for seq in order["seqs"]]
+        return [seq_id for _, seq_id in sorted(keyed, key=lambda pair: pair[0])]
+    results = []
+    for call in inputs["calls"]:
+        try:
+            results.append(list(fn(call["policy"], call["seq"], call["step"], call["aging_steps"])))
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            results.append({"error": type(exc).__name__})
+    return results
+
+
+def _seq(seq_id, arrival_time, num_uncomputed, priority=0, waiting_since_step=0):
+    return {"seq_id": seq_id, "arrival_time": arrival_time, "priority": priority, "num_uncomputed": num_uncomputed,
+            "waiting_since_step": waiting_since_step}
+
+
+def _calls(policy, seqs, step, aging_steps=32):
+    return {"calls": [{"policy": policy, "seq": seq, "step": step, "aging_steps": aging_steps} for seq in seqs]}
+
+
+_MIXED = [_seq(0, 0.0, 300, 2), _seq(1, 0.5, 12, 1, 4), _seq(2, 0.5, 40, 0, 9), _seq(3, 1.0, 12, 1, 0),
+          _seq(4, 2.0, 1, 3, 2)]
+
+
+def _random_order(generator, policy):
+    seqs = [_seq(i, float(torch.randint(0, 5, (1,), generator=generator)), int(torch.randint(1, 60, (1,), generator=generator)),
+                 int(torch.randint(0, 4, (1,), generator=generator)), int(torch.randint(0, 80, (1,), generator=generator)))
+            for i in range(12)]
+    return {"order": {"policy": policy, "seqs": seqs, "step": 100, "aging_steps": 16}}
+
+
+POLICY_SORT_KEY = Exercise(
+    name="policy_sort_key", symbol="policy_sort_key", notebook=NOTEBOOK_3,
+    signature="policy_sort_key(policy: str, seq: dict, step: int, aging_steps: int) -> tuple",
+    reference=ref_policy_sort_key, driver=drive_policy_sort_key,
+    hides=("reference.policies.FCFS", "reference.policies.ShortestJobFirst", "reference.policies.PriorityWithAging"),
+    cases=(
+        Case("fcfs", lambda g: _calls("fcfs", _MIXED, 10), Exact(),
+             "fcfs keys are (arrival_time, seq_id): arrival order, ties broken by seq_id"),
+        Case("sjf", lambda g: _calls("sjf", _MIXED, 10), Exact(),
+             "sjf keys are (num_uncomputed, arrival_time, seq_id): the fewest tokens left to compute first"),
+        Case("priority_with_aging", lambda g: _calls("priority", _MIXED, 40, aging_steps=8), Exact(),
+             "priority keys are (priority * aging_steps - steps waited, arrival_time, seq_id), steps waited = "
+             "max(0, step - waiting_since_step)"),
+        Case("aging_orders", lambda g: {"order": {"policy": "priority", "seqs": [_seq(0, 0.0, 5, 1, 0),
+                                                                                 _seq(1, 3.0, 5, 0, 40)],
+                                                  "step": 44, "aging_steps": 32}}, Exact(),
+             "a priority-1 request waiting since step 0 against a priority-0 one waiting since step 40: at step 44 "
+             "the old one goes first, 1 * 32 - 44 = -12 < 0 * 32 - 4 = -4 (32 steps of waiting = one level)"),
+        Case("unknown_policy", lambda g: _calls("lifo", _MIXED[:1], 0), Exact(),
+             "an unknown policy name raises ValueError"),
+        Case("random_fcfs_order", lambda g: _random_order(g, "fcfs"), Exact(), "fcfs order of 12 random sequences",
+             visible=False, seed=50),
+        Case("random_sjf_order", lambda g: _random_order(g, "sjf"), Exact(), "sjf order of 12 random sequences",
+             visible=False, seed=51),
+        Case("random_priority_order", lambda g: _random_order(g, "priority"), Exact(),
+             "priority order of 12 random sequences", visible=False, seed=52),
+    ),
+)
+
+
 LAB = Lab(
     name="lab0.2",
     folder="lab0.2",
     preamble=PREAMBLE,
-    exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP),
+    exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP, LATENCY_SUMMARY,
+               POLICY_SORT_KEY),
 )

@@ -281,7 +281,7 @@ BLOCK_HASHES = Exercise(
     name="block_hashes", symbol="block_hashes", notebook=NOTEBOOK_2,
     signature="block_hashes(token_ids: list[int], block_size: int) -> list[int]  # one int per FULL block",
     reference=ref_block_hashes, driver=drive_block_hashes,
-    hides=("reference.paging.block_hashes", "reference.block_manager.chain_hash"),
+    hides=("reference.paging.block_hashes",),
     cases=(
         Case("full_blocks_only", lambda g: {"token_lists": [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7]],
                                             "block_size": 3},

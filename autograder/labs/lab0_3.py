@@ -3,7 +3,9 @@
 Exercise signatures below are frozen once published: the notebooks' skeletons, the self-check cells and the
 grader all depend on them. The references are thin adapters over the `reference` engine: the paged block
 manager (allocation order, reference counts), `reference.paging` (slot mapping, chained block hashes, the
-prefix cache) and the attention paths (torch_ref, the Triton decode kernel, SDPA).
+prefix cache) and the attention paths (torch_ref, the Triton decode kernel, SDPA). Everything they need from
+`reference` is bound at import time, so a grader that later hides those symbols from learner code does not break
+the stand-ins (the Triton kernel excepted: see below; it is a stand-in for the notebook's `pick` only).
 
 This module must not import triton: the grader's child imports it before the preamble, which sets
 TRITON_INTERPRET so that the Triton exercise is graded in Triton's interpreter on every machine (CPU tensors, and
@@ -18,8 +20,8 @@ from typing import Any
 
 import torch
 
-from reference.attention import sdpa as _sdpa
-from reference.attention import torch_ref as _torch_ref
+from reference.attention.sdpa import fresh_prefill_attention as _fresh_prefill_attention
+from reference.attention.torch_ref import paged_attention as _paged_attention
 from reference.block_manager import BlockManager
 from reference.paging import PrefixCache as _PrefixCache
 from reference.paging import block_hashes as _block_hashes
@@ -415,7 +417,7 @@ PREFIX_CACHE = Exercise(
 
 
 def ref_paged_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-    return _torch_ref.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    return _paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
 
 
 def _paged_inputs(g: torch.Generator, query_lens: list[int], context_lens: list[int], heads: int, kv_heads: int,
@@ -495,7 +497,7 @@ def drive_paged_decode_triton(fn, inputs: dict[str, Any]) -> torch.Tensor:
 def _decode_expected(inputs: dict[str, Any]) -> torch.Tensor:
     batch = inputs["q"].shape[0]
     cu = torch.arange(batch + 1, dtype=torch.int32)
-    return _torch_ref.paged_attention(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], cu,
+    return _paged_attention(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], cu,
                                       inputs["context_lens"], inputs["scale"])
 
 
@@ -525,7 +527,7 @@ PAGED_DECODE_TRITON = Exercise(
 
 
 def ref_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return _sdpa.fresh_prefill_attention(q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), [q.shape[0]],
+    return _fresh_prefill_attention(q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), [q.shape[0]],
                                          scale)
 
 

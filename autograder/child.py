@@ -70,7 +70,7 @@ def run_exercise(lab, item: dict, guard, report) -> None:
 
     exercise = lab.exercise(item["name"])
     namespace: dict = {"__name__": "__exercise__", "__builtins__": guard.builtins()}
-    problem = None
+    problem, problem_status = None, "error"
     try:
         with time_limit(item["cell_timeout_s"]):
             exec(compile(lab.preamble, "<preamble>", "exec"), namespace)
@@ -80,12 +80,13 @@ def run_exercise(lab, item: dict, guard, report) -> None:
         if obj is None or not callable(obj):
             problem = f"the cell does not define {exercise.symbol}"
     except CaseTimeout:
+        problem_status = "timeout"
         problem = f"the exercise cell did not finish running within {item['cell_timeout_s']:g} s"
     except BaseException as exc:  # the cell itself failed: syntax error, import error, sys.exit, its time limit...
         problem = f"the exercise cell failed to run: {describe_exception(exc)}"
     for case in item["cases"]:
         if problem is not None:
-            report(exercise.name, case["name"], "error", message=problem)
+            report(exercise.name, case["name"], problem_status, message=problem)
             continue
         outcome = call_learner(exercise, obj, case["inputs"], case["timeout_s"], interruptible=False)
         report(exercise.name, case["name"], outcome.status, result=outcome.result_wire, message=outcome.message)

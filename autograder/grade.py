@@ -39,6 +39,7 @@ from .spec import Lab
 MAX_ZIP_BYTES = 200 * 1024 * 1024  # uncompressed notebooks taken from one zip
 MAX_ZIP_MEMBERS = 1000
 RESERVED_NAMES = {"grades.csv"}
+PRINTED_NOTE_BYTES = 1_000_000  # printing more than this is mentioned in the feedback (it costs time)
 
 
 @dataclass
@@ -128,6 +129,8 @@ def grade_one(lab: Lab, submission: Submission, options: GradeOptions, hide: tup
     for exercise, names in run.hidden_attempts.items():
         notes.append(f"{exercise}: the cell tried to use the hidden reference {names}; grading hides the "
                      "reference implementation of the exercises being graded")
+    if run.output_bytes > PRINTED_NOTE_BYTES:
+        notes.append(f"the code printed {run.output_bytes / 1e6:,.0f} MB; printed output is neither shown nor graded")
     if run.mode == "none":
         notes.append("the sandbox ran without network and PID namespaces on this machine")
     return StudentGrade(submission.student, run.status, run.results, time.monotonic() - start, notes)

@@ -25,6 +25,7 @@ from .runner import CaseResult, ExerciseResult, LearnerOutcome, judge, missing_r
 from .spec import Lab
 
 STARTUP_S = 60.0  # importing torch and reference in a cold child
+CELL_S = 10.0  # at least this long for an exercise cell to run (imports, definitions)
 MAX_RESULT_LINE = 64 * 1024 * 1024  # characters of one result line the parent will read
 MAX_MESSAGE = 1000
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -73,7 +74,7 @@ def default_wall_s(lab: Lab, sources: list[ExerciseSource], include_hidden: bool
     total = STARTUP_S
     for found in sources:
         cases = lab.exercise(found.exercise).selected_cases(include_hidden)
-        total += max([case.timeout_s for case in cases], default=0.0) + sum(case.timeout_s for case in cases)
+        total += max([CELL_S] + [case.timeout_s for case in cases]) + sum(case.timeout_s for case in cases)
         total += SLACK_S
     return total
 
@@ -109,7 +110,7 @@ def run_sources(
             prepared[exercise.name, case.name] = prepare(exercise, case)
             cases.append({"name": case.name, "inputs": prepared[exercise.name, case.name].inputs_wire,
                           "timeout_s": case.timeout_s})
-        cell_timeout_s = max([case["timeout_s"] for case in cases], default=0.0)
+        cell_timeout_s = max([CELL_S] + [case["timeout_s"] for case in cases])
         job["exercises"].append({"name": exercise.name, "source": found.source, "cases": cases,
                                  "cell_timeout_s": cell_timeout_s})
     run = ChildRun([], "ok")

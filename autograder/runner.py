@@ -101,12 +101,12 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     if outcome.status == "not implemented":
         return result("not implemented", f"{exercise.symbol} is not implemented yet (it raised NotImplementedError)")
     if outcome.status in ("error", "invalid result", "timeout"):
-        message = outcome.message if case.visible else _without_values(outcome.message)
+        message = outcome.message if case.visible else _without_values(outcome.status, outcome.message)
         if "MemoryError" in message or "can't allocate memory" in message:
             message += " (out of memory: the grader limits how much memory your code may use)"
         return result(outcome.status, f"{case.feedback} -- yours: {message}")
     if outcome.status != "ok":  # the child wrote something it should not have: say so, without echoing it
-        return result("crashed", f"{case.feedback} -- no result came back")
+        return result("invalid result", f"{case.feedback} -- the report of this test could not be read")
     try:
         got = codec.loads(outcome.result_wire)
     except codec.CodecError as exc:
@@ -118,9 +118,11 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     return result("fail", f"{case.feedback} -- {why}")
 
 
-def _without_values(message: str) -> str:
+def _without_values(status: str, message: str) -> str:
     """What a hidden case may say about an error: the name of a built-in exception or a time limit, never the
     message (which could print the hidden inputs)."""
+    if status == "invalid result":
+        return "a result that is not plain data (see the visible tests' feedback)"
     if message.startswith("took longer than"):
         return message
     name = message.split(":")[0].split(" ")[0]

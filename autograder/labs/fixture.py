@@ -1,8 +1,10 @@
 """A tiny lab for testing the autograder itself (and for graders' fast tests): no model, instant cases.
 
 Exercise `add` (function `add(a, b) -> a + b` on tensors) and exercise `counter` (class `Counter` with
-`increment(by) -> new total`, a stateful trace). The visible cases of `add` have 2-second limits, so a hanging
+`increment(by) -> new total`, a stateful trace). Every case has a limit of a few seconds, so a hanging
 submission is cut off quickly. Learner notebooks for it are built by the tests in a temporary folder.
+`add` hides a real reference symbol (`reference.kv_cache.kv_bytes_per_token`) so the grader's tests can check
+that hiding works and that the rest of `reference` still does.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ ADD = Exercise(
         Case("slow_guard", lambda g: {"a": torch.ones(2, 2), "b": torch.ones(2, 2)}, Exact(),
              "a 2x2 sum, within 2 seconds", timeout_s=2.0),
         Case("hidden_matrix", lambda g: {"a": torch.randn(3, 5, generator=g), "b": torch.randn(3, 5, generator=g)},
-             Close(1e-6, 0.0), "elementwise sum of two matrices", visible=False, seed=2),
+             Close(1e-6, 0.0), "elementwise sum of two matrices", visible=False, seed=2, timeout_s=2.0),
     ),
+    hides=("reference.kv_cache.kv_bytes_per_token",),
 )
 
 COUNTER = Exercise(
@@ -63,10 +66,11 @@ COUNTER = Exercise(
     signature="class Counter: __init__(self, start: int); increment(self, by: int) -> int (ValueError if by < 0)",
     reference=ReferenceCounter, driver=drive_counter,
     cases=(
-        Case("counts_up", lambda g: {"start": 3, "steps": [1, 2, 0, 5]}, Trace(Exact()), "3, then +1, +2, +0, +5"),
+        Case("counts_up", lambda g: {"start": 3, "steps": [1, 2, 0, 5]}, Trace(Exact()), "3, then +1, +2, +0, +5",
+             timeout_s=3.0),
         Case("rejects_negative", lambda g: {"start": 0, "steps": [1, -1, 2]}, Trace(Exact()),
-             "a negative step raises ValueError and changes nothing"),
+             "a negative step raises ValueError and changes nothing", timeout_s=3.0),
     ),
 )
 
-LAB = Lab(name="fixture", folder="fixture", preamble=PREAMBLE, exercises=(ADD, COUNTER))
+LAB = Lab(name="fixture", folder="fixture", preamble=PREAMBLE, exercises=(ADD, COUNTER), memory_mb=2048)

@@ -1,14 +1,16 @@
-"""The nano-vLLM Labs autograder (self-check for learners, batch grading for instructors).
+"""The nano-vLLM Labs autograder: self-check for learners, sandboxed batch grading for instructors.
 
-Being built: see the project's issue "Autograder". This package exists now so the project installs both
-packages from the start.
+Commands (`python -m autograder`, see __main__.py): check, release, grade, gradescope.
 
-What is here (see each module's docstring):
-- spec.py: the test format (Lab, Exercise, Case); labs/lab0_1.py: lab 0.1's exercises and their cases.
+What is where (see each module's docstring):
+- spec.py: the test format (Lab, Exercise, Case); labs/: one module per lab with its exercises and cases.
 - codec.py: the safe, non-pickle wire format for inputs and results; compare.py: comparisons with written
-  tolerances; runner.py: running cases (parent side and learner side).
-- selfcheck.py: `check` and `pick` for notebooks; isolate.py + child.py: checking a notebook file in a child
-  process (`python -m autograder check LAB [NOTEBOOK]`); release.py: `python -m autograder release`.
+  tolerances; runner.py: running and judging cases (parent side and learner side).
+- selfcheck.py: `check` and `pick` for notebooks; notebook.py: finding exercise cells in a notebook file.
+- isolate.py + child.py: running exercise cells in a child process; sandbox.py + warden.py: the child's
+  limits, scratch directory, namespaces and clean-up; hiding.py: hiding reference symbols from learner code.
+- grade.py: batch grading; gradebook.py: grades.csv, results.json, feedback.md; gradescope.py: the
+  Gradescope zip; release.py: learner notebooks from the solution notebooks.
 """
 
 from .selfcheck import check, pick

@@ -281,6 +281,10 @@ SCHEDULE_STEP = Exercise(
                                                                 chunked_prefill=False), Exact(),
              "without chunked prefill the 30-token prompt does not fit the 15 tokens left, so it waits, and the "
              "5-token prompt behind it may not overtake it"),
+        Case("skip_what_does_not_fit_whole", lambda g: _state([(0, 10, 9), (1, 30, 10), (2, 8, 7)], [], 100,
+                                                              chunked_prefill=False), Exact(),
+             "without chunked prefill a running sequence whose 20 remaining prompt tokens exceed the 15 left is "
+             "skipped this step, and the decode after it still runs"),
         Case("preempt_the_last_running", lambda g: _state([(0, 9, 8), (1, 6, 5), (2, 5, 4)], [(3, 3, 0)], 0),
              Exact(), "no free block and sequence 0 needs a third block for its 9th token: the last running "
                       "sequence (2) is preempted to make room; nothing is admitted in a step that preempted"),

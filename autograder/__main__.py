@@ -7,6 +7,7 @@ a function pair and a line there. `run(args) -> int` is the exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def _grade_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _grade(args: argparse.Namespace) -> int:
+    from . import sandbox
     from .grade import GradeOptions, grade, load_hidden_tests
     from .gradebook import write_gradebook
     from .labs import load_lab
@@ -85,6 +87,10 @@ def _grade(args: argparse.Namespace) -> int:
         lab = load_hidden_tests(lab, args.tests)
     options = GradeOptions(timeout_s=args.timeout, memory_mb=args.memory, jobs=args.jobs,
                            allow_reference=args.allow_reference)
+    if os.name == "posix" and os.geteuid() == 0 and not sandbox.drops_privileges():
+        print(f"warning: student code will run as root (inside namespaces where allowed): an unprivileged user "
+              f"cannot run {sys.executable}; install the course where every user can read it, such as /opt",
+              file=sys.stderr)
     grades = grade(lab, args.submissions, options)
     path = write_gradebook(lab, grades, args.out)
     for graded in grades:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -174,7 +175,8 @@ def _run_child(job: dict, limits: sandbox.Limits, slot: int, token: str, include
         env = sandbox.sandbox_env(scratch, token, python_path)
         command = [sys.executable, "-m", "autograder.child", job_path, result_path]
         ended = sandbox.run_sandboxed(command, scratch, env, limits, slot)
-        outcomes, notes = _read_outcomes(result_path)
+        expected = {(item["name"], case["name"]) for item in job["exercises"] for case in item["cases"]}
+        outcomes, notes = _read_outcomes(result_path, expected)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     run = ChildRun([], "ok", ended.mode, ended.output_bytes)
@@ -190,12 +192,24 @@ def _run_child(job: dict, limits: sandbox.Limits, slot: int, token: str, include
     return outcomes, notes, run, trouble
 
 
-def _read_outcomes(path: str) -> tuple[dict[tuple[str, str], LearnerOutcome], dict[tuple[str, str], str]]:
+def _read_outcomes(
+    path: str, expected: set[tuple[str, str]]
+) -> tuple[dict[tuple[str, str], LearnerOutcome], dict[tuple[str, str], str]]:
     """Parse the child's result lines into case outcomes and exercise notes ((exercise, kind) -> message).
-    Anything malformed is skipped (that case then counts as missing); for each key only the first line counts."""
+
+    Only lines about the job's own cases and exercises are kept, so a flood of made-up lines costs nothing;
+    anything malformed is skipped (that case then counts as missing); for each key only the first line counts.
+    The file must still be a plain file: the child could have swapped it for a link or a pipe."""
     outcomes: dict[tuple[str, str], LearnerOutcome] = {}
     notes: dict[tuple[str, str], str] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    exercises = {exercise for exercise, _ in expected}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return outcomes, notes
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return outcomes, notes
         for line in f:
             if len(line) > MAX_RESULT_LINE:
                 continue
@@ -206,9 +220,9 @@ def _read_outcomes(path: str) -> tuple[dict[tuple[str, str], LearnerOutcome], di
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("exercise", "case", "status")):
                 continue
             message = str(row.get("message") or "")[:MAX_MESSAGE]
-            if row["case"] == "":
+            if row["case"] == "" and row["exercise"] in exercises:
                 notes.setdefault((row["exercise"], row["status"]), message)
-            else:
+            elif (row["exercise"], row["case"]) in expected:
                 outcomes.setdefault((row["exercise"], row["case"]),
                                     LearnerOutcome(row["status"], str(row.get("result") or ""), message))
     return outcomes, notes

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WARDEN = str(Path(__file__).resolve().parent / "warden.py")
-SANDBOX_UID = 61000  # + slot: one unprivileged uid per parallel run (root mode only)
+SANDBOX_UID = 61000  # + slot: one unprivileged uid per parallel run (when drops_privileges())
 MARKER = "AUTOGRADER_SANDBOX"  # environment variable naming the grading run a process belongs to
 TIMED_OUT, SETUP_FAILED = 124, 125  # the warden's exit statuses
 OUTPUT_TAIL = 4096  # bytes of output kept
@@ -39,7 +39,8 @@ PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "CONDA_PREFIX", "VI
 @dataclass(frozen=True)
 class Limits:
     """What one child run may use. memory_mb limits address space (RLIMIT_AS), which is larger than resident
-    memory: torch alone maps about 1 GB. processes is enforced by the kernel in root mode only."""
+    memory (a child that imports torch maps several hundred MB before doing anything). processes (RLIMIT_NPROC,
+    threads included) is enforced only when the command runs as the sandbox uid."""
 
     wall_s: float = 300.0
     memory_mb: int = 4096

@@ -122,7 +122,7 @@ class Lab:
     runs outside its notebook (the command-line check, the grader). Exercise cells must not depend on anything
     else from their notebook.
     memory_mb: the default address-space limit of a grading child (RLIMIT_AS), about twice what a child
-    grading the solution needs; address space, not resident memory (importing torch alone maps about 1 GB).
+    grading the solution needs; address space, not resident memory (importing torch maps several hundred MB).
     """
 
     name: str

@@ -138,7 +138,8 @@ BPE_TRAIN = Exercise(
     reference=ref_bpe_train, uses=("bpe_merge_step",),
     cases=(
         Case("classic_example", lambda g: {"text": "aaabdaaabac", "num_merges": 3}, Exact(),
-             "'aaabdaaabac' with 3 merges: (97, 97) first (count 4), then the most frequent pair each round"),
+             "'aaabdaaabac' with 3 merges: (97, 97) first (count 4); then (256, 97) and (97, 98) occur twice each, "
+             "a tie that the smaller pair (97, 98) wins; then (256, 257)"),
         Case("ties_go_to_smallest_pair", lambda g: {"text": "dcba", "num_merges": 1}, Exact(),
              "every pair of 'dcba' occurs once, so the smallest pair (98, 97) = 'ba' wins the tie"),
         Case("bytes_not_characters", lambda g: {"text": "café café 🙂🙂", "num_merges": 6}, Exact(),
@@ -294,7 +295,8 @@ APPLY_ROPE = Exercise(
         Case("one_decode_token", lambda g: _rope_inputs(g, 1, 2, 32, 100000.0, [137]), Close(1e-4, 1e-4),
              "one token at position 137 with theta 1e5 (a decode step)", seed=22),
         Case("scattered_positions", lambda g: _rope_inputs(g, 5, 3, 16, 500000.0, [3, 0, 99, 41, 7]),
-             Close(1e-4, 1e-4), "positions need not be sorted or consecutive: [3, 0, 99, 41, 7]", seed=23),
+             Close(1e-4, 1e-4), "positions need not be sorted or consecutive: [3, 0, 99, 41, 7] (token t rotates by "
+             "positions[t], not by t)", seed=23),
         Case("smollm2_shapes", lambda g: _rope_inputs(g, 40, 9, 64, 100000.0, list(range(150, 190))),
              Close(1e-4, 1e-4), "SmolLM2-sized heads at positions 150..189", visible=False, seed=24),
     ),
@@ -314,7 +316,8 @@ GQA_ATTENTION = Exercise(
     reference=ref_gqa_attention, hides=("reference.attention.torch_ref.attend_one_sequence",),
     cases=(
         Case("mha_prefill", lambda g: _attention_inputs(g, 6, 4, 4, 6, 16), Close(1e-5, 1e-4),
-             "multi-head attention (4 query heads, 4 KV heads), 6 tokens attending causally", seed=30),
+             "multi-head attention (4 query heads, 4 KV heads), 6 tokens attending causally; scores are "
+             "q . k / sqrt(head_dim)", seed=30),
         Case("gqa_prefill", lambda g: _attention_inputs(g, 7, 6, 2, 7, 8), Close(1e-5, 1e-4),
              "grouped-query: 6 query heads share 2 KV heads (heads 0-2 use KV head 0, 3-5 use KV head 1)", seed=31),
         Case("mqa_prefill", lambda g: _attention_inputs(g, 5, 4, 1, 5, 8), Close(1e-5, 1e-4),
@@ -384,7 +387,9 @@ DECODER_LAYER = Exercise(
     hides=("reference.models.llama.DecoderLayer", "reference.models.llama.Attention"),
     cases=(
         Case("gqa_layer", lambda g: _layer_inputs(g, 6, 64, 4, 2, 16, 96), Close(1e-4, 1e-4),
-             "one Llama layer (hidden 64, 4 query heads, 2 KV heads, head_dim 16) on 6 tokens", seed=50),
+             "one Llama layer (hidden 64, 4 query heads, 2 KV heads, head_dim 16) on 6 tokens; if this fails, "
+             "check the head split (.view(num_tokens, heads, head_dim)), RoPE on q and k, the flatten before "
+             "o_proj, and that the MLP's RMSNorm reads the stream after the attention residual", seed=50),
         Case("single_token", lambda g: _layer_inputs(g, 1, 32, 2, 2, 16, 48), Close(1e-4, 1e-4),
              "a one-token sequence: attention then just returns that token's value", seed=51),
         Case("heads_times_head_dim_not_hidden", lambda g: _layer_inputs(g, 5, 48, 4, 1, 16, 64, eps=1e-6,
@@ -627,13 +632,16 @@ SAMPLE_NEXT_TOKEN = Exercise(
         Case("greedy", lambda g: _sampler_inputs(g, 3, 50, 0.0, -1, 1.0), Exact(),
              "temperature 0 is greedy: the argmax of each row, whatever the draw", seed=80),
         Case("temperature_one", lambda g: _sampler_inputs(g, 4, 50, 1.0, -1, 1.0), Exact(),
-             "temperature 1, no top-k/top-p: inverse-CDF draw over all 50 tokens sorted by probability", seed=81),
+             "temperature 1, no top-k/top-p: inverse-CDF draw over all 50 tokens sorted by decreasing "
+             "probability, the first token whose running sum exceeds the row's uniform draw (no other randomness)",
+             seed=81),
         Case("low_temperature", lambda g: _sampler_inputs(g, 4, 50, 0.5, -1, 1.0), Exact(),
              "temperature 0.5 sharpens the distribution (logits divided by 0.5 before softmax)", seed=82),
         Case("top_k", lambda g: _sampler_inputs(g, 4, 50, 1.0, 5, 1.0), Exact(),
              "top_k=5: only the 5 most likely tokens can be drawn, renormalised", seed=83),
         Case("top_p", lambda g: _sampler_inputs(g, 4, 50, 1.0, -1, 0.8), Exact(),
-             "top_p=0.8: the smallest set of most likely tokens whose mass reaches 0.8", seed=84),
+             "top_p=0.8: the smallest set of most likely tokens whose mass reaches 0.8 (a token stays when "
+             "the mass BEFORE it is < 0.8, so the one that crosses 0.8 stays)", seed=84),
         Case("top_k_then_top_p", lambda g: _sampler_inputs(g, 4, 100, 0.8, 20, 0.9), Exact(),
              "temperature 0.8, then top_k=20, then top_p=0.9 on the renormalised top-20", seed=85),
         Case("big_batch", lambda g: _sampler_inputs(g, 8, 2000, 0.9, 100, 0.95), Exact(),

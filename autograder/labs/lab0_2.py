@@ -328,6 +328,7 @@ class ToyEngine:
         self.scheduler = Scheduler(ContiguousKVManager(max_num_seqs, 4096), max_num_seqs, token_budget)
         self.live: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.idle_steps = 0  # step() calls with nothing to run: a serving loop should not make them
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None,
                     priority: int = 0) -> None:
@@ -341,6 +342,7 @@ class ToyEngine:
         return bool(self.live)
 
     def step(self) -> list[RequestOutput]:
+        self.idle_steps += not self.live
         batch = self.scheduler.schedule()
         self.num_steps += 1
         outputs = []
@@ -360,12 +362,14 @@ class ToyEngine:
 
 
 def drive_run_to_completion(fn, inputs: dict[str, Any]) -> Any:
+    """The loop's results per request, and how often it called step() on an idle engine (0 expected)."""
     engine = ToyEngine(inputs["engine"]["max_num_seqs"], inputs["engine"]["token_budget"])
     results = fn(engine, [dict(r) for r in inputs["requests"]])
     if not isinstance(results, dict):
         raise ValueError(f"run_to_completion must return a dict, got {type(results).__name__}")
-    return {request_id: {"token_ids": list(entry["token_ids"]), "first_token_step": entry["first_token_step"],
-                         "finish_step": entry["finish_step"]} for request_id, entry in results.items()}
+    requests = {request_id: {"token_ids": list(entry["token_ids"]), "first_token_step": entry["first_token_step"],
+                             "finish_step": entry["finish_step"]} for request_id, entry in results.items()}
+    return {"requests": requests, "idle_steps": engine.idle_steps}
 
 
 def _serving(max_num_seqs, token_budget, *specs):
@@ -388,7 +392,7 @@ RUN_TO_COMPLETION = Exercise(
     cases=(
         Case("all_at_step_zero", lambda g: _serving(4, 64, (0, 5, 3), (0, 8, 1), (0, 3, 4)), Exact(),
              "three requests at step 0 that all fit: one step prefills them all, then they decode and leave "
-             "one by one"),
+             "one by one; step() is not called again once all have finished"),
         Case("staggered_arrivals", lambda g: _serving(2, 64, (0, 4, 4), (2, 6, 3), (3, 2, 2), (4, 9, 2)), Exact(),
              "requests arriving at steps 0, 2, 3, 4 with 2 seats: each is added before the step of its arrival, "
              "and some wait for a seat"),

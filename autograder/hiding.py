@@ -14,7 +14,7 @@ the notebook, or dig through sys.modules; the grader makes the easy path fail lo
 from __future__ import annotations
 
 import builtins
-import importlib
+import sys
 import types
 from typing import Any
 
@@ -26,13 +26,20 @@ class HiddenImports:
 
     def __init__(self, names: list[str]) -> None:
         self.attempts: list[str] = []
-        self.hidden: dict[int, str] = {}
-        for name in names:
+        self.names = list(names)
+
+    @property
+    def hidden(self) -> dict[int, str]:
+        """id of each hidden object -> its dotted name, for the modules imported so far. Resolved when asked,
+        never by importing: a module imported too early could behave differently (Triton reads
+        TRITON_INTERPRET when it is first imported, and a lab's preamble sets it)."""
+        found = {}
+        for name in self.names:
             module_name, _, attribute = name.rpartition(".")
-            try:
-                self.hidden[id(getattr(importlib.import_module(module_name), attribute))] = name
-            except (ImportError, AttributeError):
-                continue  # a name the engine no longer has: nothing to hide
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, attribute):
+                found[id(getattr(module, attribute))] = name
+        return found
 
     def builtins(self) -> dict[str, Any]:
         """A copy of the builtins with this `__import__`; goes in the learner namespace as `__builtins__`."""
@@ -42,12 +49,12 @@ class HiddenImports:
 
     def import_(self, name: str, globals=None, locals=None, fromlist=(), level: int = 0) -> Any:
         module = builtins.__import__(name, globals, locals, fromlist, level)
-        if level == 0 and name.split(".")[0] == PACKAGE and self.hidden:
+        if level == 0 and name.split(".")[0] == PACKAGE and self.names:
             return _ModuleView(module, self)
         return module
 
     def check(self, module_name: str, attribute: str, value: Any) -> Any:
-        name = self.hidden.get(id(value))
+        name = self.hidden.get(id(value)) if callable(value) else None
         if name is not None:
             self.attempts.append(name)
             raise ImportError(f"{name} is hidden while grading: this exercise must be your own code "
@@ -71,7 +78,8 @@ class _ModuleView(types.ModuleType):
         module = object.__getattribute__(self, "_module")
         guard = object.__getattribute__(self, "_guard")
         if attribute == "__dict__":  # `from reference.x import *` and vars() see a copy without hidden symbols
-            return {key: value for key, value in vars(module).items() if id(value) not in guard.hidden}
+            hidden = guard.hidden
+            return {key: value for key, value in vars(module).items() if id(value) not in hidden}
         return guard.check(module.__name__, attribute, getattr(module, attribute))
 
     def __dir__(self) -> list[str]:

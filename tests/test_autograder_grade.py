@@ -351,3 +351,27 @@ def test_warden_drops_privileges_and_bounds_processes_when_root(tmp_path):
     assert int(uid) == sandbox.SANDBOX_UID
     assert int(started) < 40  # RLIMIT_NPROC refused the rest
     assert storm_survivors() == []  # and the warden killed those it had
+
+
+def test_hiding_blocks_every_import_path_to_a_symbol_and_only_that_symbol():
+    from autograder.hiding import HiddenImports
+
+    guard = HiddenImports(["reference.attention.metadata.build_metadata"])
+    attempts = {
+        "from reference.attention import build_metadata": True,  # a re-export of the same object
+        "from reference.attention.metadata import build_metadata": True,
+        "import reference.attention.metadata as m\nm.build_metadata": True,
+        "import reference\nreference.attention.metadata.build_metadata": True,
+        "from reference.attention.metadata import *\nbuild_metadata": True,
+        "from reference.attention import metadata\nmetadata.AttentionMetadata": False,
+        "from reference import SamplingParams\nSamplingParams(temperature=0.0)": False,
+    }
+    for source, hidden in attempts.items():
+        namespace = {"__builtins__": guard.builtins()}
+        try:
+            exec(source, namespace)
+            blocked = False
+        except (ImportError, NameError):
+            blocked = True
+        assert blocked == hidden, source
+    assert set(guard.attempts) == {"reference.attention.metadata.build_metadata"}

@@ -11,8 +11,8 @@ What it does, in order:
 2. mode "namespaces": new network and PID namespaces (no network; killing the namespace's first process kills
    them all); "user-namespaces": the same inside a new user namespace (unprivileged users); "none": neither;
 3. forks the command's process, which sets its own limits (address space, file size, no core files, process
-   count where the kernel enforces it), moves to the scratch directory, drops to an unprivileged uid (root
-   only) and execs the command;
+   count where the kernel enforces it), mounts a /proc that shows only its own PID namespace, moves to the
+   scratch directory, drops to an unprivileged uid (root only) and execs the command;
 4. waits up to wall_s seconds, then kills it, then kills every remaining descendant until none is left.
 
 Exit status: the command's own (0-255), 128 + N when a signal N ended it, TIMED_OUT when the wall-clock limit
@@ -29,7 +29,8 @@ import signal
 import sys
 import time
 
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 TIMED_OUT, SETUP_FAILED = 124, 125
 SWEEP_S = 10.0  # the longest the final clean-up keeps hunting descendants
@@ -79,6 +80,8 @@ def _enter_namespaces(mode: str) -> None:
 def _become_command(config: dict, command: list[str]) -> None:
     """In the forked process: die with the warden, set limits, drop privileges, exec."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if config["mode"] != "none":
+        _own_proc()
     mb = 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (config["memory_mb"] * mb,) * 2)
     resource.setrlimit(resource.RLIMIT_FSIZE, (config["file_mb"] * mb,) * 2)
@@ -91,6 +94,15 @@ def _become_command(config: dict, command: list[str]) -> None:
         os.setuid(config["uid"])
         resource.setrlimit(resource.RLIMIT_NPROC, (config["processes"],) * 2)
     os.execv(command[0], command)
+
+
+def _own_proc() -> None:
+    """A private mount namespace with a /proc of the new PID namespace only, so the command cannot read the
+    command lines or environments of processes outside it. Best effort: without it the rest still holds."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        return
+    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
 
 def _wait(pid: int, deadline: float) -> int | None:

@@ -91,6 +91,10 @@ def grade(lab: Lab, paths: list[str | Path], options: GradeOptions = GradeOption
             slot = slots.get()
             try:
                 return grade_one(lab, submission, options, hide, slot, token)
+            except Exception as exc:  # a grader failure on one submission must not lose the others
+                why = f"the grader failed on this submission ({type(exc).__name__}: {exc}); please tell the staff"
+                return StudentGrade(submission.student, "crash", [missing_result(e, True, why) for e in lab.exercises],
+                                    0.0, [why])
             finally:
                 slots.put(slot)
 

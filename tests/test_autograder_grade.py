@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -375,3 +377,30 @@ def test_hiding_blocks_every_import_path_to_a_symbol_and_only_that_symbol():
             blocked = True
         assert blocked == hidden, source
     assert set(guard.attempts) == {"reference.attention.metadata.build_metadata"}
+
+
+def test_unprivileged_user_gets_network_and_pid_namespaces_and_a_clean_up():
+    """What an instructor without root gets (user namespaces): simulated by running the warden as a plain uid."""
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or not os.access("/usr/bin/setpriv", os.X_OK):
+        pytest.skip("needs root (to become a plain user), setpriv and a system Python")
+    uid = str(sandbox.SANDBOX_UID + 7)
+    tmp_path = Path(tempfile.mkdtemp(prefix="autograder-test-"))  # pytest's own folder is private to root
+    os.chown(tmp_path, int(uid), int(uid))
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, socket, subprocess\n"
+        f"storm = [subprocess.Popen(['sleep', '{STORM_MARK}'], start_new_session=True) for _ in range(50)]\n"
+        "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\n    print('network')\n"
+        "except OSError:\n    print('no-network')\n"
+        "print(os.getpid(), sum(entry.isdigit() for entry in os.listdir('/proc')))\n")
+    config = sandbox._config(sandbox.Limits(wall_s=20), str(tmp_path), "user-namespaces", None)
+    run = subprocess.run(["/usr/bin/setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "/usr/bin/python3",
+                          sandbox.WARDEN, json.dumps(config), "/usr/bin/python3", str(script)],
+                         capture_output=True, text=True, timeout=60)
+    shutil.rmtree(tmp_path)
+    if run.returncode == sandbox.SETUP_FAILED and "cannot build the sandbox" in run.stderr:
+        pytest.skip(f"user namespaces are not allowed here: {run.stderr.strip()}")
+    network, pid, visible = run.stdout.split()
+    assert network == "no-network"
+    assert pid == "1" and int(visible) < 60  # its own PID namespace, and a /proc that shows only that
+    assert storm_survivors() == []

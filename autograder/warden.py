@@ -37,11 +37,13 @@ SWEEP_S = 10.0  # the longest the final clean-up keeps hunting descendants
 POLL_S = 0.02
 
 _libc = ctypes.CDLL(None, use_errno=True)
+LINUX = sys.platform.startswith("linux")  # elsewhere: no subreaper, namespaces or /proc; limits and killpg only
 
 
 def main(argv: list[str]) -> int:
     config, command = json.loads(argv[0]), argv[1:]
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if LINUX:
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     try:
         _enter_namespaces(config["mode"])
     except OSError as exc:
@@ -79,11 +81,15 @@ def _enter_namespaces(mode: str) -> None:
 
 def _become_command(config: dict, command: list[str]) -> None:
     """In the forked process: die with the warden, set limits, drop privileges, exec."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if LINUX:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if config["mode"] != "none":
         _own_proc()
     mb = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (config["memory_mb"] * mb,) * 2)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (config["memory_mb"] * mb,) * 2)
+    except (ValueError, OSError):  # macOS refuses address-space limits
+        pass
     resource.setrlimit(resource.RLIMIT_FSIZE, (config["file_mb"] * mb,) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.chdir(config["cwd"])
@@ -151,6 +157,8 @@ def _reap() -> None:
 
 
 def _descendants(root: int) -> list[int]:
+    if not LINUX:
+        return []
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -554,4 +554,7 @@ LAB = Lab(
     preamble=PREAMBLE,
     exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP, LATENCY_SUMMARY,
                POLICY_SORT_KEY),
+    # A child grading the solutions needs 556-616 MB of address space (bisected on torch 2.13 CPU, Python 3.11):
+    # about twice that.
+    memory_mb=1280,
 )

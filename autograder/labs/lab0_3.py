@@ -570,4 +570,7 @@ LAB = Lab(
         BLOCK_HASHES, PREFIX_CACHE,
         PAGED_ATTENTION_TORCH, PAGED_DECODE_TRITON, SDPA_ATTENTION,
     ),
+    # A child grading the solutions needs 736-796 MB of address space (bisected on torch 2.13 CPU, Python 3.11,
+    # the Triton interpreter included): about twice that.
+    memory_mb=1600,
 )

@@ -193,7 +193,8 @@ def _ops(*items) -> list[dict[str, Any]]:
 
 
 def _names(ops: list[dict[str, Any]]) -> tuple[str, ...]:
-    return tuple(f"{op['op']}({op.get('block', '')})" for op in ops)
+    """Step labels for feedback: "step 7 of 11, allocate()", so the learner can replay the ops up to it."""
+    return tuple(f"step {i} of {len(ops)}, {op['op']}({op.get('block', '')})" for i, op in enumerate(ops, 1))
 
 
 _FIFO_OPS = _ops(("allocate",), ("allocate",), ("allocate",), ("num_free",), ("free", 1), ("free", 0),
@@ -261,7 +262,7 @@ def drive_block_hashes(fn, inputs: dict[str, Any]) -> list[Any]:
         row: list[Any] = []
         for h in hashes:
             if type(h) is not int:
-                row.append(f"not an int: {type(h).__name__}")
+                row.append(f"a {type(h).__name__} (hashes must be Python ints)")
             else:
                 row.append(names.setdefault(h, len(names)))
         trace.append(row)
@@ -279,6 +280,9 @@ def _shared_prompts(g: torch.Generator) -> dict[str, Any]:
     return {"token_lists": lists, "block_size": 4}
 
 
+_HASH_NAMES = ("; the check numbers distinct hashes 0, 1, 2, ... in order of first appearance, so 'expected 3, got 1' "
+               "means your block repeats the hash first named 1 where a new one was due")
+
 BLOCK_HASHES = Exercise(
     name="block_hashes", symbol="block_hashes", notebook=NOTEBOOK_2,
     signature="block_hashes(token_ids: list[int], block_size: int) -> list[int]  # one int per FULL block",
@@ -292,12 +296,13 @@ BLOCK_HASHES = Exercise(
         Case("chained_not_per_block", lambda g: {"token_lists": [[1, 2, 3, 4], [9, 9, 3, 4], [1, 2, 3, 4]],
                                                  "block_size": 2},
              Exact(), "block [3, 4] after [1, 2] and after [9, 9] must get DIFFERENT hashes (a hash names the "
-                      "whole prefix); the same list hashed twice gives the same hashes"),
+                      "whole prefix); the same list hashed twice gives the same hashes" + _HASH_NAMES),
         Case("same_block_twice_in_one_list", lambda g: {"token_lists": [[7, 7, 7, 7, 7, 7]], "block_size": 2},
-             Exact(), "[7, 7] three times in a row: three different hashes, since each has a different prefix"),
+             Exact(), "[7, 7] three times in a row: three different hashes, since each has a different prefix"
+                      + _HASH_NAMES),
         Case("shared_system_prompt", _shared_prompts, Exact(),
              "six prompts that start with the same 9-token system prompt (block_size 4): their first two blocks "
-             "hash alike, later ones only where the prompts agree", seed=3),
+             "hash alike, later ones only where the prompts agree" + _HASH_NAMES, seed=3),
         Case("short_and_empty", lambda g: {"token_lists": [[], [4, 2], [4, 2, 0, 1]], "block_size": 4},
              Exact(), "an empty list and a list shorter than one block have no full block: []"),
         Case("block_size_one", lambda g: {"token_lists": [[3, 1, 4, 1, 5], [3, 1, 4, 1, 6], [1, 4]],
@@ -389,7 +394,8 @@ PREFIX_CACHE = Exercise(
                              "lookup: second block differs", "lookup 9 tokens",
                              "lookup 5 tokens", "lookup: same first block, then different")),
              "the 10-token sequence registers its 2 full blocks (the third is partial); a lookup returns the "
-             "leading cached blocks and stops at the first block that is not cached"),
+             "leading cached blocks and stops at the first block that is not cached; store each block's tokens to "
+             "compare them on lookup"),
         Case("last_token_is_never_cached", lambda g: {"block_size": 4, "ops": _STOP_OPS},
              Trace(Exact(), ("insert 8 tokens", "lookup 9 tokens", "lookup the same 8 tokens",
                              "lookup: first block differs", "insert the same tokens again in other blocks",
@@ -399,7 +405,8 @@ PREFIX_CACHE = Exercise(
         Case("evict_forgets_a_block", lambda g: {"block_size": 4, "ops": _EVICT_OPS},
              Trace(Exact(), ("insert 3 blocks", "evict block 1", "lookup after the eviction", "evict 1 again",
                              "evict a block never cached", "re-insert with block 2 in the middle", "lookup")),
-             "after evict(1) a lookup stops before the evicted block; evicting an unknown block returns False"),
+             "after evict(1) a lookup stops before the evicted block, even though the block after it is still "
+             "cached; evicting an unknown block returns False"),
         Case("hash_collision_is_verified", lambda g: {"block_size": 3, "ops": _COLLISION_OPS},
              Trace(Exact(), ("insert [-1, 10, 11, -2, 12, 13]", "lookup [-2, 10, 11, 0]",
                              "lookup [-1, 10, 11, 0]", "lookup 7 tokens")),
@@ -451,9 +458,11 @@ PAGED_ATTENTION_TORCH = Exercise(
     hides=("reference.attention.torch_ref.paged_attention", "reference.attention.torch_ref.gather_context"),
     cases=(
         Case("decode_batch", lambda g: _paged_inputs(g, [1, 1, 1], [5, 1, 12], 4, 4, 16, 4), Close(1e-5, 1e-5),
-             "3 decoding sequences (one query each) with contexts 5, 1 and 12 in shuffled blocks of 4", seed=10),
+             "3 decoding sequences (one query each) with contexts 5, 1 and 12 in shuffled blocks of 4; a decode "
+             "token is the LAST of its context_lens[b] tokens and sees all of them", seed=10),
         Case("prefill_over_a_cached_prefix", lambda g: _paged_inputs(g, [6], [14], 2, 2, 8, 4), Close(1e-5, 1e-5),
-             "6 new tokens at positions 8..13 of a 14-token context: causal, each sees keys 0..its position",
+             "6 new tokens at positions 8..13 of a 14-token context (context_lens counts them: new token i is at "
+             "context_len - q_len + i): causal, each sees keys 0..its position, so the first one sees 9 keys",
              seed=11),
         Case("mixed_batch_gqa", lambda g: _paged_inputs(g, [3, 1, 7], [3, 9, 7], 6, 2, 16, 2), Close(1e-5, 1e-5),
              "a fresh prefill, a decode and another prefill together; 6 query heads share 2 KV heads (GQA: "
@@ -512,13 +521,16 @@ PAGED_DECODE_TRITON = Exercise(
              "one sequence, 3 tokens in one block of 4 (the 4th slot must be ignored)", expected=_decode_expected,
              seed=20),
         Case("several_blocks", lambda g: _decode_inputs(g, [9, 4, 1], 2, 2, 16, 4), Close(1e-4, 1e-4),
-             "contexts 9, 4 and 1 in shuffled blocks of 4: the online softmax runs over several blocks",
+             "contexts 9, 4 and 1 in shuffled blocks of 4: the online softmax runs over several blocks; masked "
+             "rows of the last block need score -inf, not 0",
              expected=_decode_expected, seed=21),
         Case("gqa", lambda g: _decode_inputs(g, [6, 11], 4, 1, 16, 8), Close(1e-4, 1e-4),
              "4 query heads sharing 1 KV head (query head h reads KV head h // 4), blocks of 8",
              expected=_decode_expected, seed=22),
         Case("larger_values", lambda g: {**_decode_inputs(g, [7, 13], 2, 2, 32, 4), "scale": 2.0},
-             Close(1e-4, 1e-4), "scale 2.0 makes scores large: subtract the running max before exponentiating",
+             Close(1e-4, 1e-4), "scale 2.0 makes scores large: subtract the running max before exponentiating, and "
+             "when a block raises the max, rescale the running sum and output by exp(m_old - m_new) (with small "
+             "scores a missing rescale can go unnoticed)",
              expected=_decode_expected, seed=23),
         Case("longer_contexts", lambda g: _decode_inputs(g, [30, 17, 2, 25], 4, 2, 16, 4), Close(1e-4, 1e-4),
              "four sequences, up to 8 blocks each, GQA 2", expected=_decode_expected, visible=False, seed=24),
@@ -550,7 +562,8 @@ SDPA_ATTENTION = Exercise(
              "7 tokens, 4 heads of 16: causal (token i sees tokens 0..i); SDPA wants [batch, heads, seq, dim]",
              seed=30),
         Case("gqa", lambda g: _sdpa_inputs(g, 5, 6, 2, 8), Close(1e-5, 1e-5),
-             "6 query heads over 2 KV heads: query head h uses KV head h // 3", seed=31),
+             "6 query heads over 2 KV heads: query head h uses KV head h // 3 (enable_gqa=True, or "
+             "repeat_interleave on the heads dimension; repeat gives h % 2)", seed=31),
         Case("explicit_scale", lambda g: _sdpa_inputs(g, 4, 2, 1, 8, scale=0.05), Close(1e-5, 1e-5),
              "scale 0.05 instead of 1/sqrt(head_dim): pass it on", seed=32),
         Case("heads_not_equal_to_seq", lambda g: _sdpa_inputs(g, 3, 9, 3, 64), Close(1e-5, 1e-5),

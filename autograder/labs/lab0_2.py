@@ -106,7 +106,8 @@ FLOPS_PER_TOKEN = Exercise(
              "SmolLM2-135M, a token that attends only to itself: 2 FLOPs per linear weight (LM head included) plus "
              "4 x layers x heads x head_dim for one key"),
         Case("smollm2_long_context", lambda g: {"config": SMOLLM2, "context_len": 2048}, Exact(),
-             "SmolLM2-135M at 2048 keys: the attention term grows linearly with the context"),
+             "SmolLM2-135M at 2048 keys: the attention term grows linearly with the context, 4 x head_dim FLOPs "
+             "per key for each of the 9 QUERY heads (not the 3 KV heads) in each layer"),
         Case("qwen3_explicit_head_dim", lambda g: {"config": QWEN3_06B, "context_len": 100}, Exact(),
              "Qwen3-0.6B: head_dim 128 is given, and heads x head_dim (2048) differs from hidden_size (1024)"),
         Case("defaults_multi_head", lambda g: {"config": LLAMA2_7B, "context_len": 4096}, Exact(),
@@ -128,7 +129,8 @@ ARITHMETIC_INTENSITY = Exercise(
         Case("one_decode_float32", lambda g: {"config": SMOLLM2, "query_lens": [1], "context_lens": [100],
                                               "dtype_bytes": 4},
              Close(0.0, 1e-9), "SmolLM2, one sequence decoding its 100th token in float32: the weights are read for "
-                               "a single token, so the intensity is about 2 FLOPs / 4 bytes"),
+                               "a single token, so the intensity is about 2 FLOPs / 4 bytes; bytes = every linear "
+                               "weight once (LM head included) + K/V of 100 tokens read + 1 token written"),
         Case("prefill_bfloat16", lambda g: {"config": SMOLLM2, "query_lens": [256], "context_lens": [256],
                                             "dtype_bytes": 2},
              Close(0.0, 1e-9), "a 256-token prefill in bfloat16: token j attends to j + 1 keys, and all 256 tokens "
@@ -299,14 +301,16 @@ SCHEDULE_STEP = Exercise(
                                                    "requests": _requests((0, 20, 3), (0, 5, 6), (1, 9, 4), (2, 3, 5),
                                                                          (6, 14, 2))},
              Trace(Exact()), "five requests arriving over 6 steps, plenty of KV blocks: chunked prefills beside "
-                             "decodes, sequences leaving and joining between steps"),
+                             "decodes, sequences leaving and joining between steps (step k is your function's k-th "
+                             "call, 0-based; the notebook shows how to print that step's state)"),
         Case("a_workload_under_memory_pressure", lambda g: {"engine": {"num_blocks": 7, "block_size": 4,
                                                                        "max_num_seqs": 4, "token_budget": 16,
                                                                        "chunked_prefill": True},
                                                             "requests": _requests((0, 6, 8), (0, 7, 8), (0, 5, 8),
                                                                                   (1, 3, 4))},
              Trace(Exact()), "four requests in 7 blocks of 4 tokens: sequences grow until someone must be "
-                             "preempted, later recomputed"),
+                             "preempted, later recomputed (step k is your function's k-th call, 0-based; the "
+                             "notebook shows how to print that step's state)"),
         Case("random_workload", lambda g: _workload(g, 10, 200, 4, 16), Trace(Exact()),
              "ten random requests, plenty of memory", visible=False, seed=20),
         Case("random_workload_tight", lambda g: _workload(g, 10, 12, 6, 24), Trace(Exact()),
@@ -392,13 +396,15 @@ RUN_TO_COMPLETION = Exercise(
     cases=(
         Case("all_at_step_zero", lambda g: _serving(4, 64, (0, 5, 3), (0, 8, 1), (0, 3, 4)), Exact(),
              "three requests at step 0 that all fit: one step prefills them all, then they decode and leave "
-             "one by one; step() is not called again once all have finished"),
+             "one by one; step() is not called again once all have finished (a token_ids of the wrong length: "
+             "out.outputs[0].token_ids is cumulative, keep the latest list rather than appending it)"),
         Case("staggered_arrivals", lambda g: _serving(2, 64, (0, 4, 4), (2, 6, 3), (3, 2, 2), (4, 9, 2)), Exact(),
              "requests arriving at steps 0, 2, 3, 4 with 2 seats: each is added before the step of its arrival, "
              "and some wait for a seat"),
         Case("idle_gap", lambda g: _serving(2, 64, (0, 3, 2), (20, 4, 2)), Exact(),
              "the second request arrives at step 20, long after the first finished: the clock jumps to 20 instead "
-             "of stepping an idle engine"),
+             "of stepping an idle engine (result['idle_steps'] counts the step() calls your loop made while the "
+             "engine had nothing to run; result['requests'] is what your function returned)"),
         Case("chunked_prompt", lambda g: _serving(2, 8, (0, 20, 2), (1, 2, 3)), Exact(),
              "a 20-token prompt with an 8-token budget takes 3 steps before its first token; the request that "
              "arrives at step 1 is prefilled beside its chunks"),
@@ -460,7 +466,7 @@ LATENCY_SUMMARY = Exercise(
              Close(1e-9, 1e-9), "a request with a single output token has a TTFT but no TPOT (no gap between "
                                 "tokens): the TPOT statistics use only the other request"),
         Case("no_tpot_at_all", lambda g: {"metrics": [_metric(3.0, 4.0, 4.0, 1)]}, Close(1e-9, 1e-9),
-             "when no request has two tokens, every TPOT statistic is nan"),
+             "when no request has two tokens, every TPOT statistic is float('nan') (not 0 or None)"),
         Case("interpolated_percentiles", lambda g: _request_metrics(g, 7), Close(1e-9, 1e-9),
              "seven random requests: percentiles interpolate linearly between sorted values (rank (n-1) q / 100)",
              seed=40),
@@ -537,7 +543,8 @@ POLICY_SORT_KEY = Exercise(
              "a priority-1 request waiting since step 0 against a priority-0 one waiting since step 40: at step 44 "
              "the old one goes first, 1 * 32 - 44 = -12 < 0 * 32 - 4 = -4 (32 steps of waiting = one level)"),
         Case("unknown_policy", lambda g: _calls("lifo", _MIXED[:1], 0), Exact(),
-             "an unknown policy name raises ValueError"),
+             "an unknown policy name raises ValueError; a raised exception is recorded as {'error': its type name}, "
+             "so 'expected a dict, got list' means your function returned a key instead of raising"),
         Case("random_fcfs_order", lambda g: _random_order(g, "fcfs"), Exact(), "fcfs order of 12 random sequences",
              visible=False, seed=50),
         Case("random_sjf_order", lambda g: _random_order(g, "sjf"), Exact(), "sjf order of 12 random sequences",

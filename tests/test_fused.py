@@ -20,7 +20,8 @@ ONE_ULP = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 96), (3, 4, 64), (0, 128), (7, 100), (37, 16, 128)])  # 100: not a power of two
+# 100: not a power of two; 1024 and 576: Qwen3-0.6B's and SmolLM2's hidden sizes.
+@pytest.mark.parametrize("shape", [(5, 96), (3, 4, 64), (0, 128), (7, 100), (37, 16, 128), (9, 1024), (3, 576)])
 def test_rms_norm_matches_the_torch_code(dtype, shape):
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=generator) * 3).to(DEVICE, dtype)

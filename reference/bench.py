@@ -524,6 +524,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to measure what they bring)")
     eng.add_argument("--no-fused-kernels", action="store_true",
                      help="torch code for RMSNorm, RoPE and SiLU-and-multiply instead of fused Triton kernels (GPU)")
+    eng.add_argument("--no-async-scheduling", action="store_true",
+                     help="plan each step only after the previous one has finished (GPU; to measure the overlap)")
     base = parser.add_argument_group("baseline")
     base.add_argument("--baseline", choices=("hf",), default=None,
                       help="also run Hugging Face generate in static batches of --max-num-seqs, and compare")
@@ -564,6 +566,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         scheduling_policy=args.scheduling_policy, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, fused_kernels=not args.no_fused_kernels,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
     workload = make_workload(
         options["num_requests"], options["input_len"], options["output_len"], prompts=options["prompts"],
@@ -578,13 +581,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
         "attention_backend": engine.runner.attention_backend.name,
         "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
+        "async_scheduling": config.async_scheduling,
     }
     engine_line = (f"{args.model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
                    f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
                    f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache, "
                    f"{engine_config['attention_backend']} attention, "
                    f"{'CUDA graphs' if engine_config['cuda_graphs'] else 'eager'}"
-                   f"{', fused kernels' if engine_config['fused_kernels'] else ''}")
+                   f"{', fused kernels' if engine_config['fused_kernels'] else ''}"
+                   f"{', async scheduling' if config.async_scheduling else ''}")
     run = run_engine(engine, workload)
     floor = workload_floor(
         workload.input_lens, workload.output_lens, kv_bytes_per_token(engine.model_config, engine.dtype),

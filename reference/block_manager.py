@@ -190,6 +190,7 @@ class BlockManager(KVCacheManager):
     def _register_full_blocks(self, seq: Sequence, table: list[int], end: int) -> None:
         """Name every block that is full once this step's tokens are written, so later prompts can reuse it."""
         first = self._num_hashed.get(seq.seq_id, 0)  # blocks before this one are named already
+        end = min(end, seq.num_tokens - seq.num_pending_tokens)  # a token still in flight has no value to hash
         if end // self.block_size <= first:
             return  # no block became full (most decode steps)
         previous = self.blocks[table[first - 1]].hash if first else None

@@ -30,17 +30,12 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         largest = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        # Static device inputs. Token ids, positions and slots share one tensor so one copy fills them.
-        self.token_inputs = torch.zeros(3, largest, dtype=torch.int64, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.token_inputs.unbind(0)
+        # Static device inputs. Token ids, positions, slots and pending rows share one tensor so one copy fills them.
+        self.token_inputs = torch.zeros(4, largest, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.pending_rows = self.token_inputs.unbind(0)
         self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
         self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
-        # Their staging copies in pinned host memory, so the copies to the GPU are asynchronous. Reusing them
-        # every step is safe because the engine waits for each step's sampled tokens before the next step.
-        self.host_tokens = torch.zeros(3, largest, dtype=torch.int64, pin_memory=True)
-        self.host_context_lens = torch.ones(largest, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(largest * max_blocks, dtype=torch.int32, pin_memory=True)
         cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -69,28 +64,41 @@ class DecodeGraphs:
 
     def run(
         self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-        block_tables: list[list[int]],
+        block_tables: list[list[int]], pending_rows: list[int] | None = None, previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step for len(input_ids) sequences; returns their logits [batch, vocab] (a view)."""
+        """One decode step for len(input_ids) sequences; returns their logits [batch, vocab] (a view).
+
+        pending_rows/previous: input tokens still on the device (see model_runner.fill_pending)."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        # Fill the pinned staging buffers with numpy (far cheaper than building tensors from nested lists).
+        # Stage the inputs in pinned host memory, filled with numpy (far cheaper than building tensors from
+        # nested lists), so the copies to the GPU are asynchronous. A fresh staging buffer each step: the host
+        # plans the next step while this one may still be copying, and torch's pinned-memory cache hands a
+        # buffer out again only once the copies reading it have finished.
         # Padding rows n..size-1 write nothing (slot -1) and attend over one token of block 0 (output ignored).
-        tokens = self.host_tokens.numpy()
-        tokens[:, :size] = 0
+        host_tokens = torch.zeros(self.token_inputs.shape, dtype=torch.int64, pin_memory=True)  # one contiguous copy
+        tokens = host_tokens.numpy()
         tokens[0, :n], tokens[1, :n], tokens[2, :n] = input_ids, positions, slots
-        tokens[2, n:size] = -1
-        lens = self.host_context_lens.numpy()
-        lens[:n], lens[n:size] = context_lens, 1
+        tokens[2, n:size] = tokens[3, n:size] = -1
+        tokens[3, :n] = -1 if pending_rows is None else pending_rows
+        host_lens = torch.ones(size, dtype=torch.int32, pin_memory=True)
+        host_lens.numpy()[:n] = context_lens
         num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
         width = int(num_blocks.max())
-        tables = self.host_tables.numpy()[: size * width].reshape(size, width)
-        tables.fill(0)
-        tables[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
+        host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)
+        host_tables.numpy()[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
             itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(num_blocks.sum()))
-        self.token_inputs.copy_(self.host_tokens, non_blocking=True)
-        self.context_lens.copy_(self.host_context_lens, non_blocking=True)
+        self.token_inputs.copy_(host_tokens, non_blocking=True)
+        self.context_lens[:size].copy_(host_lens, non_blocking=True)
         # Columns past `width` keep stale ids: the kernel reads only the blocks a row's context length covers.
-        self.block_tables[:size, :width].copy_(self.host_tables[: size * width].view(size, width), non_blocking=True)
+        self.block_tables[:size, :width].copy_(host_tables, non_blocking=True)
+        if pending_rows is not None:
+            fill_pending(self.input_ids[:size], self.pending_rows[:size], previous)
         self.graphs[size].replay()
         return self.logits[size][:n]
+
+
+def fill_pending(input_ids: torch.Tensor, rows: torch.Tensor, previous: torch.Tensor) -> None:
+    """In place: input_ids[i] = previous[rows[i]] where rows[i] >= 0 (a token sampled last step, still on the
+    device), unchanged where rows[i] < 0. A gather and a select: no copy to the host, so no wait."""
+    input_ids.copy_(torch.where(rows >= 0, previous[rows.clamp(min=0)], input_ids))

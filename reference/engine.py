@@ -19,13 +19,13 @@ from .block_manager import BlockManager
 from .kv_cache import kv_bytes_per_token
 from .kv_manager import ContiguousKVManager, KVCacheManager
 from .metrics import StepRecord
-from .model_runner import ModelRunner, SampledToken
+from .model_runner import LaunchedStep, ModelRunner, SampledToken
 from .models import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runtime import resolve_device, resolve_dtype
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import PENDING_TOKEN, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -50,7 +50,8 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.seq.is_finished for s in self.samples)
+        """Every sample finished and its last token arrived from the device."""
+        return all(s.seq.is_finished and not s.seq.num_pending_tokens for s in self.samples)
 
 
 class LLMEngine:
@@ -78,6 +79,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []
         self._aborted_outputs: list[RequestOutput] = []
+        self._in_flight: LaunchedStep | None = None  # async scheduling: the step whose tokens are not read yet
 
     def _make_kv_manager(self) -> KVCacheManager:
         config = self.config
@@ -165,6 +167,7 @@ class LLMEngine:
             return
         now = time.monotonic()
         for sample in request.samples:
+            self._drop_pending(sample.seq)  # a step in flight may still sample for it: that token is dropped
             if not sample.seq.is_finished:
                 self.scheduler.finish(sample.seq, "abort")
                 sample.seq.finish_time = now
@@ -180,6 +183,11 @@ class LLMEngine:
 
         only_finished=True returns only the requests that finished (or were aborted): a caller that does not
         stream saves building an output per running request per step, which adds up at hundreds of requests.
+
+        With async scheduling (the default on a GPU) the step launches this step's work on the device and then
+        reads the tokens of the PREVIOUS step, so the host's planning and bookkeeping overlap the device's work
+        instead of adding to it. The outputs it returns are one step behind, and a sequence that stops on a
+        token (EOS, a stop string) has already been scheduled once more: that extra token is dropped.
         """
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
@@ -188,14 +196,13 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
         record = StepRecord.of(self.scheduler.step_count - 1, started, batch, self.scheduler, self.kv_manager)
-        sampled = self.runner.run(batch)
+        launched = self.runner.launch(batch)
+        self._advance(launched.seqs)
+        if self.config.async_scheduling:
+            launched, self._in_flight = self._in_flight, launched
+        progressed = self._deliver(launched) if launched is not None else {}
         now = record.end = time.monotonic()
         self.step_log.append(record)
-        progressed: dict[str, _Request] = {}
-        for token in sampled:
-            request = self.requests[token.seq.request_id]
-            self._append_token(request, token, now)
-            progressed[request.request_id] = request
         for request in progressed.values():
             if request.finished or not only_finished:
                 outputs.append(self._output(request))
@@ -204,37 +211,70 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
+    def _advance(self, seqs: list[Sequence]) -> None:
+        """Right after launch: give each sequence that samples this step a placeholder for its token, so the
+        scheduler can plan the next step now. Whatever does not need the token's value happens here too."""
+        for seq in seqs:
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.num_pending_tokens += 1
+            if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
+                for sibling in self.requests[seq.request_id].samples[1:]:
+                    self.scheduler.fork(seq, sibling.seq)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                # The length limit is known before the token is: free its seat and memory now. (Steps run in
+                # order on the device, so no later step can overwrite this KV before this step has read it.)
+                self.scheduler.finish(seq, "length")
+
+    def _deliver(self, launched: LaunchedStep) -> dict[str, _Request]:
+        """Read a launched step's tokens (waiting for them), put them in place of the placeholders, detokenize,
+        check stop conditions. Returns the requests that progressed."""
+        progressed: dict[str, _Request] = {}
+        tokens = launched.tokens()
+        now = time.monotonic()
+        for token in tokens:
+            if not token.seq.num_pending_tokens:
+                continue  # it stopped (or was aborted) after this step was launched
+            request = self.requests[token.seq.request_id]
+            self._append_token(request, token, now)
+            progressed[request.request_id] = request
+        return progressed
+
     def _append_token(self, request: _Request, token: SampledToken, now: float) -> None:
         seq, params = token.seq, request.params
         sample = request.samples[seq.sample_index]
-        if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
-            for sibling in request.samples[1:]:
-                self.scheduler.fork(seq, sibling.seq)
-        seq.token_ids.append(token.token_id)
+        seq.token_ids[seq.num_tokens - seq.num_pending_tokens] = token.token_id  # its oldest placeholder
+        seq.num_pending_tokens -= 1
         if seq.first_token_time is None:
             seq.first_token_time = now
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
         if sample.logprobs is not None:
             sample.logprobs.append((token.logprob, token.top_logprobs or {}))
-        reason = None
-        if token.token_id in params.stop_token_ids or (
+        stop = token.token_id in params.stop_token_ids or (
             not params.ignore_eos and token.token_id in self.eos_token_ids
-        ):
-            reason = "stop"
+        )
         if sample.detokenizer is not None:
             previous = len(sample.text)
             sample.text += sample.detokenizer.push([token.token_id])
             cut = self._find_stop_string(sample.text, previous, params.stop)
             if cut is not None:
-                sample.text, reason = sample.text[:cut], "stop"
-        if reason is None and (
-            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len
-        ):
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+                sample.text, stop = sample.text[:cut], True
+        if stop:  # a stop beats the length limit when both fall on the same token
+            self._drop_pending(seq)  # tokens sampled after this one are not part of the output
+            if seq.is_finished:
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
+        if seq.is_finished and not seq.num_pending_tokens:
             seq.finish_time = now
+
+    @staticmethod
+    def _drop_pending(seq: Sequence) -> None:
+        """Forget the tokens of seq still in flight (their values, when they arrive, are ignored)."""
+        if seq.num_pending_tokens:
+            del seq.token_ids[-seq.num_pending_tokens:]
+            seq.num_pending_tokens = 0
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
 
     @staticmethod
     def _find_stop_string(text: str, previous_len: int, stops: list[str]) -> int | None:
@@ -248,7 +288,7 @@ class LLMEngine:
 
     def _output(self, request: _Request) -> RequestOutput:
         metrics = request.metrics
-        metrics.num_output_tokens = sum(s.seq.num_output_tokens for s in request.samples)
+        metrics.num_output_tokens = sum(len(s.seq.output_token_ids) for s in request.samples)
         metrics.num_preemptions = sum(s.seq.num_preemptions for s in request.samples)
         scheduled = [s.seq.first_scheduled_time for s in request.samples if s.seq.first_scheduled_time is not None]
         metrics.first_scheduled_time = min(scheduled, default=None)

@@ -29,6 +29,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     fused_kernels: bool = True  # on the GPU: RMSNorm, RoPE, SiLU-and-multiply as fused Triton kernels
+    async_scheduling: bool | None = None  # plan step N+1 while step N runs (None: on the GPU only)
     enable_chunked_prefill: bool = True
     scheduling_policy: str | SchedulingPolicy = "fcfs"
     seed: int | None = None  # seeds torch's global RNG (requests without their own seed draw from it)
@@ -63,6 +64,8 @@ class EngineConfig:
     def fill_defaults(self, device: torch.device, model_max_len: int) -> None:
         """Resolve the None sizes for this device and model, then check they fit together."""
         gpu = device.type == "cuda"
+        if self.async_scheduling is None:
+            self.async_scheduling = gpu
         if self.max_num_seqs is None:
             self.max_num_seqs = 64 if gpu else 8
         if self.max_model_len is None:

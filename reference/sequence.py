@@ -5,6 +5,10 @@ prompt followed by its output so far; `num_computed_tokens` of them have their K
 the scheduler gives a sequence a number of its uncomputed tokens to run: a prefill chunk, or the single newest
 token when decoding. After preemption by recompute the cache is dropped, num_computed_tokens goes back to 0,
 and prompt + output so far are prefilled again.
+
+A sampled token is appended the moment its step is launched, as a placeholder (PENDING_TOKEN) whose value is
+still on the device: the scheduler can plan the next step around it while the GPU works, and the model runner
+reads its value from the device (see model_runner.py). `num_pending_tokens` counts the placeholders at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from enum import Enum
 from .sampling import SamplingParams
 
 _seq_ids = itertools.count()
+PENDING_TOKEN = -1  # a sampled token whose value has not reached the host yet
 
 
 class SequenceStatus(Enum):
@@ -35,6 +40,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # trailing placeholders in token_ids: sampled, value not on the host yet
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     num_preemptions: int = 0
@@ -59,10 +65,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]  # a copy
+        """The output tokens whose values are known (a copy): placeholders still in flight are left out."""
+        return self.token_ids[self.num_prompt_tokens : self.num_tokens - self.num_pending_tokens]
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, those still in flight included (what max_tokens counts)."""
         return self.num_tokens - self.num_prompt_tokens
 
     @property

@@ -73,3 +73,24 @@ def test_cuda_graphs_match_eager_under_preemption(qwen3_06b):
         assert sum(s.num_preempted for s in llm.engine.step_log) > 0
     agree = sum(a == b for a, b in zip(*runs))
     assert agree >= 0.9 * len(prompts), f"only {agree} of {len(prompts)} sampled sequences agree"
+
+
+def test_async_scheduling_gives_the_tokens_of_synchronous_steps(qwen3_06b):
+    """Planning step N+1 while step N runs reads the same tokens from the device that synchronous steps read on
+    the host: the same batches run, so tokens and logprobs agree bit for bit (no stop tokens here: a stop changes
+    the next batch under async scheduling, see tests/test_async_scheduling.py for those on the CPU)."""
+    from reference import LLM, SamplingParams
+
+    path, _, prompts, _ = qwen3_06b
+    params = [SamplingParams(temperature=0.8, max_tokens=MAX_NEW, seed=i) if i % 3 == 0 else
+              SamplingParams(n=2, temperature=1.0, max_tokens=MAX_NEW, seed=i) if i % 3 == 1 else
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=2) for i in range(len(prompts))]
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", async_scheduling=async_scheduling, max_num_seqs=30,
+                  max_num_batched_tokens=256, max_model_len=512, block_size=16, num_kv_blocks=64)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([[(c.token_ids, c.logprobs) for c in o.outputs] for o in outputs])
+        assert sum(s.num_preempted for s in llm.engine.step_log) > 0
+        assert llm.engine.kv_manager.num_free_blocks == 64
+    assert runs[1] == runs[0]

@@ -50,34 +50,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, HALF: tl.constexpr):
-    """One (token, head) row: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code."""
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half, BLOCK: tl.constexpr):
+    """One (token, head) row: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code.
+    half = head_dim / 2; BLOCK is the next power of two (a Triton block's size must be one), masked down."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
-    base = (token * num_heads + head) * 2 * HALF
-    cols = tl.arange(0, HALF)
-    x1 = tl.load(x_ptr + base + cols).to(tl.float32)
-    x2 = tl.load(x_ptr + base + HALF + cols).to(tl.float32)
+    base = (token * num_heads + head) * 2 * half
+    cols = tl.arange(0, BLOCK)
+    mask = cols < half
+    x1 = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + base + half + cols, mask=mask, other=0.0).to(tl.float32)
     # Both halves of a row rotate by the same angles; the tables are float32, cast to x's dtype as torch does.
-    cos = _rounded(tl.load(cos_ptr + token * 2 * HALF + cols), dtype)
-    sin = _rounded(tl.load(sin_ptr + token * 2 * HALF + cols), dtype)
+    cos = _rounded(tl.load(cos_ptr + token * 2 * half + cols, mask=mask, other=0.0), dtype)
+    sin = _rounded(tl.load(sin_ptr + token * 2 * half + cols, mask=mask, other=0.0), dtype)
     out1 = _rounded(_rounded(x1 * cos, dtype) + _rounded(-x2 * sin, dtype), dtype)
     out2 = _rounded(_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype), dtype)
-    tl.store(out_ptr + base + cols, out1.to(dtype))
-    tl.store(out_ptr + base + HALF + cols, out2.to(dtype))
+    tl.store(out_ptr + base + cols, out1.to(dtype), mask=mask)
+    tl.store(out_ptr + base + half + cols, out2.to(dtype), mask=mask)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim]; cos, sin: float32 [num_tokens, 1, head_dim] -> rotated x (new tensor)."""
+    """x: [num_tokens, heads, head_dim] (head_dim even); cos, sin: float32 [num_tokens, 1, head_dim] -> rotated x
+    (new tensor)."""
     num_tokens, num_heads, head_dim = x.shape
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"the fused RoPE kernel needs a power-of-two head_dim, got {head_dim}")
+    if head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {head_dim}")
     x = x.contiguous()
     out = torch.empty_like(x)
     if num_tokens:
-        _rotary_kernel[(num_tokens, num_heads)](x, cos.contiguous(), sin.contiguous(), out, num_heads,
-                                                HALF=head_dim // 2)
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens, num_heads)](x, cos.contiguous(), sin.contiguous(), out, num_heads, half,
+                                                BLOCK=triton.next_power_of_2(half))
     return out
 
 

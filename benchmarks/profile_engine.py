@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_steps(log, window: tuple[int, int]) -> None:
-    print("the window's steps (host-timed, so each includes waiting for its sampled tokens):")
+    print("the window's steps (host-timed from launch to the end of the step's bookkeeping, which includes waiting "
+          "for sampled tokens: this step's, or under async scheduling the previous step's):")
     for record in log[window[0]: window[1]]:
         print(f"  step {record.step}: {record.num_prefill_tokens:5d} prefill + {record.num_decode_tokens:3d} decode "
               f"tokens, {1e3 * (record.end - record.start):7.2f} ms")

@@ -150,11 +150,11 @@ def sample(
             f"need one SamplingParams and one generator per logits row: {batch} rows, "
             f"{len(params)} params, {len(generators)} generators"
         )
+    sampled = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_BELOW]
+    if not sampled:  # argmax needs no upcast (converting to float32 is exact and keeps the order)
+        return logits.argmax(dim=-1)
     logits = logits.float()
     next_tokens = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_BELOW]
-    if not sampled:
-        return next_tokens
 
     device = logits.device
     rows = torch.tensor(sampled, device=device)

@@ -45,3 +45,31 @@ def test_unpermute_restores_rotate_half_order():
     per_head = original.reshape(heads, 2, head_dim // 2, cols)
     interleaved = per_head.transpose(0, 2, 1, 3).reshape(heads * head_dim, cols)  # what llama.cpp writes
     assert np.array_equal(unpermute_qk(interleaved, heads), original)
+
+
+@pytest.mark.parametrize("transformers_sets_pad", [True, False])
+def test_converted_tokenizer_pads_with_the_gguf_padding_token(tmp_path, monkeypatch, transformers_sets_pad):
+    """Batched tokenization (padding=True) needs a pad token; some transformers releases drop the GGUF's."""
+    import transformers
+    from gguf import GGUFReader
+
+    from reference.models import gguf_convert
+
+    path = loader.embedded_gguf_path("smollm2")
+    field = GGUFReader(str(path)).fields["tokenizer.ggml.padding_token_id"]
+    pad_id = int(field.contents())
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def load_like_a_release(*args, **kwargs):
+        tokenizer = load(*args, **kwargs)
+        if not transformers_sets_pad:
+            tokenizer.pad_token = None
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load_like_a_release)
+    gguf_convert._convert_tokenizer(path, tmp_path, pad_id)
+    monkeypatch.undo()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tokenizer.pad_token_id == pad_id
+    batch = tokenizer(["Hello", "The capital of France is"], padding=True)
+    assert batch["input_ids"][0].count(pad_id) == len(batch["input_ids"][1]) - 1

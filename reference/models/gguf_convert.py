@@ -112,7 +112,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
             tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _convert_tokenizer(gguf_path, staging)
+        _convert_tokenizer(gguf_path, staging, _field(reader, "tokenizer.ggml.padding_token_id"))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -121,7 +121,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     return out_dir
 
 
-def _convert_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+def _convert_tokenizer(gguf_path: Path, out_dir: Path, pad_id: int | None) -> None:
     """The tokenizer (vocabulary, merges, special tokens, chat template) is stored in the GGUF metadata too."""
     import transformers
     from transformers import AutoTokenizer
@@ -132,4 +132,8 @@ def _convert_tokenizer(gguf_path: Path, out_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     finally:
         transformers.logging.set_verbosity(level)
+    # Some transformers releases drop the GGUF's padding token; set it from the file so that batched
+    # tokenization (padding=True) works whichever release converted the model.
+    if tokenizer.pad_token is None and pad_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad_id))
     tokenizer.save_pretrained(str(out_dir))

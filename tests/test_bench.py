@@ -150,7 +150,25 @@ def test_engine_run_generates_exactly_the_requested_tokens(tiny_engine):
     assert sum(s.num_decode_tokens for s in run.steps) == sum(workload.output_lens) - workload.num_requests
     assert stats["mean_prefill_tokens_per_step"] == pytest.approx(sum(workload.input_lens) / len(run.steps))
     assert stats["preemptions"] == 0 and 0 < stats["peak_kv_usage"] <= 1
-    assert not any(rid == "warmup" for s in run.steps for rid, _, _ in s.scheduled)  # warm-up is not counted
+    assert not any(rid.startswith("warmup") for s in run.steps for rid, _, _ in s.scheduled)  # not counted
+
+
+def test_thorough_warm_up_runs_every_kind_of_step_the_workload_will(tiny_engine):
+    """On the GPU the warm-up must compile every kernel variant before the clock starts (bench._warm_up)."""
+    from reference.bench import _warm_up
+
+    engine = tiny_engine
+    first = len(engine.step_log)
+    _warm_up(engine, every_step_kind=True)
+    steps = engine.step_log[first:]
+    budget = engine.config.max_num_batched_tokens
+    long_chunks = [n for s in steps for rid, _, n in s.scheduled if rid == "warmup-long"]
+    assert long_chunks[0] == budget - 3 * 8, "the long prompt's first chunk fills what the short prompts leave"
+    assert len(long_chunks) >= 3, "then a chunk over its cached first one, then decode"
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps), "a mixed prefill + decode step"
+    assert any(s.num_decode_tokens and not s.num_prefill_tokens for s in steps), "decode-only steps"
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
 
 
 def test_poisson_run_completes_with_increasing_arrival_times(tiny_engine):

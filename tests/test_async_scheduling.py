@@ -33,7 +33,7 @@ def tiny(checkpoint_factory):
 
 
 def make(path, async_scheduling, **kwargs):
-    settings = dict(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=96, block_size=4, num_kv_blocks=40)
+    settings = dict(device="cpu", max_num_seqs=4, max_num_batched_tokens=24, max_model_len=96, block_size=4, num_kv_blocks=40)
     return LLM(str(path), async_scheduling=async_scheduling, **{**settings, **kwargs})
 
 

@@ -2,6 +2,8 @@
 
 Reference: transformers' greedy `generate`, one prompt at a time (tie rule of DESIGN.md §7), under chunked
 prefill, every scheduling policy, and requests that arrive while others run.
+Engines here run on the CPU even where a GPU is present: they are held to float32 transformers on the CPU
+at float32's tolerance (tests/test_gpu.py is the GPU's version).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def token_ids(outputs) -> list[list[int]]:
 def test_chunked_batch_matches_each_prompt_alone(tiny, policy, kv_cache):
     path, hf, prompts, reference = tiny
     # A budget of 8 tokens is below every prompt's length (>= 9), so every prompt is chunked.
-    llm = LLM(str(path), max_num_seqs=6, max_num_batched_tokens=8, max_model_len=128, scheduling_policy=policy,
+    llm = LLM(str(path), device="cpu", max_num_seqs=6, max_num_batched_tokens=8, max_model_len=128, scheduling_policy=policy,
               kv_cache=kv_cache, block_size=4)
     priority = [i % 3 for i in range(len(prompts))]
     outputs = llm.generate(prompts, greedy(), use_tqdm=False, priority=priority)
@@ -56,7 +58,7 @@ def test_chunked_batch_matches_each_prompt_alone(tiny, policy, kv_cache):
 
 def test_requests_added_while_others_run(tiny):
     path, hf, prompts, reference = tiny
-    llm = LLM(str(path), max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
     engine = llm.engine
     finished = {}
     pending = list(enumerate(prompts))
@@ -74,7 +76,7 @@ def test_requests_added_while_others_run(tiny):
 
 def test_unchunked_prefill_gives_the_same_tokens(tiny):
     path, hf, prompts, reference = tiny
-    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128, enable_chunked_prefill=False)
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128, enable_chunked_prefill=False)
     outputs = llm.generate(prompts[:8], greedy(), use_tqdm=False)
     assert_greedy_agree(prompts[:8], token_ids(outputs), reference[:8], hf_next_token_logits(hf))
 
@@ -82,8 +84,8 @@ def test_unchunked_prefill_gives_the_same_tokens(tiny):
 def test_seeded_request_is_independent_of_the_batch(tiny):
     path, _, prompts, _ = tiny
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=99)
-    alone = LLM(str(path), max_model_len=128).generate([prompts[0]], params, use_tqdm=False)[0]
-    busy = LLM(str(path), max_num_seqs=5, max_num_batched_tokens=7, max_model_len=128)
+    alone = LLM(str(path), device="cpu", max_model_len=128).generate([prompts[0]], params, use_tqdm=False)[0]
+    busy = LLM(str(path), device="cpu", max_num_seqs=5, max_num_batched_tokens=7, max_model_len=128)
     others = [SamplingParams(temperature=1.0, max_tokens=15)] * 9
     outputs = busy.generate(prompts[1:10] + [prompts[0]], others + [params], use_tqdm=False)
     assert outputs[-1].outputs[0].token_ids == alone.outputs[0].token_ids
@@ -93,7 +95,7 @@ def test_seeded_request_is_independent_of_the_batch(tiny):
 
 def test_n_samples_are_distinct_and_reproducible(tiny):
     path, _, prompts, _ = tiny
-    llm = LLM(str(path), max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_model_len=128)
     params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=5)
     first = llm.generate([prompts[0]], params, use_tqdm=False)[0]
     again = llm.generate([prompts[0]], params, use_tqdm=False)[0]
@@ -106,7 +108,7 @@ def test_n_samples_are_distinct_and_reproducible(tiny):
 @pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])
 def test_abort_frees_memory_and_leaves_others_untouched(tiny, kv_cache):
     path, hf, prompts, reference = tiny
-    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, kv_cache=kv_cache)
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, kv_cache=kv_cache)
     engine = llm.engine
     for i in range(4):
         engine.add_request(f"r{i}", prompts[i], greedy())
@@ -142,7 +144,7 @@ def test_abort_frees_memory_and_leaves_others_untouched(tiny, kv_cache):
 ])
 def test_bad_prompt_raises_and_the_engine_carries_on(tiny, prompt, message):
     path, hf, prompts, reference = tiny
-    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128)
     engine = llm.engine
     engine.add_request("good", prompts[0], greedy())
     engine.step()
@@ -158,7 +160,7 @@ def test_bad_prompt_raises_and_the_engine_carries_on(tiny, prompt, message):
 
 def test_other_bad_requests_raise(tiny):
     path, _, prompts, _ = tiny
-    llm = LLM(str(path), max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_model_len=128)
     engine = llm.engine
     engine.add_request("a", prompts[0], greedy())
     with pytest.raises(ValueError, match="already in use"):
@@ -170,10 +172,10 @@ def test_other_bad_requests_raise(tiny):
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate(prompts[:2], [greedy()] * 3, use_tqdm=False)
     with pytest.raises(ValueError, match="unknown engine option"):
-        LLM(str(path), max_num_seq=4)
+        LLM(str(path), device="cpu", max_num_seq=4)
     with pytest.raises(ValueError, match="scheduling_policy"):
-        LLM(str(path), scheduling_policy="random")
-    small = LLM(str(path), max_num_seqs=2, max_model_len=128)
+        LLM(str(path), device="cpu", scheduling_policy="random")
+    small = LLM(str(path), device="cpu", max_num_seqs=2, max_model_len=128)
     with pytest.raises(ValueError, match="max_num_seqs is 2"):
         small.generate([prompts[0]], SamplingParams(n=3, max_tokens=2), use_tqdm=False)
     assert not small.engine.requests, "the rejected request left nothing behind"
@@ -181,7 +183,7 @@ def test_other_bad_requests_raise(tiny):
 
 def test_generate_is_all_or_nothing_on_a_bad_prompt(tiny):
     path, _, prompts, _ = tiny
-    llm = LLM(str(path), max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_model_len=128)
     with pytest.raises(ValueError):
         llm.generate([prompts[0], prompts[1], []], greedy(), use_tqdm=False)
     assert not llm.engine.requests
@@ -192,7 +194,7 @@ def test_generate_is_all_or_nothing_on_a_bad_prompt(tiny):
 
 def test_length_finish_at_max_model_len(tiny):
     path, _, _, _ = tiny
-    llm = LLM(str(path), max_model_len=32)
+    llm = LLM(str(path), device="cpu", max_model_len=32)
     out = llm.generate([list(range(1, 29))], greedy(max_tokens=50), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length"
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 32
@@ -200,7 +202,7 @@ def test_length_finish_at_max_model_len(tiny):
 
 def test_logprobs_equal_log_softmax_of_the_model(tiny):
     path, hf, prompts, _ = tiny
-    llm = LLM(str(path), max_model_len=128)
+    llm = LLM(str(path), device="cpu", max_model_len=128)
     out = llm.generate([prompts[0]], greedy(max_tokens=5, logprobs=3), use_tqdm=False)[0].outputs[0]
     sequence = prompts[0] + out.token_ids
     with torch.no_grad():
@@ -215,7 +217,7 @@ def test_logprobs_equal_log_softmax_of_the_model(tiny):
 
 def test_metrics_are_ordered(tiny):
     path, _, prompts, _ = tiny
-    out = LLM(str(path), max_model_len=128).generate([prompts[0]], greedy(), use_tqdm=False)[0]
+    out = LLM(str(path), device="cpu", max_model_len=128).generate([prompts[0]], greedy(), use_tqdm=False)[0]
     m = out.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
     assert m.num_prompt_tokens == len(prompts[0]) and m.num_output_tokens == MAX_NEW
@@ -226,7 +228,7 @@ def test_metrics_are_ordered(tiny):
 
 @pytest.fixture(scope="module")
 def smol_llm(smollm2):
-    return LLM("smollm2", max_num_seqs=4, max_model_len=512)
+    return LLM("smollm2", device="cpu", max_num_seqs=4, max_model_len=512)
 
 
 @pytest.mark.slow

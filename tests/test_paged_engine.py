@@ -1,5 +1,7 @@
 """The paged KV cache end to end: same tokens as the contiguous cache and as transformers, under preemption,
-prefix caching (even with colliding hashes), and copy-on-write for parallel sampling."""
+prefix caching (even with colliding hashes), and copy-on-write for parallel sampling.
+Engines here run on the CPU even where a GPU is present: they are held to float32 transformers on the CPU
+at float32's tolerance (tests/test_gpu.py is the GPU's version)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def run(llm, prompts, params):
 def test_preemption_under_memory_pressure_loses_nothing(tiny):
     path, hf, prompts, reference = tiny
     # 24 blocks of 4 slots = 96 tokens for 8 running sequences of up to ~86 tokens each: they cannot all fit.
-    llm = LLM(str(path), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=96, block_size=4,
+    llm = LLM(str(path), device="cpu", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=96, block_size=4,
               num_kv_blocks=24, enable_prefix_caching=False)
     ours = run(llm, prompts, greedy())
     assert sum(s.num_preempted for s in llm.engine.step_log) > 0, "the workload should have forced preemption"
@@ -49,7 +51,7 @@ def test_preemption_under_memory_pressure_loses_nothing(tiny):
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_prefix_caching_reuses_the_shared_prompt_and_changes_no_token(tiny, policy):
     path, hf, prompts, reference = tiny
-    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
               num_kv_blocks=128, scheduling_policy=policy)
     ours = run(llm, prompts, greedy())
     assert_greedy_agree(prompts, ours, reference, hf_next_token_logits(hf))
@@ -62,7 +64,7 @@ def test_prefix_caching_reuses_the_shared_prompt_and_changes_no_token(tiny, poli
 def test_hash_collisions_cannot_corrupt_output(tiny, monkeypatch):
     path, hf, prompts, reference = tiny
     monkeypatch.setattr(block_manager, "chain_hash", lambda previous, tokens: 0)  # every block collides
-    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
               num_kv_blocks=128)
     assert_greedy_agree(prompts, run(llm, prompts, greedy()), reference, hf_next_token_logits(hf))
 
@@ -70,8 +72,8 @@ def test_hash_collisions_cannot_corrupt_output(tiny, monkeypatch):
 def test_paged_and_contiguous_give_the_same_tokens(tiny):
     path, _, prompts, _ = tiny
     sampled = SamplingParams(temperature=0.8, top_k=50, max_tokens=MAX_NEW, seed=11)
-    paged = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=24, max_model_len=128, block_size=16)
-    contiguous = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=24, max_model_len=128, kv_cache="contiguous")
+    paged = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=24, max_model_len=128, block_size=16)
+    contiguous = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=24, max_model_len=128, kv_cache="contiguous")
     assert run(paged, prompts, sampled) == run(contiguous, prompts, sampled)
 
 
@@ -82,10 +84,10 @@ def test_parallel_samples_fork_with_copy_on_write(tiny, prompt_len):
     path, _, prompts, _ = tiny
     prompt = prompts[0][:prompt_len]
     params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=21)
-    paged = LLM(str(path), max_num_seqs=4, max_model_len=128, block_size=8, num_kv_blocks=64)
+    paged = LLM(str(path), device="cpu", max_num_seqs=4, max_model_len=128, block_size=8, num_kv_blocks=64)
     forked = paged.generate([prompt], params, use_tqdm=False)[0]
     # Without forking each sample would prefill the prompt itself; the seeds make the samples comparable.
-    contiguous = LLM(str(path), max_num_seqs=4, max_model_len=128, kv_cache="contiguous")
+    contiguous = LLM(str(path), device="cpu", max_num_seqs=4, max_model_len=128, kv_cache="contiguous")
     copied = contiguous.generate([prompt], params, use_tqdm=False)[0]
     assert [c.token_ids for c in forked.outputs] == [c.token_ids for c in copied.outputs]
     assert len({tuple(c.token_ids) for c in forked.outputs}) == 3
@@ -97,7 +99,7 @@ def test_parallel_samples_fork_with_copy_on_write(tiny, prompt_len):
 def test_forked_samples_hold_the_prompt_blocks_once(tiny):
     path, _, prompts, _ = tiny
     prompt = prompts[0][:35]  # 4 full blocks of 8, then 3 tokens
-    llm = LLM(str(path), max_num_seqs=4, max_model_len=128, block_size=8, num_kv_blocks=64)
+    llm = LLM(str(path), device="cpu", max_num_seqs=4, max_model_len=128, block_size=8, num_kv_blocks=64)
     engine = llm.engine
     engine.add_request("r", prompt, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=1))
     engine.step()  # prefill; the other two samples are forked from sample 0
@@ -112,7 +114,7 @@ def test_forked_samples_hold_the_prompt_blocks_once(tiny):
 def test_too_small_cache_is_a_clear_error(tiny):
     path, _, _, _ = tiny
     with pytest.raises(ValueError, match="fewer than max_model_len"):
-        LLM(str(path), max_model_len=128, block_size=8, num_kv_blocks=4)
+        LLM(str(path), device="cpu", max_model_len=128, block_size=8, num_kv_blocks=4)
 
 
 @pytest.mark.gpu
@@ -125,11 +127,13 @@ def test_flash_attn_package_backend_gives_the_same_tokens(tiny):
     assert run(LLM(str(path), attention_backend="flash-attn", **common), prompts[:6], params) == torch_run
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is chosen only where there is no GPU; "
+                    "tests/test_gpu.py runs the Triton backend on the GPU")
 def test_triton_backend_gives_the_same_tokens_in_the_interpreter(tiny):
     pytest.importorskip("triton")
     path, hf, prompts, reference = tiny
     short = SamplingParams(temperature=0, max_tokens=6)
-    llm = LLM(str(path), max_num_seqs=3, max_num_batched_tokens=24, max_model_len=96, block_size=8,
+    llm = LLM(str(path), device="cpu", max_num_seqs=3, max_num_batched_tokens=24, max_model_len=96, block_size=8,
               num_kv_blocks=64, attention_backend="triton")
     assert llm.engine.runner.attention_backend.name == "triton"
     ours = run(llm, prompts[:4], short)

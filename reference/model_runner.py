@@ -4,6 +4,11 @@ It owns the model and the KV cache tensors ([num_blocks, block_size, kv_heads, h
 V, sized by the KV manager). Each step it packs every scheduled token into one batch, builds the positions
 and the attention metadata once, runs the model, computes logits only for sequences whose last uncomputed
 token ran this step (a prefill chunk that stops mid-prompt samples nothing), and samples their next tokens.
+
+launch() returns as soon as that work is queued on the GPU: the sampled tokens stay there, a copy to the host
+is queued behind them, and the engine reads them later (LaunchedStep.tokens()). Meanwhile the engine plans the
+next step around placeholders (sequence.PENDING_TOKEN); when that step runs, its inputs that are placeholders
+are filled on the GPU from the previous step's tokens (fill_pending), so the host never waits in between.
 """
 
 from __future__ import annotations

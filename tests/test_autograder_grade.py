@@ -393,13 +393,18 @@ def test_unprivileged_user_gets_network_and_pid_namespaces_and_a_clean_up():
         "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\n    print('network')\n"
         "except OSError:\n    print('no-network')\n"
         "print(os.getpid(), sum(entry.isdigit() for entry in os.listdir('/proc')))\n")
+    # The plain user may not be able to enter this checkout (a fresh clone in a private temp dir is mode 700):
+    # it runs a copy of the warden (a standalone script) from its own folder.
+    warden = tmp_path / "warden.py"
+    shutil.copy(sandbox.WARDEN, warden)
     config = sandbox._config(sandbox.Limits(wall_s=20), str(tmp_path), "user-namespaces", None)
     run = subprocess.run(["/usr/bin/setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "/usr/bin/python3",
-                          sandbox.WARDEN, json.dumps(config), "/usr/bin/python3", str(script)],
+                          str(warden), json.dumps(config), "/usr/bin/python3", str(script)],
                          capture_output=True, text=True, timeout=60)
     shutil.rmtree(tmp_path)
     if run.returncode == sandbox.SETUP_FAILED and "cannot build the sandbox" in run.stderr:
         pytest.skip(f"user namespaces are not allowed here: {run.stderr.strip()}")
+    assert run.stdout.strip(), f"the probe printed nothing; warden stderr: {run.stderr.strip()}"
     network, pid, visible = run.stdout.split()
     assert network == "no-network"
     assert pid == "1" and int(visible) < 60  # its own PID namespace, and a /proc that shows only that

@@ -294,7 +294,9 @@ class LLMEngine:
         metrics.first_scheduled_time = min(scheduled, default=None)
         completions = [
             CompletionOutput(
-                index=i, text=s.text, token_ids=s.seq.output_token_ids, finish_reason=s.seq.finish_reason,
+                index=i, text=s.text, token_ids=s.seq.output_token_ids,
+                # A sample stopped for length before its last token arrived is not finished for the caller yet.
+                finish_reason=None if s.seq.num_pending_tokens else s.seq.finish_reason,
                 logprobs=None if s.logprobs is None else list(s.logprobs),
             )
             for i, s in enumerate(request.samples)

@@ -119,3 +119,22 @@ def test_abort_with_a_step_in_flight_loses_nothing_else(tiny):
         assert_greedy_agree([prompts[i]], [finals[f"r{i}"].outputs[0].token_ids], [reference[i]],
                             hf_next_token_logits(hf))
     assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
+
+
+def test_streamed_outputs_say_finished_only_once_the_last_token_has_arrived(tiny):
+    """A length limit is known when the last token is launched, a step before its value arrives: until then
+    the sample must not look finished to a streaming caller (the server stops listening at a finish_reason)."""
+    path, _, prompts, reference = tiny
+    engine = make(path, True).engine
+    for i in range(3):
+        engine.add_request(f"r{i}", prompts[i], SamplingParams(temperature=0, max_tokens=5 + i))
+    seen = {f"r{i}": [] for i in range(3)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    for i in range(3):
+        updates = seen[f"r{i}"]
+        assert [len(u.outputs[0].token_ids) for u in updates] == list(range(1, 6 + i))
+        assert [u.outputs[0].finish_reason for u in updates] == [None] * (4 + i) + ["length"]
+        assert [u.finished for u in updates] == [False] * (4 + i) + [True]
+        assert updates[-1].outputs[0].token_ids == reference[i][: 5 + i]

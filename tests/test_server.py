@@ -34,7 +34,9 @@ from reference import LLM, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = dict(max_model_len=512, max_num_seqs=8)
-SERVER_FLAGS = ["--max-model-len", "512", "--max-num-seqs", "8"]
+# The main server plans each step while the previous one runs (the GPU's default), so the tests below compare
+# that path, through streaming, aborts and disconnects, with the in-process engine's synchronous steps.
+SERVER_FLAGS = ["--max-model-len", "512", "--max-num-seqs", "8", "--async-scheduling"]
 API_KEY = "test-key-123"
 LIMITED_FLAGS = ["--max-model-len", "512", "--max-num-seqs", "2", "--max-queue", "1", "--request-timeout", "4",
                  "--api-key", API_KEY]

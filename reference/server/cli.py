@@ -49,13 +49,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--scheduling-policy", default=None, help="fcfs (default), sjf or priority")
     eng.add_argument("--attention-backend", default=None, help="default auto")
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="plan each step while the previous one runs (default: on the GPU only)")
     eng.add_argument("--seed", type=int, default=None, help="seeds the global RNG (requests may bring their own seed)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The LLMEngine keyword arguments the flags set (flags left out keep the engine's defaults)."""
     names = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "block_size", "kv_cache", "enable_prefix_caching", "scheduling_policy", "attention_backend", "seed")
+             "block_size", "kv_cache", "enable_prefix_caching", "scheduling_policy", "attention_backend", "seed",
+             "async_scheduling")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.enforce_eager:
         options["enforce_eager"] = True

@@ -52,6 +52,14 @@ PRESETS = {
     "nano-vllm": dict(num_requests=256, input_len=(100, 1024), output_len=(100, 1024), prompts="random",
                       ignore_eos=True),
 }
+# The in-process engine a preset's published numbers were measured with: a random-weight Qwen3-0.6B in bf16 with
+# every request running at once. Flags given override it; without a preset the engine's own defaults apply.
+ENGINE_DEFAULTS = dict(model="smollm2", dtype=None, max_num_seqs=None, max_num_batched_tokens=None,
+                       max_model_len=None)
+PRESET_ENGINES = {
+    "nano-vllm": dict(model="random:qwen3-0.6b", dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
+                      max_model_len=2048),
+}
 
 REAL_QUESTIONS = (
     "What is the capital of France?",
@@ -513,12 +521,15 @@ def _json_safe(value):
 # -- command line -------------------------------------------------------------------------------------------------
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m reference bench`."""
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a checkpoint directory or a hub id")
+    parser.add_argument("--model", default=None,
+                        help="'smollm2' (default), 'random:<architecture>', a checkpoint directory or a hub id")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)")
     work = parser.add_argument_group("workload (a preset sets these; flags given override it)")
     work.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="a named workload: nano-vllm = 256 requests, input and output uniform in [100, 1024]")
+                      help="a named workload and the engine it is published for: nano-vllm = 256 requests, input "
+                           "and output uniform in [100, 1024], on a random-weight Qwen3-0.6B in bf16 with "
+                           "--max-num-seqs 256 --max-model-len 2048 --max-num-batched-tokens 8192 (a GPU's work)")
     work.add_argument("--num-requests", type=_argparse_type(_positive_int, "--num-requests"), default=None,
                       help=f"requests in the workload (default {DEFAULTS['num_requests']})")
     work.add_argument("--input-len", type=_argparse_type(parse_range, "--input-len"), default=None,
@@ -557,6 +568,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_serve_bench_arguments(parser)
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """model, dtype and sizes of the in-process engine: the flag if given, else the preset's, else the default."""
+    preset = PRESET_ENGINES.get(args.preset, {}) if args.preset else {}
+    return {name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
+            for name, default in ENGINE_DEFAULTS.items()}
+
+
 def workload_options(args: argparse.Namespace) -> dict:
     """num_requests, input_len, output_len, prompts, ignore_eos: the flag if given, else the preset's, else default."""
     preset = PRESETS[args.preset] if args.preset else {}
@@ -581,9 +599,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.hf_subsample is not None and args.baseline is None:
         raise ValueError("--hf-subsample only applies with --baseline hf")
     options = workload_options(args)
+    sizes = engine_options(args)
+    model = sizes.pop("model")
     engine = LLMEngine(
-        args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        model, device=args.device, **sizes,
         scheduling_policy=args.scheduling_policy, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, fused_kernels=not args.no_fused_kernels,
         async_scheduling=False if args.no_async_scheduling else None,
@@ -595,7 +614,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     )
     config = engine.config
     engine_config = {
-        "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "model": model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
         "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
         "max_model_len": config.max_model_len, "scheduling_policy": str(config.scheduling_policy),
         "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
@@ -603,7 +622,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
         "async_scheduling": config.async_scheduling,
     }
-    engine_line = (f"{args.model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
+    engine_line = (f"{model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
                    f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
                    f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache, "
                    f"{engine_config['attention_backend']} attention, "
@@ -618,8 +637,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     hf = None
     if args.baseline == "hf":
         subset = workload.head(args.hf_subsample or workload.num_requests)
-        hf_model = (hf_twin(engine.model, args.model) if str(args.model).startswith("random:")
-                    else resolve_model_dir(args.model, progress=False))
+        hf_model = (hf_twin(engine.model, model) if str(model).startswith("random:")
+                    else resolve_model_dir(model, progress=False))
         hf = run_hf_baseline(hf_model, subset, config.max_num_seqs, engine.device, engine.dtype)
     print(format_report(workload, engine_line, run, hf, floor))
     report = report_dict(workload, engine_config, run, hf, floor)

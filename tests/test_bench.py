@@ -80,6 +80,20 @@ def test_flags_default_then_preset_then_explicit_override():
                               ignore_eos=False)
 
 
+def test_preset_brings_the_engine_it_is_published_for_and_flags_still_win():
+    from reference.bench import PRESET_ENGINES, engine_options
+
+    assert engine_options(parser().parse_args([])) == dict(
+        model="smollm2", dtype=None, max_num_seqs=None, max_num_batched_tokens=None, max_model_len=None)
+    assert engine_options(parser().parse_args(["--preset", "nano-vllm"])) == PRESET_ENGINES["nano-vllm"] == dict(
+        model="random:qwen3-0.6b", dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
+        max_model_len=2048)
+    mine = engine_options(parser().parse_args(["--preset", "nano-vllm", "--model", "random:llama-3-8b",
+                                               "--max-num-seqs", "64"]))
+    assert mine == dict(model="random:llama-3-8b", dtype="bfloat16", max_num_seqs=64,
+                        max_num_batched_tokens=8192, max_model_len=2048)
+
+
 # -- the workload -------------------------------------------------------------------------------------------------
 def test_workload_is_reproducible_and_respects_ranges():
     def make(seed):

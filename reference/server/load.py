@@ -313,7 +313,8 @@ def run_serve_bench_from_args(args: argparse.Namespace) -> dict:
                          "the server's command line")
     options = workload_options(args)
     result = run_serve_bench(
-        args.serve, options["num_requests"], args.rate, options["input_len"], options["output_len"], args.model,
+        args.serve, options["num_requests"], args.rate, options["input_len"], options["output_len"],
+        args.model or "smollm2",
         prompts=options["prompts"], ignore_eos=options["ignore_eos"], temperature=args.temperature,
         seed=args.seed, api_key=getattr(args, "api_key", None), progress=True)
     print(result.table())

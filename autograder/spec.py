@@ -14,7 +14,8 @@ How one case runs (the same steps in every mode; only where step 3 happens chang
 
 The driver is trusted code that turns "call the learner's object" into plain data: for a function usually
 `fn(**inputs)`; for a stateful class it replays a list of operations and returns a trace of observable results.
-Drivers live in the lab module, so a child process can import them by the exercise's name.
+Drivers, references and the preamble live in the lab's harness module (autograder/harness/lab0_1.py, ...),
+so that a child process can run them without the lab module and its cases.
 
 Each exercise is tested on its own: the names in `uses` (other exercises of the same lab) are bound to their
 reference implementations while this exercise runs, so one wrong exercise costs only its own points.

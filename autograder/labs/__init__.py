@@ -1,7 +1,8 @@
 """Per-lab test modules. Each module defines `LAB`, a spec.Lab with the lab's exercises and their cases.
 
 `load_lab("lab0.1")` imports autograder.labs.lab0_1 and returns its LAB; a new lab adds a module here and a line
-to LAB_MODULES.
+to LAB_MODULES. What runs beside learner code (the preamble, drivers, references) is in the module of the same
+name in autograder/harness.
 """
 
 from __future__ import annotations

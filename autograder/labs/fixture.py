@@ -4,48 +4,17 @@ Exercise `add` (function `add(a, b) -> a + b` on tensors) and exercise `counter`
 `increment(by) -> new total`, a stateful trace). Every case has a limit of a few seconds, so a hanging
 submission is cut off quickly. Learner notebooks for it are built by the tests in a temporary folder.
 `add` hides a real reference symbol (`reference.kv_cache.kv_bytes_per_token`) so the grader's tests can check
-that hiding works and that the rest of `reference` still does.
+that hiding works and that the rest of `reference` still does. The preamble, references and driver are in
+autograder/harness/fixture.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..compare import Close, Exact, Trace
+from ..harness.fixture import PREAMBLE, ReferenceCounter, drive_counter, ref_add
 from ..spec import Case, Exercise, Lab
-
-PREAMBLE = "import torch\n"
-
-
-def ref_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a + b
-
-
-class ReferenceCounter:
-    def __init__(self, start: int) -> None:
-        self.total = start
-
-    def increment(self, by: int) -> int:
-        if by < 0:
-            raise ValueError("by must be >= 0")
-        self.total += by
-        return self.total
-
-
-def drive_counter(cls: type, inputs: dict[str, Any]) -> list[Any]:
-    counter = cls(inputs["start"])
-    trace: list[Any] = []
-    for by in inputs["steps"]:
-        try:
-            trace.append(counter.increment(by))
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            trace.append({"error": f"{type(exc).__name__}: {exc}"})
-    return trace
-
 
 ADD = Exercise(
     name="add", symbol="add", notebook="fixture.ipynb", signature="add(a: Tensor, b: Tensor) -> Tensor",

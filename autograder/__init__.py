@@ -13,6 +13,14 @@ What is where (see each module's docstring):
   Gradescope zip; release.py: learner notebooks from the solution notebooks.
 """
 
-from .selfcheck import check, pick
-
 __all__ = ["check", "pick"]
+
+
+def __getattr__(name: str):
+    """`check` and `pick` load the labs when first used, so the grading child (which sees no autograder/labs)
+    can import this package."""
+    if name in __all__:
+        from . import selfcheck
+
+        return getattr(selfcheck, name)
+    raise AttributeError(f"module 'autograder' has no attribute {name!r}")

@@ -66,11 +66,14 @@ def _grade_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for grades.csv and one folder per student")
     parser.add_argument("--tests", help="folder with hidden tests (<lab>.py defining CASES; see grade.py)")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="submissions graded in parallel")
-    parser.add_argument("--timeout", type=float, help="wall-clock limit per submission in seconds "
-                        "(default: start-up plus every test's own limit)")
-    parser.add_argument("--memory", type=int, help="address-space limit per submission in MB (default: the lab's)")
+    parser.add_argument("--timeout", type=float, help="wall-clock budget per submission in seconds (default: 240)")
+    parser.add_argument("--memory", type=int, help="resident memory per submission in MB, all its processes "
+                        "together (default: the lab's)")
+    parser.add_argument("--sandbox", choices=("auto", "bwrap", "container"), default="auto",
+                        help="bwrap: bubblewrap namespaces (the default where it works); container: an unprivileged "
+                        "uid without namespaces, for a grading service's container running as root")
     parser.add_argument("--allow-reference", action="store_true",
-                        help="let submissions import the reference implementations of the graded exercises")
+                        help="keep the reference implementations of the graded exercises in the sandbox")
 
 
 def _grade(args: argparse.Namespace) -> int:
@@ -85,12 +88,18 @@ def _grade(args: argparse.Namespace) -> int:
     lab = load_lab(args.lab)
     if args.tests:
         lab = load_hidden_tests(lab, args.tests)
+    masked = tuple(str(Path(p).resolve()) for p in [args.out, args.tests] if p)
     options = GradeOptions(timeout_s=args.timeout, memory_mb=args.memory, jobs=args.jobs,
-                           allow_reference=args.allow_reference)
-    if os.name == "posix" and os.geteuid() == 0 and not sandbox.drops_privileges():
-        print(f"warning: student code will run as root (inside namespaces where allowed): an unprivileged user "
-              f"cannot run {sys.executable}; install the course where every user can read it, such as /opt",
-              file=sys.stderr)
+                           allow_reference=args.allow_reference, sandbox=args.sandbox, masked=masked)
+    try:
+        mode = sandbox.choose_mode(args.sandbox)
+    except sandbox.SandboxUnavailable as exc:
+        print(f"error: cannot grade: {exc}", file=sys.stderr)
+        return 3
+    if mode == "bwrap" and os.name == "posix" and os.geteuid() == 0 and not sandbox.can_drop_to_sandbox_uid():
+        print(f"note: bubblewrap runs as root here (inside, student code is an unprivileged uid in its own user "
+              f"namespace): an unprivileged user cannot run {sys.executable}; install the course where every user "
+              "can read it, such as /opt, to run the sandbox as an unprivileged user outside too", file=sys.stderr)
     grades = grade(lab, args.submissions, options)
     path = write_gradebook(lab, grades, args.out)
     for graded in grades:

@@ -17,27 +17,29 @@ gone, so nothing a submission writes into the output folder survives in the file
 from __future__ import annotations
 
 import dataclasses
+import os
 import importlib.util
-import queue
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import sandbox
-from .isolate import default_wall_s, run_sources
-from .notebook import ExerciseSource, NotebookError, exercise_sources, read_notebook
+from .isolate import ViewCache, run_sources
+from .notebook import ExerciseSource, extract_from_notebooks
 from .runner import ExerciseResult, missing_result, prepare
 from .spec import Lab
 
 MAX_ZIP_BYTES = 200 * 1024 * 1024  # uncompressed notebooks taken from one zip
 MAX_ZIP_MEMBERS = 1000
+MAX_FOLDER_DEPTH = 20  # levels of subfolders walked in a folder submission
+MAX_FOLDER_ENTRIES = 10_000  # files and folders in one folder submission
 RESERVED_NAMES = {"grades.csv"}
 PRINTED_NOTE_BYTES = 1_000_000  # printing more than this is mentioned in the feedback (it costs time)
 
@@ -62,60 +64,69 @@ class StudentGrade:
         return sum(result.score for result in self.results)
 
 
+DEFAULT_BUDGET_S = 240.0  # wall time one submission may take in all, by default
+
+
 @dataclass(frozen=True)
 class GradeOptions:
-    timeout_s: float | None = None  # per submission; None: start-up plus every case's own limit
-    memory_mb: int | None = None  # None: the lab's memory_mb
+    timeout_s: float | None = None  # per submission; None: DEFAULT_BUDGET_S
+    memory_mb: int | None = None  # resident memory of a submission's processes; None: the lab's memory_mb
     jobs: int = 1
     allow_reference: bool = False
     progress: bool = True
-    mode: str | None = None  # sandbox isolation mode; None: the strongest available
+    sandbox: str = "auto"  # auto | bwrap | container (sandbox.choose_mode)
+    masked: tuple[str, ...] = ()  # more host folders the sandbox must never show (hidden tests, --out)
 
 
 def grade(lab: Lab, paths: list[str | Path], options: GradeOptions = GradeOptions()) -> list[StudentGrade]:
-    """Grade every submission; one StudentGrade per submission, in the order given."""
+    """Grade every submission; one StudentGrade per submission, in the order given.
+
+    Raises sandbox.SandboxUnavailable, before running anything, when this machine cannot build the sandbox."""
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory(prefix="autograder-unzip-") as unzipped:
+    mode = sandbox.choose_mode(options.sandbox)
+    if mode == "container":
+        sandbox.check_container_mode(sandbox.project_paths() + list(options.masked))
+    with tempfile.TemporaryDirectory(prefix="autograder-unzip-") as unzipped, \
+            tempfile.TemporaryDirectory(prefix="autograder-views-") as staging:
+        os.chmod(staging, 0o755)  # a sandbox uid reads the (redacted) views
+        views = ViewCache(staging, options.masked, redact=not options.allow_reference)
         submissions = collect_submissions([Path(p) for p in paths], Path(unzipped))
         for exercise in lab.exercises:  # expected values once, here, before any thread starts
             for case in exercise.cases:
                 prepare(exercise, case)
-        hide = () if options.allow_reference else tuple(name for e in lab.exercises for name in e.hides)
-        token = uuid.uuid4().hex
-        slots: queue.Queue[int] = queue.Queue()
-        for slot in range(options.jobs):
-            slots.put(slot)
 
-        def grade_in_a_slot(submission: Submission) -> StudentGrade:
-            slot = slots.get()
+        def grade_safely(submission: Submission) -> StudentGrade:
             try:
-                return grade_one(lab, submission, options, hide, slot, token)
+                return grade_one(lab, submission, options, mode, views)
             except Exception as exc:  # a grader failure on one submission must not lose the others
                 why = f"the grader failed on this submission ({type(exc).__name__}: {exc}); please tell the staff"
                 return StudentGrade(submission.student, "crash", [missing_result(e, True, why) for e in lab.exercises],
                                     0.0, [why])
-            finally:
-                slots.put(slot)
 
         grades: dict[str, StudentGrade] = {}
         bar = tqdm(total=len(submissions), desc=f"grading {lab.name}", unit="student", file=sys.stderr,
                    disable=not options.progress)
         try:
             with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-                futures = [pool.submit(grade_in_a_slot, submission) for submission in submissions]
+                futures = [pool.submit(grade_safely, submission) for submission in submissions]
                 for future in as_completed(futures):
                     grade_done = future.result()
                     grades[grade_done.student] = grade_done
                     bar.update(1)
         finally:
             bar.close()
-            sandbox.kill_marked(token)  # anything that escaped a warden
     return [grades[submission.student] for submission in submissions]
 
 
-def grade_one(lab: Lab, submission: Submission, options: GradeOptions, hide: tuple[str, ...], slot: int = 0,
-              token: str = "") -> StudentGrade:
+MODE_NOTES = {
+    "bwrap": "graded in a bubblewrap sandbox (no network, private files, the reference absent)",
+    "container": "graded in container mode: as an unprivileged user, without namespaces (this machine refuses "
+                 "them); the reference absent",
+}
+
+
+def grade_one(lab: Lab, submission: Submission, options: GradeOptions, mode: str, views: ViewCache) -> StudentGrade:
     start = time.monotonic()
     notes: list[str] = []
     sources: list[ExerciseSource] = []
@@ -127,56 +138,46 @@ def grade_one(lab: Lab, submission: Submission, options: GradeOptions, hide: tup
     if submission.problem:
         results = [missing_result(e, True, f"could not grade: {submission.problem}") for e in lab.exercises]
         return StudentGrade(submission.student, "invalid", results, time.monotonic() - start, notes)
-    wall_s = options.timeout_s or default_wall_s(lab, sources, include_hidden=True)
-    limits = sandbox.Limits(wall_s=wall_s, memory_mb=options.memory_mb or lab.memory_mb, mode=options.mode)
-    run = run_sources(lab, sources, include_hidden=True, limits=limits, hide=hide, slot=slot, token=token)
-    for exercise, names in run.hidden_attempts.items():
-        notes.append(f"{exercise}: the cell tried to use the hidden reference {names}; grading hides the "
-                     "reference implementation of the exercises being graded")
+    run = run_sources(lab, sources, mode=mode, include_hidden=True, memory_mb=options.memory_mb,
+                      budget_s=options.timeout_s or DEFAULT_BUDGET_S, views=views)
     if run.output_bytes > PRINTED_NOTE_BYTES:
         notes.append(f"the code printed {run.output_bytes / 1e6:,.0f} MB; printed output is neither shown nor graded")
-    if run.mode == "none":
-        notes.append("the sandbox ran without network and PID namespaces on this machine")
+    notes.append(MODE_NOTES[mode])
     return StudentGrade(submission.student, run.status, run.results, time.monotonic() - start, notes)
 
 
 def find_sources(lab: Lab, notebooks: list[Path]) -> tuple[list[ExerciseSource], list[str]]:
     """Each exercise's cell, looked for in the notebook named like the lab's first, by tag before by
-    definition; and what could not be read."""
-    readable, unreadable = {}, []
-    for path in notebooks:
-        try:
-            readable[path] = read_notebook(path)
-        except NotebookError as exc:
-            unreadable.append(f"{path.name}: {str(exc).split(': ', 1)[-1]}")
-    sources = []
-    for exercise in lab.exercises:
-        ordered = sorted(readable, key=lambda path: (path.name != exercise.notebook, str(path)))
-        found = [exercise_sources(readable[path], lab, [exercise.name])[0] for path in ordered]
-        by_tag = [source for source in found if source.how == "tag"]
-        by_definition = [source for source in found if source.how == "definition"]
-        sources.append((by_tag or by_definition or [ExerciseSource(exercise.name, None, "missing")])[0])
-    return sources, unreadable
+    definition; and what could not be read. The notebooks are parsed in a child process with limits
+    (notebook.extract_from_notebooks), and a notebook that is a symbolic link is refused."""
+    sources, problems = extract_from_notebooks(notebooks, lab, lab.exercise_names, follow_links=False)
+    return sources, [f"{path.name}: {problem}" for path, problem in zip(notebooks, problems) if problem]
 
 
 def collect_submissions(paths: list[Path], unzip_to: Path) -> list[Submission]:
-    """One Submission per path, named after it and made unique; zips are unpacked (notebooks only)."""
+    """One Submission per path, named after it and made unique; zips are unpacked (notebooks only).
+
+    Symbolic links are refused, never followed: a link could make the grader read, as its own user, a
+    classmate's notebook or any file it may read. A refused submission gets a problem (status "invalid")."""
     submissions: list[Submission] = []
     taken: set[str] = set(RESERVED_NAMES)
     for path in paths:
         student = unique_name(student_name(path), taken)
-        if path.is_dir():
-            submissions.append(Submission(student, notebooks_in(path)))
+        if path.is_symlink():
+            submission = Submission(student, [], f"symbolic links are not accepted: {_clip(path.name)}")
+        elif path.is_dir():
+            submission = Submission(student, *notebooks_in(path))
         elif path.suffix.lower() == ".zip":
             folder = unzip_to / student
             problem = unzip_notebooks(path, folder)
-            submissions.append(Submission(student, notebooks_in(folder), problem))
+            submission = Submission(student, *(notebooks_in(folder) if not problem else ([], problem)))
         elif path.is_file():
-            submissions.append(Submission(student, [path]))
+            submission = Submission(student, [path])
         else:
-            submissions.append(Submission(student, [], f"{path}: no such file or folder"))
-        if not submissions[-1].problem and not submissions[-1].notebooks:
-            submissions[-1].problem = "no notebook (.ipynb file) in the submission"
+            submission = Submission(student, [], f"{path}: no such file or folder")
+        if not submission.problem and not submission.notebooks:
+            submission.problem = "no notebook (.ipynb file) in the submission"
+        submissions.append(submission)
     return submissions
 
 
@@ -193,14 +194,60 @@ def unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def notebooks_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts and p.is_file())
+def notebooks_in(folder: Path) -> tuple[list[Path], str]:
+    """The notebooks in a folder submission, and "" or why the submission is refused.
+
+    The walk never follows a link: a symbolic link anywhere refuses the submission. It is bounded
+    (MAX_FOLDER_DEPTH levels, MAX_FOLDER_ENTRIES entries), so a crafted folder costs neither the grader's
+    stack nor its time."""
+    notebooks: list[Path] = []
+    entries = 0
+    pending = [(folder, 0)]
+    while pending:
+        directory, depth = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                for entry in listing:
+                    entries += 1
+                    if entries > MAX_FOLDER_ENTRIES:
+                        return [], f"the submission holds more than {MAX_FOLDER_ENTRIES:,} files and folders"
+                    path = Path(entry.path)
+                    if entry.is_symlink():
+                        return [], f"symbolic links are not accepted: {_relative(path, folder)}"
+                    if entry.is_dir(follow_symlinks=False):
+                        if depth + 1 > MAX_FOLDER_DEPTH:
+                            return [], (f"folders are nested more than {MAX_FOLDER_DEPTH} levels deep: "
+                                        f"{_relative(path, folder)}")
+                        pending.append((path, depth + 1))
+                    elif entry.is_file(follow_symlinks=False) and entry.name.endswith(".ipynb"):
+                        if not {".ipynb_checkpoints", "__MACOSX"} & set(path.relative_to(folder).parts):
+                            notebooks.append(path)
+        except OSError as exc:
+            return [], f"cannot read the folder {_relative(directory, folder) or '.'} ({exc.strerror or exc})"
+    return sorted(notebooks), ""
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return _clip(path.relative_to(folder).as_posix() if path != folder else "")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Names come from the submission: keep messages short whatever their length."""
+    return text if len(text) <= limit else text[: limit // 2] + "..." + text[-(limit // 2 - 3):]
 
 
 def unzip_notebooks(archive: Path, folder: Path) -> str:
-    """Extract the .ipynb members of a zip into `folder`, under flat safe names; "" or what went wrong."""
+    """Extract the .ipynb members of a zip into `folder`, under flat safe names; "" or what went wrong.
+
+    A member that is a symbolic link (Unix mode in the external attributes) refuses the whole zip, as a link
+    does in a folder submission."""
     try:
+        if archive.is_file() and archive.stat().st_size > MAX_ZIP_BYTES:
+            return f"{archive.name}: the zip is larger than {MAX_ZIP_BYTES:,} bytes"
         with zipfile.ZipFile(archive) as zipped:
+            links = [m.filename for m in zipped.infolist() if stat.S_ISLNK(m.external_attr >> 16)]
+            if links:
+                return f"{archive.name}: symbolic links are not accepted: {_clip(links[0])}"
             members = [m for m in zipped.infolist() if m.filename.endswith(".ipynb") and not m.is_dir()
                        and ".ipynb_checkpoints" not in m.filename and "__MACOSX" not in m.filename]
             if len(members) > MAX_ZIP_MEMBERS or sum(m.file_size for m in members) > MAX_ZIP_BYTES:
@@ -211,8 +258,8 @@ def unzip_notebooks(archive: Path, folder: Path) -> str:
                 name = unique_name(Path(member.filename).stem, taken) + ".ipynb"
                 with zipped.open(member) as source, open(folder / name, "wb") as target:
                     shutil.copyfileobj(source, target)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        return f"{archive.name}: not a readable zip ({exc})"
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        return f"{archive.name}: not a readable zip ({_clip(str(exc))})"
     return ""
 
 

@@ -17,7 +17,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import codec
 from .spec import Case, Exercise, Lab
@@ -137,16 +137,17 @@ class CaseTimeout(BaseException):
 
 
 def call_learner(
-    exercise: Exercise, obj: Any, inputs_wire: str, timeout_s: float | None = None, interruptible: bool = True
+    driver: Callable[[Any, dict[str, Any]], Any], obj: Any, inputs_wire: str, timeout_s: float | None = None,
+    interruptible: bool = True,
 ) -> LearnerOutcome:
-    """Run the driver on the learner's object for one case's inputs; never raises for learner errors.
+    """Run an exercise's driver on the learner's object for one case's inputs; never raises for learner errors.
 
     interruptible: let KeyboardInterrupt through (Ctrl-C in a notebook); a grading child counts it as an error.
     """
     inputs = codec.loads(inputs_wire)  # a fresh copy: the learner may mutate it freely
     try:
         with time_limit(timeout_s):
-            result = exercise.driver(obj, inputs)
+            result = driver(obj, inputs)
     except NotImplementedError as exc:
         return LearnerOutcome("not implemented", message=_clip(str(exc)))
     except CaseTimeout:
@@ -213,7 +214,7 @@ def run_in_process(lab: Lab, exercise: Exercise, obj: Any, include_hidden: bool 
     with stand_ins_bound(obj, lab.stand_ins(exercise)):
         for case in exercise.selected_cases(include_hidden):
             prepared = prepare(exercise, case)
-            outcome = call_learner(exercise, obj, prepared.inputs_wire, case.timeout_s)
+            outcome = call_learner(exercise.driver, obj, prepared.inputs_wire, case.timeout_s)
             result.cases.append(judge(exercise, prepared, outcome))
     return result
 

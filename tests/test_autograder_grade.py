@@ -95,9 +95,9 @@ CATALOGUE = {
     "one_wrong": (ADD, COUNTER.replace("self.total += by", "self.total += 2 * by"), 4, 0, "ok", ""),
     "infinite_loop": (add_doing("while True:\n    pass"), COUNTER, 0, 2, "timeout", "took longer than 2 s"),
     "loop_at_import": ("while True:\n    pass\n" + ADD, COUNTER, 0, 2, "timeout", "did not finish running within 10 s"),
-    "memory_bomb": (add_doing("chunks = []\nwhile True:\n    chunks.append(torch.empty(50_000_000))"), COUNTER, 0, 2,
-                    "ok", "out of memory"),
-    "process_storm": (ADD, STORM + COUNTER, 4, 2, "ok", ""),
+    "memory_bomb": (add_doing("chunks = []\nwhile True:\n    chunks.append(torch.ones(50_000_000))"), COUNTER, 0, 2,
+                    "crash", "memory limit"),
+    "process_storm": (ADD, STORM + COUNTER, 4, 0, "crash", ""),
     "sys_exit_at_import": ("import sys\nsys.exit(3)\n" + ADD, COUNTER, 0, 2, "ok", "SystemExit: 3"),
     "os_exit_at_import": ("import os\nos._exit(0)\n" + ADD, COUNTER, 0, 2, "crash", "ended (exit status 0)"),
     "sys_exit_in_function": (add_doing("import sys\nsys.exit(1)"), COUNTER, 0, 2, "ok", "SystemExit"),
@@ -115,8 +115,8 @@ CATALOGUE = {
                         "TypeError"),
     "huge_output": (add_doing("return a + b", before="import sys\nfor _ in range(2000):\n"
                               "    sys.stdout.write('spam' * 250_000)\n"), COUNTER, 4, 2, "ok", ""),
-    "hidden_reference": (add_doing("return a + b", before="from reference.kv_cache import kv_bytes_per_token\n"),
-                         COUNTER, 0, 2, "ok", "hidden while grading"),
+    "hidden_reference": (add_doing("return ref_add(a, b)", before="from autograder.harness.fixture import ref_add\n"),
+                         COUNTER, 0, 2, "ok", "absent while this exercise is graded"),
     "other_reference_works": (add_doing("return a + b", before="from reference.kv_cache import ContiguousKVCache\n"),
                               COUNTER, 4, 2, "ok", ""),
 }

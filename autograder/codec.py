@@ -13,6 +13,10 @@ Wire format (a JSON document):
   {"$float": "nan" | "inf" | "-inf"}, {"$tuple": [...]}, {"$dict": [[key, value], ...]} (keys: str or int),
   {"$tensor": {"dtype": "float32", "shape": [2, 3], "data": "<base64 of the raw little-endian bytes>"}}.
 
+Decoding never raises anything but CodecError, whatever the text (deep nesting, huge or negative shapes, wrong
+types anywhere): a malformed result costs only its own case. `parse_result_line` does the same for the lines of
+a grading child's results file.
+
 The encoder accepts exactly those types (numpy arrays become tensors) and refuses everything else, including
 subclasses of int, float, str, list, dict and Tensor, because a subclass can lie (`__eq__`, `__index__`,
 `__float__`); the error message says what was found and what is accepted.
@@ -43,6 +47,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_DEPTH = 64  # nesting deeper than this is refused (no legitimate result needs it)
+MAX_TENSOR_DIMS = 32  # a shape with more entries is refused (torch allows at most 64)
+MAX_TENSOR_DIM = 2**48  # a larger size in a shape is refused (torch sizes are int64; strides multiply them)
+RESULT_FIELDS = ("exercise", "case", "status", "result", "message")  # of a results-file line (child.py)
 # The wire carries tensors' native bytes and says they are little-endian, which every platform torch ships for is.
 assert sys.byteorder == "little", "the autograder's codec assumes a little-endian host"
 ACCEPTED = "None, bool, int, float, str, list, tuple, dict (str/int keys) and torch tensors"
@@ -63,16 +70,47 @@ def loads(text: str | bytes, *, max_bytes: int | None = None) -> Any:
     max_bytes: refuse documents longer than this (the caller's budget for one result); None = no limit.
     """
     if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", errors="strict")
+        try:
+            text = bytes(text).decode("utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(text, str):
         raise CodecError(f"expected wire-format text, got {type(text).__name__}")
     if max_bytes is not None and len(text) > max_bytes:
         raise CodecError(f"document of {len(text)} characters exceeds the limit of {max_bytes}")
     try:
-        raw = json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as exc:
+        raw = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except CodecError:
+        raise
+    except (ValueError, RecursionError, MemoryError) as exc:  # RecursionError: nesting deeper than json's stack
         raise CodecError(f"not valid JSON: {str(exc)[:200]}") from None
-    return _decode(raw, 0)
+    try:
+        return _decode(raw, 0)
+    except CodecError:
+        raise
+    except Exception as exc:  # a case the checks below did not foresee is still only a malformed document
+        raise CodecError(f"malformed document ({type(exc).__name__})") from None
+
+
+def parse_result_line(line: str, max_chars: int) -> dict | None:
+    """One line of a grading child's results file as {"exercise", "case", "status", "result", "message"}, all
+    str (the first three required, the others "" when absent or null); None for anything else: too long, not
+    JSON, nested too deep, wrong types. Other keys are dropped.
+
+    The line is untrusted (learner code can write to that file), so nothing here may raise."""
+    if not isinstance(line, str) or len(line) > max_chars:
+        return None
+    try:
+        row = json.loads(line, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError, MemoryError):  # CodecError is a ValueError
+        return None
+    if not isinstance(row, dict):
+        return None
+    if not all(type(row.get(name)) is str for name in RESULT_FIELDS[:3]):
+        return None
+    if not all(row.get(name) is None or type(row[name]) is str for name in RESULT_FIELDS[3:]):
+        return None
+    return {name: row.get(name) or "" for name in RESULT_FIELDS}
 
 
 def roundtrip(value: Any) -> Any:
@@ -160,6 +198,18 @@ def _refuse_constant(name: str) -> Any:
     raise CodecError(f"bare {name} is not wire format (non-finite floats are tagged as {{'$float': ...}})")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: json would make it inf; only the $float tag may
+        raise CodecError(f"the number {text[:30]} is out of range (non-finite floats are tagged as {{'$float': ...}})")
+    return value
+
+
+def _short(value: Any) -> str:
+    """A bounded description of a value from the document, for error messages."""
+    return repr(value)[:30] if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+
+
 def _decode(raw: Any, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise CodecError(f"document nested more than {MAX_DEPTH} levels deep")
@@ -172,7 +222,7 @@ def _decode(raw: Any, depth: int) -> Any:
     (tag, body), = raw.items()
     if tag == "$float":
         if body not in ("nan", "inf", "-inf"):
-            raise CodecError(f"$float must be 'nan', 'inf' or '-inf', got {str(body)[:20]!r}")
+            raise CodecError(f"$float must be 'nan', 'inf' or '-inf', got {_short(body)}")
         return float(body)
     if tag == "$tuple":
         if not isinstance(body, list):
@@ -189,7 +239,7 @@ def _decode(raw: Any, depth: int) -> Any:
         return out
     if tag == "$tensor":
         return _decode_tensor(body)
-    raise CodecError(f"unknown tag {str(tag)[:30]!r}")
+    raise CodecError(f"unknown tag {_short(tag)}")
 
 
 def _decode_tensor(body: Any) -> torch.Tensor:
@@ -197,10 +247,12 @@ def _decode_tensor(body: Any) -> torch.Tensor:
         raise CodecError("$tensor must hold exactly dtype, shape and data")
     dtype = DTYPES.get(body["dtype"]) if isinstance(body["dtype"], str) else None
     if dtype is None:
-        raise CodecError(f"$tensor dtype {str(body['dtype'])[:20]!r} is not one of {list(DTYPES)}")
+        raise CodecError(f"$tensor dtype {_short(body['dtype'])} is not one of {list(DTYPES)}")
     shape = body["shape"]
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise CodecError("$tensor shape must be a list of non-negative ints")
+    if not isinstance(shape, list) or not all(type(n) is int and 0 <= n <= MAX_TENSOR_DIM for n in shape):
+        raise CodecError(f"$tensor shape must be a list of ints from 0 to {MAX_TENSOR_DIM}")
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise CodecError(f"$tensor shape has {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are accepted")
     if not isinstance(body["data"], str):
         raise CodecError("$tensor data must be a base64 string")
     try:
@@ -211,7 +263,12 @@ def _decode_tensor(body: Any) -> torch.Tensor:
     element_size = torch.empty((), dtype=dtype).element_size()
     if len(raw) != numel * element_size:
         raise CodecError(f"$tensor data has {len(raw)} bytes; shape {shape} of {body['dtype']} needs {numel * element_size}")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
-    return flat.reshape(shape).clone()
+    if dtype is torch.bool and raw.translate(None, b"\x00\x01"):
+        raise CodecError("$tensor of dtype bool holds bytes other than 0 and 1")
+    try:
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+        return flat.reshape(shape).clone()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:  # e.g. strides of [0, 2**40, 2**40]
+        raise CodecError(f"$tensor of shape {shape} cannot be built ({type(exc).__name__})") from None

@@ -5,9 +5,13 @@ then run_autograder for every submission, with the student's files in /autograde
 /autograder/results/results.json. The zip holds the project's Python sources (not the solution notebooks),
 the hidden tests when given, and the two scripts below.
 
-Python goes into a virtual environment under /opt, outside root's home, so the sandbox can run student
-code as an unprivileged uid (sandbox.drops_privileges). run_autograder reads AUTOGRADER_ROOT and
-AUTOGRADER_PYTHON when set, which is how the tests run it outside Gradescope.
+setup.sh installs bubblewrap and puts Python in a virtual environment under /opt, outside root's home, so an
+unprivileged uid can run it; the project is installed editable, so its packages stay in /autograder/source,
+which run_autograder closes to other users before grading. Gradescope's containers may refuse the namespaces
+bubblewrap needs: the grader then falls back to its "container" mode (sandbox.py), which needs exactly that
+(student code as an unprivileged uid that can read neither the project nor the hidden tests nor the results),
+and the feedback says which mode graded it. run_autograder reads AUTOGRADER_ROOT and AUTOGRADER_PYTHON when set,
+which is how the tests run it outside Gradescope.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ EXECUTABLE = 0o100755 << 16  # zip external attributes of a regular file with mo
 
 SETUP = """\
 #!/usr/bin/env bash
-# Gradescope runs this once, as root, while building the image: Python, CPU-only torch, this project.
+# Gradescope runs this once, as root, while building the image: bubblewrap, Python, CPU-only torch, this project.
 set -euo pipefail
 apt-get update
-apt-get install -y --no-install-recommends python3 python3-pip python3-venv
+apt-get install -y --no-install-recommends python3 python3-pip python3-venv bubblewrap
 python3 -m venv /opt/nano-vllm-labs  # outside /root, so the sandbox's unprivileged uid can run it
 /opt/nano-vllm-labs/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch
-/opt/nano-vllm-labs/bin/pip install --no-cache-dir /autograder/source
+/opt/nano-vllm-labs/bin/pip install --no-cache-dir -e /autograder/source  # stays in source/, closed below
 """
 
 RUN = """\
@@ -41,6 +45,7 @@ ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
 PYTHON="${{AUTOGRADER_PYTHON:-/opt/nano-vllm-labs/bin/python}}"
 OUT="$(mktemp -d)"
 mkdir -p "$ROOT/results"
+chmod -R go-rwx "$ROOT/source" "$ROOT/results"  # the grader, the hidden tests, the results: root's alone
 cd "$ROOT/source"
 "$PYTHON" -m autograder grade {lab} "$ROOT/submission" --out "$OUT"{tests}
 if [ -f "$OUT/submission/results.json" ]; then

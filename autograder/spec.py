@@ -122,8 +122,9 @@ class Lab:
     preamble: the imports every exercise cell may rely on; it is run before an exercise cell wherever the cell
     runs outside its notebook (the command-line check, the grader). Exercise cells must not depend on anything
     else from their notebook.
-    memory_mb: the default address-space limit of a grading child (RLIMIT_AS), about twice what a child
-    grading the solution needs; address space, not resident memory (importing torch maps several hundred MB).
+    memory_mb: the default limit on the resident memory of a grading child, all its processes together (the
+    warden's measure), about twice what grading the solutions needs with the CUDA build of torch. Never an
+    address-space limit: a CUDA build of torch maps about 4 GB just to import.
     """
 
     name: str

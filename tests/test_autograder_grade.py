@@ -64,7 +64,7 @@ FAKE_RESULTS = """\
 import json, sys
 print('{"exercise": "add", "case": "vectors", "status": "pass"}')
 print("score: 100/100")
-with open(sys.argv[-1], "a") as results:  # the child's own results file
+with open(3, "a", closefd=False) as results:  # the child's own results pipe
     results.write(json.dumps({"exercise": "counter", "case": "counts_up", "status": "pass"}) + "\\n")
     results.write(json.dumps({"exercise": "counter", "case": "rejects_negative", "status": "ok",
                               "result": "[1, 2, 3]"}) + "\\n")
@@ -95,8 +95,8 @@ CATALOGUE = {
     "one_wrong": (ADD, COUNTER.replace("self.total += by", "self.total += 2 * by"), 4, 0, "ok", ""),
     "infinite_loop": (add_doing("while True:\n    pass"), COUNTER, 0, 2, "timeout", "took longer than 2 s"),
     "loop_at_import": ("while True:\n    pass\n" + ADD, COUNTER, 0, 2, "timeout", "did not finish running within 10 s"),
-    "memory_bomb": (add_doing("chunks = []\nwhile True:\n    chunks.append(torch.ones(50_000_000))"), COUNTER, 0, 2,
-                    "crash", "memory limit"),
+    "memory_bomb": (add_doing("return a + b", before="chunks = []\nwhile True:\n    chunks.append(torch.ones(50_000_000))\n"),
+                    COUNTER, 0, 2, "crash", "memory limit: the code used more than 2048 MB"),
     "process_storm": (ADD, STORM + COUNTER, 4, 0, "crash", ""),
     "sys_exit_at_import": ("import sys\nsys.exit(3)\n" + ADD, COUNTER, 0, 2, "ok", "SystemExit: 3"),
     "os_exit_at_import": ("import os\nos._exit(0)\n" + ADD, COUNTER, 0, 2, "crash", "ended (exit status 0)"),
@@ -113,7 +113,7 @@ CATALOGUE = {
     "missing_function": ("def plus(a, b):\n    return a + b\n", COUNTER, 0, 2, "ok", "does not define add"),
     "wrong_signature": (add_doing("return a", before="").replace("(a, b)", "(a)"), COUNTER, 0, 2, "ok",
                         "TypeError"),
-    "huge_output": (add_doing("return a + b", before="import sys\nfor _ in range(2000):\n"
+    "huge_output": (add_doing("return a + b", before="import sys\nfor _ in range(500):\n"
                               "    sys.stdout.write('spam' * 250_000)\n"), COUNTER, 4, 2, "ok", ""),
     "hidden_reference": (add_doing("return ref_add(a, b)", before="from autograder.harness.fixture import ref_add\n"),
                          COUNTER, 0, 2, "ok", "absent while this exercise is graded"),
@@ -183,8 +183,10 @@ def test_unreadable_notebooks_are_invalid_with_the_reason(catalogue, name, words
     assert words in graded.results[0].cases[0].feedback
 
 
-def test_no_process_of_the_storm_survives_grading(catalogue):
-    assert catalogue[0]["process_storm"].score == 6  # the storm itself cost nothing
+def test_a_process_storm_costs_its_exercise_and_no_process_survives(catalogue):
+    graded = catalogue[0]["process_storm"]
+    assert exercise_points(graded) == (4, 0)  # add ran before the storm, in the same child
+    assert "process limit: the code started more than 64 processes" in graded.results[1].cases[0].feedback
     assert storm_survivors() == []
 
 
@@ -202,13 +204,13 @@ def storm_survivors() -> list[int]:
 
 def test_printing_gigabytes_is_drained_noted_and_harmless(catalogue):
     notes = " ".join(catalogue[0]["huge_output"].notes)
-    assert "the code printed 2,000 MB" in notes
+    assert "the code printed 1,000 MB" in notes  # 500 MB, in the visible child and in the hidden one
 
 
-def test_hidden_reference_attempt_is_reported_in_the_feedback(catalogue):
+def test_using_the_absent_reference_is_reported_in_the_feedback(catalogue):
     grades, out = catalogue
     feedback = (out / "hidden_reference" / "feedback.md").read_text()
-    assert "tried to use the hidden reference reference.kv_cache.kv_bytes_per_token" in feedback
+    assert "autograder.harness.fixture.ref\\_add is absent while this exercise is graded" in feedback
 
 
 def test_files_written_into_the_output_folder_do_not_survive(catalogue):
@@ -238,18 +240,11 @@ def test_results_json_is_in_gradescope_format_and_hides_hidden_values(catalogue)
     assert hidden["output"].endswith("-- wrong values")  # no numbers from the hidden inputs
 
 
-def test_storm_is_cleaned_up_without_namespaces_too(tmp_path):
-    path = tmp_path / "storm.ipynb"
-    nbformat.write(notebook(ADD, STORM + COUNTER), str(path))
-    (graded,) = grade(FIXTURE, [path], GradeOptions(mode="none", progress=False))
-    assert graded.score == 6 and storm_survivors() == []
-
-
-def test_allow_reference_lifts_the_hiding(tmp_path):
+def test_allow_reference_keeps_the_reference_in_the_sandbox(tmp_path):
     path = tmp_path / "uses_reference.ipynb"
     nbformat.write(notebook(CATALOGUE["hidden_reference"][0]), str(path))
     (graded,) = grade(FIXTURE, [path], GradeOptions(allow_reference=True, progress=False))
-    assert graded.score == 6 and graded.notes == []
+    assert graded.score == 6
 
 
 def test_hidden_tests_from_an_instructor_folder_are_added_and_graded(tmp_path):
@@ -325,7 +320,8 @@ def test_gradescope_zip_installs_and_its_run_autograder_grades_a_submission(tmp_
         assert zipped.getinfo("run_autograder").external_attr >> 16 & 0o111
         zipped.extractall(root / "source")
     setup = (root / "source" / "setup.sh").read_text()
-    assert "download.pytorch.org/whl/cpu" in setup and "pip install --no-cache-dir /autograder/source" in setup
+    assert "download.pytorch.org/whl/cpu" in setup and "pip install --no-cache-dir -e /autograder/source" in setup
+    assert "bubblewrap" in setup
     (root / "submission").mkdir()
     nbformat.write(notebook(counter=COUNTER.replace("self.total += by", "pass")), str(root / "submission" / "x.ipynb"))
     env = dict(os.environ, AUTOGRADER_ROOT=str(root), AUTOGRADER_PYTHON=sys.executable)
@@ -335,24 +331,6 @@ def test_gradescope_zip_installs_and_its_run_autograder_grades_a_submission(tmp_
     assert run.returncode == 0, run.stderr
     results = json.loads((root / "results" / "results.json").read_text())
     assert results["score"] == 4 and len(results["tests"]) == 5
-
-
-def test_warden_drops_privileges_and_bounds_processes_when_root(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("only root can switch to the sandbox uid")
-    os.chown(tmp_path, sandbox.SANDBOX_UID, sandbox.SANDBOX_UID)
-    if not os.access("/usr/bin/python3", os.X_OK):
-        pytest.skip("needs a system Python that the sandbox uid can run")
-    config = sandbox._config(sandbox.Limits(wall_s=20, processes=20), str(tmp_path), "none", sandbox.SANDBOX_UID)
-    script = ("import os, subprocess\nstarted = []\nfor _ in range(40):\n    try:\n"
-              f"        started.append(subprocess.Popen(['sleep', '{STORM_MARK}']))\n"
-              "    except OSError:\n        break\nprint(os.getuid(), len(started))")
-    run = subprocess.run([sys.executable, sandbox.WARDEN, json.dumps(config), "/usr/bin/python3", "-c", script],
-                         capture_output=True, text=True, timeout=60)
-    uid, started = run.stdout.split()
-    assert int(uid) == sandbox.SANDBOX_UID
-    assert int(started) < 40  # RLIMIT_NPROC refused the rest
-    assert storm_survivors() == []  # and the warden killed those it had
 
 
 def test_hiding_blocks_every_import_path_to_a_symbol_and_only_that_symbol():
@@ -377,35 +355,3 @@ def test_hiding_blocks_every_import_path_to_a_symbol_and_only_that_symbol():
             blocked = True
         assert blocked == hidden, source
     assert set(guard.attempts) == {"reference.attention.metadata.build_metadata"}
-
-
-def test_unprivileged_user_gets_network_and_pid_namespaces_and_a_clean_up():
-    """What an instructor without root gets (user namespaces): simulated by running the warden as a plain uid."""
-    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or not os.access("/usr/bin/setpriv", os.X_OK):
-        pytest.skip("needs root (to become a plain user), setpriv and a system Python")
-    uid = str(sandbox.SANDBOX_UID + 7)
-    tmp_path = Path(tempfile.mkdtemp(prefix="autograder-test-"))  # pytest's own folder is private to root
-    os.chown(tmp_path, int(uid), int(uid))
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, socket, subprocess\n"
-        f"storm = [subprocess.Popen(['sleep', '{STORM_MARK}'], start_new_session=True) for _ in range(50)]\n"
-        "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\n    print('network')\n"
-        "except OSError:\n    print('no-network')\n"
-        "print(os.getpid(), sum(entry.isdigit() for entry in os.listdir('/proc')))\n")
-    # The plain user may not be able to enter this checkout (a fresh clone in a private temp dir is mode 700):
-    # it runs a copy of the warden (a standalone script) from its own folder.
-    warden = tmp_path / "warden.py"
-    shutil.copy(sandbox.WARDEN, warden)
-    config = sandbox._config(sandbox.Limits(wall_s=20), str(tmp_path), "user-namespaces", None)
-    run = subprocess.run(["/usr/bin/setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "/usr/bin/python3",
-                          str(warden), json.dumps(config), "/usr/bin/python3", str(script)],
-                         capture_output=True, text=True, timeout=60)
-    shutil.rmtree(tmp_path)
-    if run.returncode == sandbox.SETUP_FAILED and "cannot build the sandbox" in run.stderr:
-        pytest.skip(f"user namespaces are not allowed here: {run.stderr.strip()}")
-    assert run.stdout.strip(), f"the probe printed nothing; warden stderr: {run.stderr.strip()}"
-    network, pid, visible = run.stdout.split()
-    assert network == "no-network"
-    assert pid == "1" and int(visible) < 60  # its own PID namespace, and a /proc that shows only that
-    assert storm_survivors() == []

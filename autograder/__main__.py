@@ -79,7 +79,7 @@ def _grade_arguments(parser: argparse.ArgumentParser) -> None:
 def _grade(args: argparse.Namespace) -> int:
     from . import sandbox
     from .grade import GradeOptions, grade, load_hidden_tests
-    from .gradebook import write_gradebook
+    from .gradebook import check_out_dir, write_gradebook
     from .labs import load_lab
     from .report import points
 
@@ -96,6 +96,7 @@ def _grade(args: argparse.Namespace) -> int:
     except sandbox.SandboxUnavailable as exc:
         print(f"error: cannot grade: {exc}", file=sys.stderr)
         return 3
+    check_out_dir(args.out)  # a folder we may not write into is found before grading, not after
     if mode == "bwrap" and os.name == "posix" and os.geteuid() == 0 and not sandbox.can_drop_to_sandbox_uid():
         print(f"note: bubblewrap runs as root here (inside, student code is an unprivileged uid in its own user "
               f"namespace): an unprivileged user cannot run {sys.executable}; install the course where every user "

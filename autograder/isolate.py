@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import redact, sandbox
-from .notebook import ExerciseSource, exercise_sources, read_notebook
+from . import codec, redact, sandbox
+from .notebook import ExerciseSource, NotebookError, extract_exercise_sources
 from .runner import CaseResult, ExerciseResult, LearnerOutcome, judge, missing_result, prepare
 from .spec import Exercise, Lab
 
@@ -104,8 +104,10 @@ def run_notebook(lab: Lab, notebook_path: str | Path, exercises: list[str] | Non
     """A learner's self-check of one notebook file (visible cases, mode "process", reference hidden as a
     deterrent); one ExerciseResult per exercise, in lab order. Raises notebook.NotebookError when the file is
     not a readable notebook."""
-    notebook = read_notebook(notebook_path)
-    sources = exercise_sources(notebook, lab, exercises or exercises_for(lab, notebook_path))
+    names = exercises or exercises_for(lab, notebook_path)
+    sources, problem = extract_exercise_sources(notebook_path, lab, names)
+    if problem:
+        raise NotebookError(notebook_path, problem.split(": ", 1)[-1])
     hide = tuple(name for exercise in lab.exercises for name in exercise.hides)
     return run_sources(lab, sources, mode="process", budget_s=timeout_s, hide=hide).results
 
@@ -322,20 +324,15 @@ def read_outcomes(data: bytes, expected: set[tuple[str, str]]
     notes: dict[tuple[str, str], str] = {}
     exercises = {exercise for exercise, _ in expected}
     for line in data.decode("utf-8", errors="replace").splitlines():
-        if len(line) > MAX_RESULT_LINE:
+        row = codec.parse_result_line(line, MAX_RESULT_LINE)
+        if row is None:
             continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("exercise", "case", "status")):
-            continue
-        message = str(row.get("message") or "")[:MAX_MESSAGE]
+        message = row["message"][:MAX_MESSAGE]
         if row["case"] == "" and row["exercise"] in exercises:
             notes.setdefault((row["exercise"], row["status"]), message)
         elif (row["exercise"], row["case"]) in expected:
             outcomes.setdefault((row["exercise"], row["case"]),
-                                LearnerOutcome(row["status"], str(row.get("result") or ""), message))
+                                LearnerOutcome(row["status"], row["result"], message))
     return outcomes, notes
 
 

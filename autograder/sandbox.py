@@ -29,7 +29,6 @@ import fcntl
 import functools
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -428,8 +427,3 @@ class _Drain(threading.Thread):
     def tail(self) -> str:
         return self.data().decode("utf-8", errors="replace")
 
-
-def current_user() -> str:
-    with contextlib.suppress(KeyError):
-        return pwd.getpwuid(os.getuid()).pw_name
-    return str(os.getuid())

@@ -34,11 +34,12 @@ CHILD_TIME_S = 30.0
 class NotebookError(ValueError):
     """The file is not a readable notebook (missing, too large, empty, invalid JSON, not nbformat 4).
 
-    str(error) is "<path>: <reason>"; `reason` alone is the part without the path."""
+    str(error) is "<path>: <reason>"; `reason` alone is the part without the path. NotebookError(message) with
+    one argument takes a whole message, such as the problem extract_exercise_sources returns."""
 
-    def __init__(self, path: object, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.reason = reason
+    def __init__(self, path: object, reason: str | None = None) -> None:
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
+        self.reason = str(path) if reason is None else reason
 
 
 # -- reading one file -------------------------------------------------------------------------------------------

@@ -180,8 +180,10 @@ def test_size_limits_each_make_a_notebook_unreadable(tmp_path):
     at_limit = write(tmp_path / "at_limit.ipynb", make_notebook([(ADD + "#" * (nbread.MAX_CELL_CHARS - len(ADD)), [])]))
     sources, problem = notebook.extract_exercise_sources(at_limit, FIXTURE, NAMES)
     assert problem == "" and sources[0].how == "definition"
-    with pytest.raises(notebook.NotebookError, match="200,001 characters"):
+    with pytest.raises(notebook.NotebookError, match="200,001 characters") as refused:
         notebook.read_notebook(big_cell)  # the trusted, in-process reader has the same limits
+    assert str(refused.value) == notebook.extract_exercise_sources(big_cell, FIXTURE, NAMES)[1]
+    assert str(notebook.NotebookError(str(refused.value))) == str(refused.value)  # how `check` raises a problem
 
 
 def test_pathological_cells_define_nothing_and_the_honest_definition_is_found(tmp_path):

@@ -210,7 +210,7 @@ def test_printing_gigabytes_is_drained_noted_and_harmless(catalogue):
 def test_using_the_absent_reference_is_reported_in_the_feedback(catalogue):
     grades, out = catalogue
     feedback = (out / "hidden_reference" / "feedback.md").read_text()
-    assert "autograder.harness.fixture.ref\\_add is absent while this exercise is graded" in feedback
+    assert "autograder.harness.fixture.ref_add is absent while this exercise is graded" in feedback
 
 
 def test_files_written_into_the_output_folder_do_not_survive(catalogue):

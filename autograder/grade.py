@@ -90,7 +90,7 @@ def grade(lab: Lab, paths: list[str | Path], options: GradeOptions = GradeOption
     with tempfile.TemporaryDirectory(prefix="autograder-unzip-") as unzipped, \
             tempfile.TemporaryDirectory(prefix="autograder-views-") as staging:
         os.chmod(staging, 0o755)  # a sandbox uid reads the (redacted) views
-        views = ViewCache(staging, options.masked, redact=not options.allow_reference)
+        views = ViewCache(staging, options.masked, redact=not options.allow_reference, private=mode == "container")
         submissions = collect_submissions([Path(p) for p in paths], Path(unzipped))
         for exercise in lab.exercises:  # expected values once, here, before any thread starts
             for case in exercise.cases:

@@ -18,9 +18,12 @@ How a submission is split into children when grading (`plan_children`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,10 +66,26 @@ class ChildPlan:
 class ViewCache:
     """The redacted views of one grading run, built once per set of absent names and shared by students."""
 
-    def __init__(self, staging: str | Path, masked: tuple[str, ...] = (), redact: bool = True) -> None:
-        self.staging, self.masked, self.redact = Path(staging), masked, redact
+    def __init__(self, staging: str | Path, masked: tuple[str, ...] = (), redact: bool = True,
+                 private: bool = False) -> None:
+        self.staging, self.masked, self.redact, self.private = Path(staging), masked, redact, private
         self._views: dict[tuple[str, ...], sandbox.View] = {}
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def private_copy(self, view: sandbox.View, uid: int):
+        """Container mode: a copy of `view` that only `uid` can read, for one child. The shared views hold the
+        stand-ins other children need, which would be another child's absent reference; without mount
+        namespaces, file permissions must keep them apart."""
+        folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.staging))
+        try:
+            shutil.copytree(view.root, folder / "view", symlinks=False)
+            for path in [folder, *folder.rglob("*")]:
+                os.chown(path, uid, uid, follow_symlinks=False)
+            os.chmod(folder, 0o700)
+            yield sandbox.View(folder / "view", view.masked)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def get(self, absent: tuple[str, ...]) -> sandbox.View:
         absent = absent if self.redact else ()
@@ -74,6 +93,8 @@ class ViewCache:
             if absent not in self._views:
                 root = redact.build_view(self.staging / f"view{len(self._views)}", absent)
                 sandbox.write_identity(root)
+                if self.private:  # container mode: readable through private_copy only
+                    os.chmod(root, 0o700)
                 self._views[absent] = sandbox.View(root, self.masked)
             return self._views[absent]
 
@@ -217,20 +238,17 @@ def _run_child(lab: Lab, plan: ChildPlan, sources: dict[str, str], limits: sandb
     that must run again after an abnormal end, if any."""
     job, prepared = build_job(lab, plan, sources, hide)
     view = views.get(plan.absent) if mode in ("bwrap", "container") else None
-    if mode == "bwrap":
-        python_path = ["/grading"]
-    elif mode == "container":
-        python_path = [str(view.root)]
+    if mode == "container":
+        with sandbox.lease_uid() as uid, views.private_copy(view, uid) as own_view:
+            ended = _launch(job, limits, mode, own_view, uid, [str(own_view.root)])
     else:
-        python_path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = sandbox.sandbox_env(python_path)
-    if mode == "process":
-        env.pop("CUDA_VISIBLE_DEVICES")  # a learner's own check may use their GPU
-    lease = mode == "container" or (mode == "bwrap" and sandbox.can_drop_to_sandbox_uid())
-    with (sandbox.lease_uid() if lease else _no_uid()) as uid:
-        ended = sandbox.run_sandboxed([sys.executable, "-m", "autograder.child"], env, limits, mode,
-                                      stdin=json.dumps(job).encode(), view=view, uid=uid)
-    run.output_bytes += ended.output_bytes
+        lease = mode == "bwrap" and sandbox.can_drop_to_sandbox_uid()
+        with (sandbox.lease_uid() if lease else _no_uid()) as uid:
+            python_path = ["/grading"] if mode == "bwrap" else (
+                [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+            ended = _launch(job, limits, mode, view, uid, python_path)
+    if plan.visible:  # a hidden child's output size would be a channel out of it
+        run.output_bytes += ended.output_bytes
     run.peak_mb = max(run.peak_mb, ended.peak_mb)
     expected = {(item["name"], case["name"]) for item in job["exercises"] for case in item["cases"]}
     reported, notes = read_outcomes(ended.results, expected)
@@ -244,7 +262,7 @@ def _run_child(lab: Lab, plan: ChildPlan, sources: dict[str, str], limits: sandb
     finished = [name for name in plan.exercises if (name, "process") in notes]
     unfinished = [name for name in plan.exercises if name not in finished]
     for name in finished:
-        _fill(lab, outcomes, name, plan.visible, *_process_note(notes[name, "process"]))
+        _fill(lab, outcomes, name, plan.visible, *_process_note(notes[name, "process"], plan.visible))
     if ended.ok or not unfinished:
         for name in unfinished:
             _fill(lab, outcomes, name, plan.visible, "crashed", "crashed: no result came back for this test")
@@ -256,6 +274,15 @@ def _run_child(lab: Lab, plan: ChildPlan, sources: dict[str, str], limits: sandb
     for name in unfinished[1:]:
         _fill(lab, outcomes, name, plan.visible, status, why)
     return None
+
+
+def _launch(job: dict, limits: sandbox.Limits, mode: str, view: sandbox.View | None, uid: int | None,
+            python_path: list[str]) -> sandbox.SandboxRun:
+    env = sandbox.sandbox_env(python_path)
+    if mode == "process":
+        env.pop("CUDA_VISIBLE_DEVICES")  # a learner's own check may use their GPU
+    return sandbox.run_sandboxed([sys.executable, "-m", "autograder.child"], env, limits, mode,
+                                 stdin=json.dumps(job).encode(), view=view, uid=uid)
 
 
 def build_job(lab: Lab, plan: ChildPlan, sources: dict[str, str], hide: tuple[str, ...]):
@@ -289,6 +316,8 @@ def _verdict(ended: sandbox.SandboxRun, limits: sandbox.Limits, visible: bool) -
         return "timeout", f"timeout: the checking process took longer than {limits.wall_s:g} s"
     why = (f"crashed: the checking process was killed by signal {ended.code}" if ended.status == "signaled"
            else f"crashed: the checking process ended early (exit status {ended.code})")
+    if not visible:  # a hidden child chooses its exit status: no numbers out of it
+        why = "crashed: the checking process ended early"
     if ended.status == "setup":
         why = "crashed: the sandbox could not start (please tell the staff)"
     last_line = (ended.output_tail.strip().splitlines() or [""])[-1]
@@ -304,11 +333,14 @@ PROCESS_NOTES = (  # what child.wait_for may say; anything else from the child i
 )
 
 
-def _process_note(note: str) -> tuple[str, str]:
+def _process_note(note: str, visible: bool) -> tuple[str, str]:
     import re
 
     if not any(re.fullmatch(pattern, note) for pattern in PROCESS_NOTES):
         return "crashed", "crashed: no result came back for this test"
+    if not visible:  # the note comes from the child: only its kind, no numbers
+        return ("timeout", "timeout: the exercise was stopped") if note.startswith("timeout") else (
+            "crashed", "crashed: the exercise's process ended before reporting")
     if note.endswith(("signal 6", "signal 9", "signal 11")):
         note += " (perhaps out of memory: the grader limits how much memory your code may use)"
     return note.split(":")[0], note

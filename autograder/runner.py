@@ -101,7 +101,7 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     if outcome.status == "not implemented":
         return result("not implemented", f"{exercise.symbol} is not implemented yet (it raised NotImplementedError)")
     if outcome.status in ("error", "invalid result", "timeout"):
-        message = outcome.message if case.visible else _without_values(outcome.status, outcome.message)
+        message = outcome.message if case.visible else _without_values(outcome.status, outcome.message, case)
         if "MemoryError" in message or "can't allocate memory" in message:
             message += " (out of memory: the grader limits how much memory your code may use)"
         return result(outcome.status, f"{case.feedback} -- yours: {message}")
@@ -118,13 +118,13 @@ def judge(exercise: Exercise, prepared: PreparedCase, outcome: LearnerOutcome) -
     return result("fail", f"{case.feedback} -- {why}")
 
 
-def _without_values(status: str, message: str) -> str:
-    """What a hidden case may say about an error: the name of a built-in exception or a time limit, never the
-    message (which could print the hidden inputs)."""
+def _without_values(status: str, message: str, case: Case) -> str:
+    """What a hidden case may say about an error: the name of a built-in exception or the grader's own words
+    for a time limit, never the child's message (which could print the hidden inputs)."""
     if status == "invalid result":
         return "a result that is not plain data (see the visible tests' feedback)"
-    if message.startswith("took longer than"):
-        return message
+    if status == "timeout":
+        return f"took longer than {case.timeout_s:g} s"
     name = message.split(":")[0].split(" ")[0]
     return name if isinstance(getattr(builtins, name, None), type) else "an exception"
 

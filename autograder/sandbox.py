@@ -366,6 +366,7 @@ def bwrap_command(command: list[str], view: View | None, limits: Limits) -> list
     args = ["bwrap", *_namespace_args(), "--proc", "/proc", "--dev", "/dev"]
     for _, mount_args in mounts:
         args += mount_args
+    args += ["--remount-ro", "/dev", "--remount-ro", "/"]  # only the sized tmpfs mounts stay writable
     args += ["--chdir", SCRATCH]
     return [shutil.which("bwrap") or "bwrap", *args[1:], *command]
 

@@ -268,6 +268,9 @@ def load_hidden_tests(lab: Lab, tests_dir: str | Path) -> Lab:
     path = Path(tests_dir) / (lab.name.replace(".", "_") + ".py")
     if not path.is_file():
         raise ValueError(f"--tests {tests_dir}: expected a file {path.name} defining CASES for {lab.name}")
+    inside = [p for p in sandbox.package_dirs().values() if Path(tests_dir).resolve().is_relative_to(p)]
+    if inside:  # the sandbox's redacted copy is made from those folders
+        raise ValueError(f"--tests {tests_dir}: keep hidden tests outside the package folder {inside[0]}")
     spec = importlib.util.spec_from_file_location(f"hidden_tests_{lab.name.replace('.', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

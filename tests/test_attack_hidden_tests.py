@@ -331,3 +331,11 @@ def test_the_command_line_keeps_hidden_tests_and_the_output_folder_out_of_sight(
     for path, text in files_of(out).items():
         assert leaks_in(text, values) == [], path
     assert leaks_in(result.stdout + result.stderr, values) == []
+
+
+def test_hidden_tests_inside_a_package_folder_are_refused():
+    """The sandbox's redacted copy is made from the package folders: hidden tests kept there would be copied."""
+    from autograder.grade import load_hidden_tests
+
+    with pytest.raises(ValueError, match="keep hidden tests outside the package folder"):
+        load_hidden_tests(load_lab("fixture"), Path(__file__).resolve().parent.parent / "autograder" / "labs")

@@ -38,4 +38,13 @@ def test_import_reference_does_not_import_triton():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in readme and "make test" in ci and "torch==2.13.0" in ci
+    assert "make test" in readme and "make test" in ci
+
+
+def test_ci_takes_the_torch_a_new_user_gets():
+    """CI must not preinstall a CPU torch: pip then brings PyPI's default (CUDA) build, which the grader must
+    survive (it maps about 4 GB of address space just to import), as most learners have it."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in ci.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("pip" in line and "torch" in line for line in commands)
+    assert "bubblewrap" in ci and "bubblewrap" in (ROOT / "README.md").read_text()

@@ -1,4 +1,5 @@
-"""Shared fixtures: random-initialised checkpoints of each family, and SmolLM2 with its transformers twin."""
+"""Shared fixtures: random-initialised checkpoints of each family (alone or with their transformers twin), and
+SmolLM2 with its transformers twin."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_deterministic():
+def _seeded():
+    """Every test starts from the same global RNG state, so random inputs do not depend on test order."""
     torch.manual_seed(0)
     yield
 
@@ -42,6 +44,24 @@ def checkpoint_factory(tmp_path_factory):
         if key not in made:
             made[key] = make_checkpoint(tmp_path_factory.mktemp(family), family, **overrides)
         return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_twin_factory(checkpoint_factory):
+    """make(family, **config_overrides) -> (checkpoint dir, its transformers model in float32, eval mode).
+
+    The twin is what engine outputs are held to (tests/exactness.py); cached per arguments like the checkpoint."""
+    made: dict = {}
+
+    def make(family: str, **overrides) -> tuple[Path, torch.nn.Module]:
+        from transformers import AutoModelForCausalLM
+
+        path = checkpoint_factory(family, **overrides)
+        if path not in made:
+            made[path] = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        return path, made[path]
 
     return make
 

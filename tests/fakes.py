@@ -7,7 +7,7 @@
   tokens left it "samples" a token that is a hash of the tokens it reads back from that cache. A token lost,
   duplicated or read from a slot another sequence overwrote therefore changes every later token, and the
   expected output of a request is the pure function `expected_output(prompt, max_tokens)`.
-- run_to_completion drives scheduler + runner step by step and records what each step did.
+- run_steps drives scheduler + runner step by step and records what each step did.
 
 Nothing here imports torch or loads a model; these fakes only know the scheduler's and KV manager's interfaces.
 """
@@ -132,7 +132,7 @@ class FakePagedKVManager(KVCacheManager):
 
 
 @dataclass
-class StepRecord:
+class StepTrace:
     """What one step did."""
 
     step: int
@@ -199,21 +199,21 @@ class FakeRunner:
 StepHook = Callable[[Scheduler, ScheduledBatch], None]
 
 
-def run_to_completion(
+def run_steps(
     scheduler: Scheduler,
     runner: FakeRunner,
     max_steps: int,
     arrivals: dict[int, list[Sequence]] | None = None,
     after_schedule: StepHook | None = None,
     after_run: StepHook | None = None,
-) -> list[StepRecord]:
+) -> list[StepTrace]:
     """Step until nothing is unfinished and nothing is left to arrive, or max_steps steps ran.
 
     arrivals[k] are added (in list order) just before step k is scheduled. after_schedule sees the batch before
     the runner executes it, after_run after. The caller checks scheduler.has_unfinished() to tell a hang.
     """
     arrivals = dict(arrivals or {})
-    records: list[StepRecord] = []
+    records: list[StepTrace] = []
     for step in range(max_steps):
         for seq in arrivals.pop(step, []):
             scheduler.add(seq)
@@ -227,7 +227,7 @@ def run_to_completion(
         sampled, finished = runner.step(batch)
         if after_run is not None:
             after_run(scheduler, batch)
-        records.append(StepRecord(
+        records.append(StepTrace(
             step=step, scheduled=scheduled, num_tokens=batch.total_tokens, num_prefill_tokens=num_prefill,
             num_decode_tokens=num_decode, preempted=[s.seq_id for s in batch.preempted],
             sampled=[s.seq_id for s in sampled], finished=[s.seq_id for s in finished],

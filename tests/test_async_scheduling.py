@@ -19,11 +19,8 @@ MAX_NEW = 16
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = checkpoint_factory("qwen2", num_attention_heads=4, num_key_value_heads=2)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+def tiny(hf_twin_factory):
+    path, hf = hf_twin_factory("qwen2", num_attention_heads=4, num_key_value_heads=2)
     generator = torch.Generator().manual_seed(5)
     system = torch.randint(0, 512, (21,), generator=generator).tolist()  # shared: prefix caching has hits
     prompts = [system + torch.randint(0, 512, (n,), generator=generator).tolist()

@@ -19,12 +19,9 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoint_factory):
+def tiny(hf_twin_factory):
     """(checkpoint dir, transformers twin, 24 mixed-length prompts, their HF greedy continuations)."""
-    from transformers import AutoModelForCausalLM
-
-    path = checkpoint_factory("qwen3", num_attention_heads=6, num_key_value_heads=2, head_dim=24)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    path, hf = hf_twin_factory("qwen3", num_attention_heads=6, num_key_value_heads=2, head_dim=24)
     generator = torch.Generator().manual_seed(7)
     lengths = torch.randint(9, 70, (NUM_PROMPTS,), generator=generator).tolist()
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in lengths]

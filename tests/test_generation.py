@@ -27,12 +27,9 @@ QUESTIONS = [
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
-def test_random_model_greedy_matches_transformers(checkpoint_factory, family, use_cache):
-    from transformers import AutoModelForCausalLM
-
-    path = checkpoint_factory(family)
+def test_random_model_greedy_matches_transformers(hf_twin_factory, family, use_cache):
+    path, hf = hf_twin_factory(family)
     model, _ = load_model(path)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (1, 3, 8, 13, 21, 34, 5, 55)]
     ours = generate(model, prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_cache=use_cache)

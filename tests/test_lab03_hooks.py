@@ -99,13 +99,3 @@ def test_attention_benchmark_functions_that_notebook_3_calls_run_and_report_band
     assert bench.time_ms(lambda: torch.ones(1, device="cuda"), warmup=1, samples=2, calls=2) > 0
 
 
-def test_lab03_references_pass_every_case_of_their_exercises():
-    """The lab's stand-ins (thin adapters over the block manager, reference.paging and the attention paths) run
-    every case, hidden ones included, and agree with the expected values the grader computes."""
-    from autograder.labs import load_lab
-    from autograder.runner import run_in_process
-
-    lab = load_lab("lab0.3")
-    for exercise in lab.exercises:
-        result = run_in_process(lab, exercise, exercise.reference, include_hidden=True)
-        assert result.full_marks, (exercise.name, [(c.case, c.status, c.feedback) for c in result.cases if not c.passed])

@@ -39,13 +39,10 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_random_checkpoint_logits_match_transformers(checkpoint_factory, name):
-    from transformers import AutoModelForCausalLM
-
+def test_random_checkpoint_logits_match_transformers(hf_twin_factory, name):
     family, overrides = CONFIGS[name]
-    path = checkpoint_factory(family, **overrides)
+    path, hf = hf_twin_factory(family, **overrides)
     ours, _ = load_model(path)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokens = torch.randint(0, ours.config.vocab_size, (200,)).tolist()  # long enough to exercise llama3 bands
     diff = (our_logits(ours, tokens) - hf_logits(hf, tokens)).abs().max().item()
     assert diff < ATOL, f"{name}: max abs logit diff {diff:.2e}"

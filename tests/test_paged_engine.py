@@ -16,11 +16,8 @@ MAX_NEW = 20
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = checkpoint_factory("llama", num_attention_heads=4, num_key_value_heads=1)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+def tiny(hf_twin_factory):
+    path, hf = hf_twin_factory("llama", num_attention_heads=4, num_key_value_heads=1)
     generator = torch.Generator().manual_seed(3)
     system = torch.randint(0, 512, (37,), generator=generator).tolist()  # a shared "system prompt"
     prompts = [system + torch.randint(0, 512, (n,), generator=generator).tolist()

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, example, given, settings, target
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fakes import FAKE_VOCAB_SIZE, FakePagedKVManager, FakeRunner, blocks_for, expected_output, run_to_completion
+from fakes import FAKE_VOCAB_SIZE, FakePagedKVManager, FakeRunner, blocks_for, expected_output, run_steps
 from reference.kv_manager import ContiguousKVManager
 from reference.policies import PriorityWithAging
 from reference.sampling import SamplingParams
@@ -130,7 +130,7 @@ def test_without_chunked_prefill_a_prompt_longer_than_the_budget_is_never_split(
 def test_the_token_budget_is_filled_but_never_exceeded():
     scheduler, runner, _ = paged(budget=16)
     seqs = [make_seq(name, 13, 4, arrival=i) for i, name in enumerate("ABCDE")]
-    records = run_to_completion(scheduler, runner, max_steps=50, arrivals={0: seqs})
+    records = run_steps(scheduler, runner, max_steps=50, arrivals={0: seqs})
     # step 0: A13 B3 | 1: A1 B10 C5 | 2: A1 B1 C8 D6 | 3: A1(done) B1 C1 D7 E6 | 4: B1(done) C1 D1 E7
     assert [r.num_tokens for r in records[:5]] == [16, 16, 16, 16, 10]
     assert max(r.num_tokens for r in records) <= 16
@@ -140,7 +140,7 @@ def test_the_token_budget_is_filled_but_never_exceeded():
 def test_max_num_seqs_caps_the_running_set():
     scheduler, runner, _ = paged(max_num_seqs=2)
     seqs = [make_seq(name, 2, 3, arrival=i) for i, name in enumerate("ABCD")]
-    records = run_to_completion(scheduler, runner, max_steps=50, arrivals={0: seqs})
+    records = run_steps(scheduler, runner, max_steps=50, arrivals={0: seqs})
     assert [r.num_running for r in records] == [2, 2, 0, 2, 2, 0]  # A, B finish at step 2; C, D at step 5
     assert [sorted(seq_id for seq_id, _ in r.scheduled) for r in records] == (
         [[seqs[0].seq_id, seqs[1].seq_id]] * 3 + [[seqs[2].seq_id, seqs[3].seq_id]] * 3)
@@ -158,7 +158,7 @@ def test_contiguous_manager_admits_only_while_a_row_is_free_and_never_preempts()
     plan, _ = step(scheduler, runner)
     assert plan == [("A", 4), ("B", 4)]
     assert (kv.num_free_blocks, kv.block_table(a), kv.block_table(b), list(scheduler.waiting)) == (0, [0], [1], [c])
-    records = run_to_completion(scheduler, runner, max_steps=20)
+    records = run_steps(scheduler, runner, max_steps=20)
     assert all(r.preempted == [] for r in records)
     assert not scheduler.has_unfinished() and kv.num_free_blocks == 2 and kv.num_reserved_slots() == 0
     assert all(s.output_token_ids == expected_output(s.prompt_token_ids, 3) for s in (a, b, c))
@@ -188,7 +188,7 @@ def test_policy_decides_the_admission_order(policy, expected):
     scheduler, runner, _ = paged(max_num_seqs=1, policy=policy)
     seqs = [make_seq("A", 9, 1, priority=1, arrival=0), make_seq("B", 2, 1, priority=2, arrival=1),
             make_seq("C", 5, 1, priority=0, arrival=2)]
-    records = run_to_completion(scheduler, runner, max_steps=10, arrivals={0: seqs})
+    records = run_steps(scheduler, runner, max_steps=10, arrivals={0: seqs})
     assert "".join(first_scheduled_order(records, seqs)) == expected
     assert len(records) == 3
 
@@ -199,7 +199,7 @@ def test_sjf_counts_the_remaining_tokens_of_a_preempted_sequence():
     preempted = make_seq("P", 4, 10, arrival=0)
     preempted.token_ids += [1, 2, 3, 4, 5, 6]  # 10 tokens to recompute
     fresh = make_seq("F", 8, 1, arrival=1)
-    records = run_to_completion(scheduler, runner, max_steps=20, arrivals={0: [preempted, fresh]})
+    records = run_steps(scheduler, runner, max_steps=20, arrivals={0: [preempted, fresh]})
     assert first_scheduled_order(records, [preempted, fresh]) == ["F", "P"]
 
 
@@ -215,7 +215,7 @@ def test_priority_aging_lets_a_low_priority_request_overtake_a_stream_of_urgent_
         arrivals = {0: [low]}
         for t in range(40):
             arrivals.setdefault(t, []).append(make_seq(f"H{t}", 2, 1, priority=0, arrival=t))
-        return low, run_to_completion(scheduler, runner, max_steps=40, arrivals=arrivals)
+        return low, run_steps(scheduler, runner, max_steps=40, arrivals=arrivals)
 
     low, records = run(PriorityWithAging(aging_steps=aging_steps))
     assert step_of(records, low, "scheduled") == low_priority * aging_steps == 6
@@ -263,14 +263,14 @@ def test_preemption_evicts_the_latest_arrival_which_later_finishes_with_identica
     assert (kv.num_free_blocks, c.status) == (1, SequenceStatus.WAITING)  # nothing admitted in a preempting step
     assert scheduler.num_preemptions == 1
 
-    records = run_to_completion(scheduler, runner, max_steps=100)
+    records = run_steps(scheduler, runner, max_steps=100)
     assert not scheduler.has_unfinished() and kv.num_free_blocks == 4
     assert a.num_preemptions == 0  # the earliest arrival is never the victim under FCFS
 
     # The same workload with ample memory: no preemption, and the very same tokens.
     ample_scheduler, ample_runner, _ = paged(num_blocks=64, block_size=4)
     twins = [make_seq("A", 6, 8, arrival=0), make_seq("B", 6, 8, arrival=1), make_seq("C", 2, 2, arrival=3)]
-    ample = run_to_completion(ample_scheduler, ample_runner, max_steps=100, arrivals={0: twins[:2], 3: twins[2:]})
+    ample = run_steps(ample_scheduler, ample_runner, max_steps=100, arrivals={0: twins[:2], 3: twins[2:]})
     assert all(r.preempted == [] for r in ample)
     for seq, twin in zip((a, b, c), twins):
         expected = expected_output(seq.prompt_token_ids, seq.params.max_tokens)
@@ -312,7 +312,7 @@ def test_a_sequence_with_no_one_left_to_evict_preempts_itself():
     assert plan == [("A", 1)] and batch.preempted == [b]
     assert (kv.num_blocks_of(a), kv.num_blocks_of(b), kv.num_free_blocks) == (3, 0, 2)
     assert list(scheduler.waiting) == [b] and scheduler.running == [a]
-    run_to_completion(scheduler, runner, max_steps=50)
+    run_steps(scheduler, runner, max_steps=50)
     assert b.output_token_ids == expected_output(b.prompt_token_ids, 4)
 
 
@@ -506,7 +506,7 @@ def make_step_checker(setup: Setup, seqs: list[Sequence]):
 def test_random_workloads_respect_every_invariant_and_lose_no_token(setup):
     scheduler, runner, seqs, arrivals = build(setup)
     after_schedule, after_run = make_step_checker(setup, seqs)
-    records = run_to_completion(scheduler, runner, setup.step_bound + 1, arrivals, after_schedule, after_run)
+    records = run_steps(scheduler, runner, setup.step_bound + 1, arrivals, after_schedule, after_run)
 
     assert not scheduler.has_unfinished(), f"not finished within {setup.step_bound} steps"
     for seq in seqs:
@@ -533,7 +533,7 @@ def test_random_workloads_preempt_in_a_meaningful_fraction_of_cases():
         if setup.kv_kind != "paged" or len(setup.requests) < 2:
             return
         scheduler, runner, _, arrivals = build(setup)
-        run_to_completion(scheduler, runner, setup.step_bound + 1, arrivals)
+        run_steps(scheduler, runner, setup.step_bound + 1, arrivals)
         outcomes.append(scheduler.num_preemptions > 0)
 
     record()
@@ -558,7 +558,7 @@ def test_with_a_fixed_ranking_two_sequences_never_evict_each_other_in_turn(setup
     ranking B is never evicted, A 4 times, and it takes 48.
     """
     scheduler, runner, seqs, arrivals = build(setup)
-    records = run_to_completion(scheduler, runner, setup.step_bound + 1, arrivals)
+    records = run_steps(scheduler, runner, setup.step_bound + 1, arrivals)
     assert not scheduler.has_unfinished()
     name = {seq.seq_id: seq.request_id for seq in seqs}
     evicted_by: dict[int, set[int]] = {}  # victim -> the sequences scheduled in the step that evicted it
@@ -601,7 +601,7 @@ def test_priority_aging_never_starves_a_low_priority_request(low_priority, aging
     for t in range(bound + 2):
         prompt_len, max_tokens = urgent[t % len(urgent)]
         arrivals.setdefault(t, []).append(make_seq(f"H{t}", prompt_len, max_tokens, priority=0, arrival=t))
-    records = run_to_completion(scheduler, runner, max_steps=bound + 1, arrivals=arrivals)
+    records = run_steps(scheduler, runner, max_steps=bound + 1, arrivals=arrivals)
 
     assert low_seq.is_finished, f"low-priority request not finished within {bound} steps"
     assert step_of(records, low_seq, "finished") <= bound
@@ -675,7 +675,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "scheduler"):
             return
         work = sum(s.num_tokens + s.params.max_tokens for s in self.seqs)
-        run_to_completion(self.scheduler, self.runner, max_steps=(len(self.seqs) + 1) * work + 1)
+        run_steps(self.scheduler, self.runner, max_steps=(len(self.seqs) + 1) * work + 1)
         assert not self.scheduler.has_unfinished()
         assert self.kv.num_free_blocks == self.kv.num_blocks
         for seq in self.seqs:

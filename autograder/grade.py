@@ -125,6 +125,8 @@ MODE_NOTES = {
                  "them); the reference absent",
 }
 
+MEMORY_NOTES = {"cgroup": "; memory limited by the kernel (a cgroup's memory.max)"}
+
 
 def grade_one(lab: Lab, submission: Submission, options: GradeOptions, mode: str, views: ViewCache) -> StudentGrade:
     start = time.monotonic()
@@ -142,7 +144,7 @@ def grade_one(lab: Lab, submission: Submission, options: GradeOptions, mode: str
                       budget_s=options.timeout_s or DEFAULT_BUDGET_S, views=views)
     if run.output_bytes > PRINTED_NOTE_BYTES:
         notes.append(f"the code printed {run.output_bytes / 1e6:,.0f} MB; printed output is neither shown nor graded")
-    notes.append(MODE_NOTES[mode])
+    notes.append(MODE_NOTES[mode] + MEMORY_NOTES.get(run.memory_by, ""))
     return StudentGrade(submission.student, run.status, run.results, time.monotonic() - start, notes)
 
 

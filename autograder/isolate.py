@@ -51,6 +51,7 @@ class ChildRun:
     mode: str = ""  # the sandbox's mode
     output_bytes: int = 0  # what the learner's code printed, in bytes
     peak_mb: float = 0.0  # the largest resident memory of one child
+    memory_by: str = "polling"  # "cgroup" when the kernel enforced the memory limit of every child
     hidden_attempts: dict[str, str] = field(default_factory=dict)  # exercise -> hidden names it tried to use
 
 
@@ -250,6 +251,7 @@ def _run_child(lab: Lab, plan: ChildPlan, sources: dict[str, str], limits: sandb
     if plan.visible:  # a hidden child's output size would be a channel out of it
         run.output_bytes += ended.output_bytes
     run.peak_mb = max(run.peak_mb, ended.peak_mb)
+    run.memory_by = ended.memory_by
     expected = {(item["name"], case["name"]) for item in job["exercises"] for case in item["cases"]}
     reported, notes = read_outcomes(ended.results, expected)
     for (name, case_name), outcome in reported.items():

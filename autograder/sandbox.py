@@ -19,7 +19,8 @@ job on stdin, reads its results from a pipe on fd RESULT_FD, keeps only a short 
 - "process" (`check`, a learner's self-check of their own code): limits and clean-up only.
 
 In every mode the warden bounds wall time, the resident memory of all the command's processes together (never
-address space: a CUDA build of torch maps about 4 GB just to import), the number of processes and file sizes.
+address space: a CUDA build of torch maps about 4 GB just to import), the number of processes and file sizes;
+where it may create a cgroup v2 with the memory controller, the kernel enforces the memory limit too.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class SandboxRun:
     output_bytes: int
     peak_mb: float
     mode: str
+    memory_by: str = "polling"  # "cgroup" where the kernel itself enforced memory.max (warden.py)
 
     @property
     def ok(self) -> bool:
@@ -261,7 +263,7 @@ def run_sandboxed(command: list[str], env: dict[str, str], limits: Limits, mode:
     if mode == "container" and uid is not None:
         remove_files_of(uid)
     return SandboxRun(verdict["status"], int(verdict["code"]), results.data(), output.tail(), output.total,
-                      float(verdict.get("peak_mb", 0.0)), mode)
+                      float(verdict.get("peak_mb", 0.0)), mode, verdict.get("memory_by", "polling"))
 
 
 def sandbox_env(python_path: list[str], **extra: str) -> dict[str, str]:

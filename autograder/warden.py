@@ -13,14 +13,18 @@ command when sandbox.py chose it; the warden adds what bubblewrap does not do:
    parent died, stays below the warden instead of escaping to init;
 2. it forks the command's process, which dies with the warden, limits file sizes and core files, drops to an
    unprivileged uid when asked (root only; RLIMIT_NPROC then bounds its processes) and execs the command;
-3. every POLL_S it sums the resident memory of all processes below it (proportional share of anonymous and
+3. where it can create one (root on a machine whose cgroup v2 hierarchy has the memory controller), it puts
+   the command in a cgroup of its own: memory.max = memory_mb and no swap, so the kernel itself stops a
+   submission that allocates faster than any polling sees, and pids.max bounds its processes;
+4. every POLL_S it sums the resident memory of all processes below it (proportional share of anonymous and
    shared memory, so pages shared after a fork count once) and counts them: over memory_mb or processes, it
    kills them all. Never an address-space limit: a CUDA build of torch maps about 4 GB just to import;
-4. after wall_s seconds it kills them all; at the end it kills every remaining descendant until none is left.
+5. after wall_s seconds it kills them all; at the end it kills every remaining descendant until none is left,
+   and removes its cgroup.
 
 Its verdict is one JSON line on verdict_fd (a pipe the command never sees): {"status": "exited" | "signaled" |
-"timeout" | "memory" | "processes" | "setup", "code": int, "peak_mb": float}. The command's output is
-passed through unchanged on the warden's stdout and stderr.
+"timeout" | "memory" | "processes" | "setup", "code": int, "peak_mb": float, "memory_by": "cgroup" | "polling"}.
+The command's output is passed through unchanged on the warden's stdout and stderr.
 """
 
 from __future__ import annotations
@@ -46,19 +50,31 @@ def main(argv: list[str]) -> int:
     verdict_fd = config.get("verdict_fd")
     if LINUX:
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    group = Cgroup.create(config["memory_mb"], config["processes"]) if config.get("cgroup", True) else None
+    go_read, go_write = os.pipe()  # the command waits on it until it is inside its cgroup
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(go_write)
+            os.read(go_read, 1)
             _move_fds(config)
             _become_command(config, command)
         except BaseException as exc:
             print(f"warden: cannot start {command[0]} ({exc})", file=sys.stderr, flush=True)
         finally:
             os._exit(SETUP_FAILED)
+    os.close(go_read)
+    if group is not None and not group.take(pid):
+        group = None
+    os.write(go_write, b"g")
+    os.close(go_write)
     if config.get("result_fd") is not None:
         os.close(config["result_fd"])  # the command holds the only writer, so its end is our EOF
-    verdict = _watch(pid, config)
-    _kill_descendants()
+    verdict = _watch(pid, config, group)
+    _kill_descendants(group)
+    if group is not None:
+        group.remove()
+    verdict["memory_by"] = "cgroup" if group is not None else "polling"
     if verdict_fd is not None:
         os.write(verdict_fd, (json.dumps(verdict) + "\n").encode())
     return 0
@@ -90,7 +106,7 @@ def _become_command(config: dict, command: list[str]) -> None:
     os.execv(command[0], command)
 
 
-def _watch(pid: int, config: dict) -> dict:
+def _watch(pid: int, config: dict, group: Cgroup | None) -> dict:
     """Wait for the command, enforcing the wall clock, memory and process limits; the verdict."""
     deadline = time.monotonic() + config["wall_s"]
     limit_kb = config["memory_mb"] * 1024
@@ -104,13 +120,18 @@ def _watch(pid: int, config: dict) -> dict:
         below = _descendants(os.getpid())
         used_kb = sum(_memory_kb(p) for p in below)
         peak_kb = max(peak_kb, used_kb)
-        over = ("memory" if used_kb > limit_kb else "processes" if len(below) > config["processes"] + 2
+        over = ("memory" if used_kb > limit_kb or (group and group.out_of_memory()) else
+                "processes" if len(below) > config["processes"] + 2
                 else "timeout" if time.monotonic() > deadline else None)  # + 2: bubblewrap's own processes
         if over:
-            _kill_descendants()
+            _kill_descendants(group)
             return {"status": over, "code": 0, "peak_mb": round(peak_kb / 1024, 1)}
         time.sleep(POLL_S)
     peak = round(peak_kb / 1024, 1)
+    if group is not None and group.out_of_memory():  # the kernel killed it at memory.max between two polls
+        return {"status": "memory", "code": 0, "peak_mb": max(peak, float(config["memory_mb"]))}
+    if group is not None and group.hit_process_limit() and not (os.WIFEXITED(status) and status == 0):
+        return {"status": "processes", "code": 0, "peak_mb": peak}
     if os.WIFSIGNALED(status):
         return {"status": "signaled", "code": os.WTERMSIG(status), "peak_mb": peak}
     code = os.WEXITSTATUS(status)
@@ -136,11 +157,13 @@ def _memory_kb(pid: int) -> int:
         return 0  # it ended while we looked
 
 
-def _kill_descendants() -> None:
+def _kill_descendants(group: Cgroup | None = None) -> None:
     """Kill every process below the warden, round after round, until a scan finds none (or SWEEP_S passes).
 
     A subreaper sees all of them as descendants, so setsid or double forks do not help them escape; a storm
-    that forks while we kill is caught on the next round."""
+    that forks while we kill is caught on the next round. A cgroup is killed whole by the kernel first."""
+    if group is not None:
+        group.kill()
     give_up = time.monotonic() + SWEEP_S
     while time.monotonic() < give_up:
         found = _descendants(os.getpid())
@@ -184,6 +207,120 @@ def _descendants(root: int) -> list[int]:
         found += below
         frontier += below
     return found
+
+
+class Cgroup:
+    """A cgroup v2 of the command's own, with memory.max and pids.max. Made only where the kernel lets us: the
+    cgroup2 hierarchy is mounted, has the memory controller, and we may create a child under our own cgroup or
+    under the hierarchy's root (root in a VM or container of its own). Elsewhere `create` returns None and the
+    limits rest on polling alone."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, memory_mb: int, processes: int) -> Cgroup | None:
+        for parent in _cgroup_parents():
+            path = os.path.join(parent, f"autograder-{os.getpid()}")
+            try:
+                _enable_controllers(parent)
+                os.mkdir(path)
+            except OSError:
+                continue
+            group = cls(path)
+            try:
+                group._write("memory.max", str(memory_mb << 20))
+                group._write("memory.oom.group", "1")  # an OOM kill takes the whole submission, not one thread
+                group._write("memory.swap.max", "0", optional=True)  # swapping out would dodge memory.max
+                group._write("pids.max", str(processes + 3), optional=True)  # + bubblewrap's and our fork
+                return group
+            except OSError:
+                group.remove()
+        return None
+
+    def take(self, pid: int) -> bool:
+        try:
+            self._write("cgroup.procs", str(pid))
+            return True
+        except OSError:
+            self.remove()
+            return False
+
+    def out_of_memory(self) -> bool:
+        return self._event("memory.events", "oom_kill") > 0
+
+    def hit_process_limit(self) -> bool:
+        return self._event("pids.events", "max") > 0
+
+    def kill(self) -> None:
+        try:
+            self._write("cgroup.kill", "1")  # Linux 5.14+; older kernels: the /proc sweep does it
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        give_up = time.monotonic() + SWEEP_S
+        while True:
+            try:
+                os.rmdir(self.path)  # succeeds once its last process is gone
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > give_up:
+                    return
+                _reap()
+                time.sleep(0.02)
+
+    def _write(self, name: str, value: str, optional: bool = False) -> None:
+        if optional and not os.path.exists(os.path.join(self.path, name)):
+            return
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def _event(self, name: str, key: str) -> int:
+        try:
+            with open(os.path.join(self.path, name)) as f:
+                counts = dict(line.split() for line in f if line.strip())
+            return int(counts.get(key, 0))
+        except (OSError, ValueError):
+            return 0
+
+
+def _cgroup_parents() -> list[str]:
+    """Where a child cgroup may be made: our own cgroup, then the root of the cgroup2 mount."""
+    if not LINUX:
+        return []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split(" - ")[0].split() for line in f if " - cgroup2 " in line]
+        with open("/proc/self/cgroup") as f:
+            own = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    except OSError:
+        return []
+    if not mounts or own is None:
+        return []
+    mount_root, mount_point = mounts[0][3], mounts[0][4]
+    parents = []
+    relative = os.path.relpath(own, mount_root)
+    if not relative.startswith(".."):
+        parents.append(os.path.normpath(os.path.join(mount_point, relative)))
+    return parents + [mount_point] if mount_point not in parents else parents
+
+
+def _enable_controllers(parent: str) -> None:
+    """Make sure children of `parent` get the memory controller (and pids, where there is one)."""
+    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+        enabled = f.read().split()
+    if "memory" not in enabled:
+        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory")  # refused (EBUSY) where `parent` itself holds processes and is not the root
+    if "pids" not in enabled:
+        try:
+            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                f.write("+pids")
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -591,7 +591,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     import transformers
 
     from .engine import LLMEngine
-    from .kv_cache import kv_bytes_per_token
+    from .kv import kv_bytes_per_token
     from .models import resolve_model_dir
     from .speed_floor import copy_bandwidth, parameter_bytes, workload_floor
 

@@ -24,6 +24,7 @@ import time
 import torch
 
 from .config import ModelConfig
+from .kv.layout import kv_bytes_per_token  # K and V of one token in every layer
 
 
 def linear_params(config: ModelConfig) -> int:
@@ -61,11 +62,6 @@ def step_flops(config: ModelConfig, query_lens: list[int], context_lens: list[in
         first = context_len - query_len + 1
         total += sum(flops_per_token(config, first + j) for j in range(query_len))
     return total
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
-    """K and V of one token in every layer: 2 x layers x kv_heads x head_dim x dtype_bytes."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
 def step_bytes(config: ModelConfig, query_lens: list[int], context_lens: list[int], dtype_bytes: int) -> int:

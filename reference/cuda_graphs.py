@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
+from .kv import batched_slot_mapping, blocks_for_tokens
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -29,7 +30,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
         largest = self.sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = blocks_for_tokens(max_model_len, block_size)
         # Static device inputs. Token ids, positions, slots and pending rows share one tensor so one copy fills them.
         self.token_inputs = torch.zeros(4, largest, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.pending_rows = self.token_inputs.unbind(0)
@@ -63,12 +64,11 @@ class DecodeGraphs:
         return batch_size <= self.sizes[-1]
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-        block_tables: list[list[int]], pending_rows: list[int] | None = None, previous: torch.Tensor | None = None,
+        self, input_ids: list[int], context_lens: list[int], block_tables: list[list[int]],
+        pending_rows: list[int] | None = None, previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step for len(input_ids) sequences; returns their logits [batch, vocab] (a view).
-
-        pending_rows/previous: input tokens still on the device (see model_runner.fill_pending)."""
+        """One decode step for len(input_ids) sequences (each token at position context_len - 1); returns their
+        logits [batch, vocab] (a view). pending_rows/previous: input tokens still on the device (see fill_pending)."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         # Stage the inputs in pinned host memory, filled with numpy (far cheaper than building tensors from
@@ -78,16 +78,18 @@ class DecodeGraphs:
         # Padding rows n..size-1 write nothing (slot -1) and attend over one token of block 0 (output ignored).
         host_tokens = torch.zeros(self.token_inputs.shape, dtype=torch.int64, pin_memory=True)  # one contiguous copy
         tokens = host_tokens.numpy()
-        tokens[0, :n], tokens[1, :n], tokens[2, :n] = input_ids, positions, slots
-        tokens[2, n:size] = tokens[3, n:size] = -1
-        tokens[3, :n] = -1 if pending_rows is None else pending_rows
         host_lens = torch.ones(size, dtype=torch.int32, pin_memory=True)
         host_lens.numpy()[:n] = context_lens
         num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
         width = int(num_blocks.max())
         host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)
-        host_tables.numpy()[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
+        tables = host_tables.numpy()
+        tables[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
             itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(num_blocks.sum()))
+        tokens[0, :n], tokens[1, :n] = input_ids, host_lens.numpy()[:n] - 1
+        tokens[2, :n] = batched_slot_mapping(tables, np.arange(n), tokens[1, :n], self.block_size)
+        tokens[2, n:size] = tokens[3, n:size] = -1
+        tokens[3, :n] = -1 if pending_rows is None else pending_rows
         self.token_inputs.copy_(host_tokens, non_blocking=True)
         self.context_lens[:size].copy_(host_lens, non_blocking=True)
         # Columns past `width` keep stale ids: the kernel reads only the blocks a row's context length covers.

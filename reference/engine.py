@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_config import EngineConfig
-from .block_manager import BlockManager
-from .kv_cache import kv_bytes_per_token
-from .kv_manager import ContiguousKVManager, KVCacheManager
+from .kv.sizing import make_kv_manager
 from .metrics import StepRecord
 from .model_runner import LaunchedStep, ModelRunner, SampledToken
 from .models import load_model
@@ -66,7 +64,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         config.fill_defaults(self.device, self.model_config.max_position_embeddings)
-        self.kv_manager = self._make_kv_manager()
+        self.kv_manager = make_kv_manager(config, self.model_config, self.dtype, self._kv_memory_budget)
         self.runner = ModelRunner(
             self.model, self.kv_manager, self.dtype, attention_backend=config.attention_backend,
             enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
@@ -81,32 +79,11 @@ class LLMEngine:
         self._aborted_outputs: list[RequestOutput] = []
         self._in_flight: LaunchedStep | None = None  # async scheduling: the step whose tokens are not read yet
 
-    def _make_kv_manager(self) -> KVCacheManager:
-        config = self.config
-        if config.kv_cache == "contiguous":
-            return ContiguousKVManager(config.max_num_seqs, config.max_model_len)
-        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
-        if num_blocks * config.block_size < config.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks x {config.block_size} = {num_blocks * config.block_size} "
-                f"tokens, fewer than max_model_len ({config.max_model_len}); raise num_kv_blocks or lower max_model_len"
-            )
-        return BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-
-    def _num_blocks_from_memory(self) -> int:
-        """KV capacity when num_kv_blocks is not given: what the memory budget holds, and no more than needed."""
-        config = self.config
-        block_bytes = kv_bytes_per_token(self.model_config, self.dtype) * config.block_size
-        enough = -(-config.max_num_seqs * config.max_model_len // config.block_size)  # every seat at full length
+    def _kv_memory_budget(self) -> int:
+        """Bytes the KV cache may take when num_kv_blocks is not given."""
         if self.device.type == "cuda":
-            budget = ModelRunner.free_gpu_memory_for_kv(self.model, self.device, config)
-        else:
-            budget = config.cpu_kv_cache_bytes
-        num_blocks = min(enough, budget // block_bytes)
-        if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes); lower max_num_batched_tokens "
-                             f"or raise gpu_memory_utilization / cpu_kv_cache_bytes")
-        return num_blocks
+            return ModelRunner.free_gpu_memory_for_kv(self.model, self.device, self.config)
+        return self.config.cpu_kv_cache_bytes
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(

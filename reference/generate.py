@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from .attention import build_metadata
-from .kv_cache import ContiguousKVCache
+from .kv import ContiguousKVCache
 from .models import LlamaForCausalLM
 from .sampling import SamplingParams, sample, seeded_generator
 

@@ -4,47 +4,11 @@ Row r of the cache holds sequence r's keys and values at positions 0 .. max_len 
 whether or not the sequence ever gets that long (the waste lab 0.3's paged cache removes). Its tensors have
 the paged layout [num_blocks, block_size, kv_heads, head_dim] with one block per row and
 block_size = max_len, so the same attention code reads both caches: row r's block table is just [r].
+
+The code lives in reference/kv/ (contiguous.py, layout.py); this module keeps the name the lab 0.1 notebooks import.
 """
 
-from __future__ import annotations
+from .kv.contiguous import ContiguousKVCache
+from .kv.layout import kv_bytes_per_token
 
-import torch
-
-from .config import ModelConfig
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V one token occupies across all layers: 2 x layers x kv_heads x head_dim x dtype size."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_size
-
-
-class ContiguousKVCache:
-    def __init__(
-        self, config: ModelConfig, max_batch: int, max_len: int, dtype: torch.dtype, device: str | torch.device
-    ) -> None:
-        if max_batch < 1 or max_len < 1:
-            raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
-        self.config, self.max_batch, self.max_len, self.dtype = config, max_batch, max_len, dtype
-        shape = (max_batch, max_len, config.num_key_value_heads, config.head_dim)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
-        ]
-
-    @property
-    def block_size(self) -> int:
-        """Seen as a paged cache, each row is one block of max_len slots."""
-        return self.max_len
-
-    def block_table(self, row: int) -> list[int]:
-        return [row]
-
-    @property
-    def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.dtype)
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes actually allocated: every row reserves max_len tokens."""
-        return sum(t.numel() * t.element_size() for pair in self.layers for t in pair)
+__all__ = ["ContiguousKVCache", "kv_bytes_per_token"]

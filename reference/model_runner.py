@@ -20,7 +20,7 @@ import torch
 
 from .attention import build_metadata, get_backend
 from .cuda_graphs import DecodeGraphs, fill_pending
-from .kv_manager import KVCacheManager
+from .kv import KVCacheManager, allocate_kv_caches, kv_caches_bytes
 from .models import LlamaForCausalLM
 from .models.llama import fused_available
 from .sampling import TokenLogprobs, compute_logprobs, sample, seeded_generator
@@ -50,12 +50,8 @@ class ModelRunner:
         # Fused elementwise kernels (Triton) on the GPU; set before any CUDA graph records the forward pass.
         self.fused_kernels = fused_kernels and self.device.type == "cuda" and fused_available()
         model.use_fused_kernels(self.fused_kernels)
-        config = model.config
-        shape = (kv_manager.num_blocks, kv_manager.block_size, config.num_key_value_heads, config.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(config.num_hidden_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(model.config, kv_manager.num_blocks, kv_manager.block_size, dtype,
+                                            self.device)
         # CUDA graphs need kernels that read everything from device memory: not the torch reference.
         self.decode_graphs = None
         if self.device.type == "cuda" and not enforce_eager and self.attention_backend.name != "torch":
@@ -83,7 +79,7 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
+        return kv_caches_bytes(self.kv_caches)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "LaunchedStep":
@@ -116,11 +112,7 @@ class ModelRunner:
         previous = self._previous.token_ids if self._previous is not None else None
         is_decode = len(input_ids) == len(batch.seqs)
         if is_decode and self.decode_graphs is not None and self.decode_graphs.can_run(len(input_ids)):
-            size = self.kv.block_size
-            slots = [t[(c - 1) // size] * size + (c - 1) % size for t, c in zip(block_tables, context_lens)]
-            positions = [c - 1 for c in context_lens]
-            logits = self.decode_graphs.run(input_ids, positions, slots, context_lens, block_tables,
-                                            pending_rows, previous)
+            logits = self.decode_graphs.run(input_ids, context_lens, block_tables, pending_rows, previous)
         else:
             positions, metadata = build_metadata(query_lens, context_lens, block_tables, self.kv.block_size, self.device)
             ids = torch.tensor(input_ids, device=self.device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_manager import KVCacheManager
+from .kv import KVCacheManager
 from .policies import SchedulingPolicy, make_policy
 from .sequence import Sequence, SequenceStatus
 
@@ -99,6 +99,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         batch.preempted.append(seq)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch has run (or is queued on the device, in order): its tokens' K/V count as computed."""
+        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += num_tokens
 
     # -- the step -------------------------------------------------------------------------------------------------
     def fork(self, parent: Sequence, child: Sequence) -> None:

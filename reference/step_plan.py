@@ -24,18 +24,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .kv_manager import KVCacheManager
+from .kv import KVCacheManager, blocks_for_tokens
 from .policies import SchedulingPolicy
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 
 PlanFunction = Callable[..., dict[str, Any]]
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """KV blocks that hold num_tokens tokens: ceil(num_tokens / block_size)."""
-    return -(-num_tokens // block_size)
 
 
 class _CountingKV(KVCacheManager):
@@ -48,7 +43,7 @@ class _CountingKV(KVCacheManager):
         self._free = num_free_blocks
 
     def _needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        return blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size) - self.held.get(seq.seq_id, 0)
+        return blocks_for_tokens(seq.num_computed_tokens + num_new_tokens, self.block_size) - self.held.get(seq.seq_id, 0)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self._needed(seq, num_new_tokens) <= self._free
@@ -101,7 +96,7 @@ def plan_step(running: list[dict[str, Any]], waiting: list[dict[str, Any]], num_
     ids = [entry["seq_id"] for entry in running + waiting]
     if len(set(ids)) != len(ids):
         raise ValueError(f"seq_ids must be unique, got {ids}")
-    held = {e["seq_id"]: blocks_for(e["num_computed"], block_size) for e in running}
+    held = {e["seq_id"]: blocks_for_tokens(e["num_computed"], block_size) for e in running}
     kv = _CountingKV(num_free_blocks, block_size, held)
     scheduler = Scheduler(kv, max_num_seqs, token_budget, _GivenOrder({i: r for r, i in enumerate(ids)}),
                           chunked_prefill)
@@ -185,7 +180,7 @@ class PlanScheduler(Scheduler):
             preempted.append(seq)
         scheduled, seen = [], set(s.seq_id for s in preempted)
         free, seats = state["num_free_blocks"], len(self.running) - len(preempted)
-        free += sum(blocks_for(s.num_computed_tokens, state["block_size"]) for s in preempted)
+        free += sum(blocks_for_tokens(s.num_computed_tokens, state["block_size"]) for s in preempted)
         for entry in plan["scheduled"]:
             seq_id, num_tokens = entry
             seq = by_id.get(seq_id)
@@ -195,8 +190,8 @@ class PlanScheduler(Scheduler):
             if not 1 <= num_tokens <= seq.num_uncomputed_tokens:
                 raise ValueError(f"plan runs {num_tokens} tokens of {seq_id}, which has {seq.num_uncomputed_tokens} "
                                  f"uncomputed")
-            held = blocks_for(seq.num_computed_tokens, state["block_size"])
-            free -= blocks_for(seq.num_computed_tokens + num_tokens, state["block_size"]) - held
+            held = blocks_for_tokens(seq.num_computed_tokens, state["block_size"])
+            free -= blocks_for_tokens(seq.num_computed_tokens + num_tokens, state["block_size"]) - held
             seats += seq.status is SequenceStatus.WAITING
             scheduled.append((seq, num_tokens))
         if sum(n for _, n in scheduled) > state["token_budget"]:

@@ -2,7 +2,7 @@
 
 One hostile fixture-lab submission runs every attack (an honest control, graded in the same batch, keeps full
 marks: 6). Its `add` cell tries to get the real `ref_add` (the exercise's reference, in
-autograder/harness/fixture.py) and the real `reference.kv_cache.kv_bytes_per_token` (a symbol the exercise hides)
+autograder/harness/fixture.py) and the real `reference.kv.layout.kv_bytes_per_token` (a symbol the exercise hides)
 by import_module, a sys.modules scan, builtins.__import__, pkgutil.resolve_name, spec_from_file_location and
 open()+exec on the checkout's own file paths, gc.get_objects(), walking the call stack's frames and `git show`
 on the checkout. Whatever an attack finds, it calls: a real implementation earns the exercise's points, while
@@ -109,7 +109,7 @@ import torch
 
 HOST_ROOT = {host_root!r}
 TARGETS = (("autograder.harness.fixture", "ref_add", "autograder/harness/fixture.py"),
-           ("reference.kv_cache", "kv_bytes_per_token", "reference/kv_cache.py"))
+           ("reference.kv.layout", "kv_bytes_per_token", "reference/kv/layout.py"))
 ATTACKS = {{}}
 {attacks}
 

@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from reference import block_manager
+from reference.kv import prefix_cache
 from reference.block_manager import BlockManager
 from reference.sampling import SamplingParams
 from reference.sequence import Sequence
@@ -111,8 +111,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert block.ref_count == owners.get(block.block_id, 0)
             assert (block.ref_count == 0) == (block.block_id in m.free_ids)
         assert set(m.tables) == {s.seq_id for s in self.live}
-        for hash_value, block_id in m.cached.items():
-            assert m.blocks[block_id].hash == hash_value
+        index = m.prefix_cache
+        assert {block_id: h for h, (block_id, _) in index.by_hash.items()} == index.hash_of  # one name per block
 
     @invariant()
     def every_sequence_reads_back_its_own_tokens(self):
@@ -137,11 +137,11 @@ class CollidingHashMachine(BlockManagerMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self._real_hash = block_manager.chain_hash
-        block_manager.chain_hash = lambda previous, tokens: 0
+        self._real_hash = prefix_cache.chain_hash
+        prefix_cache.chain_hash = lambda previous, tokens: 0
 
     def teardown(self) -> None:
-        block_manager.chain_hash = self._real_hash
+        prefix_cache.chain_hash = self._real_hash
 
 
 CollidingHashMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

@@ -53,8 +53,9 @@ def test_step_flops_of_a_prefill_is_the_sum_over_causal_positions_and_decodes_ad
 
 def test_step_bytes_read_weights_once_and_kv_per_token_like_the_cache():
     config = tiny_config()
-    assert costs.kv_bytes_per_token(config, 4) == kv_bytes_per_token(config, torch.float32)
-    assert costs.kv_bytes_per_token(config, 2) == kv_bytes_per_token(config, torch.bfloat16)
+    assert costs.kv_bytes_per_token is kv_bytes_per_token  # one formula: bytes or a dtype
+    assert kv_bytes_per_token(config, 4) == kv_bytes_per_token(config, torch.float32)
+    assert kv_bytes_per_token(config, 2) == kv_bytes_per_token(config, torch.bfloat16)
     weights = 2 * costs.linear_params(config)
     one = costs.step_bytes(config, [1], [10], 2)
     two = costs.step_bytes(config, [1, 1], [10, 10], 2)

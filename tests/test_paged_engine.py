@@ -10,7 +10,7 @@ import torch
 
 from exactness import assert_greedy_agree, hf_greedy, hf_next_token_logits
 from reference import LLM, SamplingParams
-from reference import block_manager
+from reference.kv import prefix_cache
 
 MAX_NEW = 20
 
@@ -60,7 +60,7 @@ def test_prefix_caching_reuses_the_shared_prompt_and_changes_no_token(tiny, poli
 
 def test_hash_collisions_cannot_corrupt_output(tiny, monkeypatch):
     path, hf, prompts, reference = tiny
-    monkeypatch.setattr(block_manager, "chain_hash", lambda previous, tokens: 0)  # every block collides
+    monkeypatch.setattr(prefix_cache, "chain_hash", lambda previous, tokens: 0)  # every block collides
     llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
               num_kv_blocks=128)
     assert_greedy_agree(prompts, run(llm, prompts, greedy()), reference, hf_next_token_logits(hf))

@@ -83,20 +83,20 @@ class ReferenceBlockAllocator:
     def allocate(self) -> int:
         if not self._manager.num_free_blocks:
             raise RuntimeError("out of KV blocks")
-        return self._manager._take_free_block()
+        return self._manager.allocate_block()
 
     def share(self, block_id: int) -> int:
         block = self._block(block_id)
         if block.ref_count == 0:
             raise ValueError(f"block {block_id} is free: allocate it before sharing it")
-        block.ref_count += 1
+        self._manager.share_block(block_id)
         return block.ref_count
 
     def free(self, block_id: int) -> bool:
         block = self._block(block_id)
         if block.ref_count == 0:
             raise ValueError(f"block {block_id} is already free (double free)")
-        self._manager._release(block_id)
+        self._manager.release_block(block_id)
         return block.ref_count == 0
 
     def ref_count(self, block_id: int) -> int:

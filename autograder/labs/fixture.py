@@ -3,7 +3,7 @@
 Exercise `add` (function `add(a, b) -> a + b` on tensors) and exercise `counter` (class `Counter` with
 `increment(by) -> new total`, a stateful trace). Every case has a limit of a few seconds, so a hanging
 submission is cut off quickly. Learner notebooks for it are built by the tests in a temporary folder.
-`add` hides a real reference symbol (`reference.kv_cache.kv_bytes_per_token`) so the grader's tests can check
+`add` hides a real reference symbol (`reference.kv.layout.kv_bytes_per_token`) so the grader's tests can check
 that hiding works and that the rest of `reference` still does. The preamble, references and driver are in
 autograder/harness/fixture.py.
 """
@@ -27,7 +27,7 @@ ADD = Exercise(
         Case("hidden_matrix", lambda g: {"a": torch.randn(3, 5, generator=g), "b": torch.randn(3, 5, generator=g)},
              Close(1e-6, 0.0), "elementwise sum of two matrices", visible=False, seed=2, timeout_s=2.0),
     ),
-    hides=("reference.kv_cache.kv_bytes_per_token",),
+    hides=("reference.kv.layout.kv_bytes_per_token",),
 )
 
 COUNTER = Exercise(

@@ -18,6 +18,7 @@ from ..harness.lab0_1 import (
     LAYER_WEIGHT_NAMES,
     PREAMBLE,
     ReferenceKVCache,
+    drive_calls,
     drive_kv_cache,
     ref_apply_rope,
     ref_bpe_encode,
@@ -67,16 +68,22 @@ def _merge_inputs(generator: torch.Generator, length: int, alphabet: int) -> dic
 BPE_MERGE_STEP = Exercise(
     name="bpe_merge_step", symbol="bpe_merge_step", notebook=NOTEBOOK_1,
     signature="bpe_merge_step(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]",
-    reference=ref_bpe_merge_step,
+    reference=ref_bpe_merge_step, driver=drive_calls,
     cases=(
         Case("one_pair", lambda g: {"ids": [1, 2, 3, 1, 2, 4], "pair": (1, 2), "new_id": 256}, Exact(),
              "merging (1, 2) -> 256 in [1, 2, 3, 1, 2, 4] gives [256, 3, 256, 4]"),
         Case("overlapping_left_to_right", lambda g: {"ids": [7, 7, 7, 7, 7], "pair": (7, 7), "new_id": 300}, Exact(),
              "merging (7, 7) -> 300 in [7, 7, 7, 7, 7] goes left to right without overlap: [300, 300, 7]"),
-        Case("pair_absent", lambda g: {"ids": [4, 3, 2, 1], "pair": (1, 2), "new_id": 256}, Exact(),
-             "a pair that never occurs leaves the list unchanged ([4, 3, 2, 1] has 2 before 1, not 1 before 2)"),
-        Case("empty_and_single", lambda g: {"ids": [9], "pair": (9, 9), "new_id": 256}, Exact(),
-             "a single id cannot form a pair: [9] stays [9]"),
+        Case("pair_absent", lambda g: {"calls": [{"ids": [4, 3, 2, 1], "pair": (2, 1), "new_id": 256},
+                                                 {"ids": [4, 3, 2, 1], "pair": (1, 2), "new_id": 256}]},
+             Trace(Exact(), ("merge (2, 1) in [4, 3, 2, 1]", "merge (1, 2) in [4, 3, 2, 1]")),
+             "the order inside a pair matters: merging (2, 1) in [4, 3, 2, 1] gives [4, 3, 256], while (1, 2) never "
+             "occurs there (2 comes before 1), so that merge leaves the list unchanged"),
+        Case("empty_and_single", lambda g: {"calls": [{"ids": [9], "pair": (9, 9), "new_id": 256},
+                                                      {"ids": [], "pair": (9, 9), "new_id": 256},
+                                                      {"ids": [9, 9], "pair": (9, 9), "new_id": 256}]},
+             Trace(Exact(), ("merge (9, 9) in [9]", "merge (9, 9) in []", "merge (9, 9) in [9, 9]")),
+             "a single id cannot form a pair: [9] stays [9] and [] stays []; [9, 9] becomes [256]"),
         Case("random_short", lambda g: _merge_inputs(g, 40, 5), Exact(),
              "40 random ids from a 5-symbol alphabet, merging one pair that occurs", seed=1),
         Case("random_long", lambda g: _merge_inputs(g, 3000, 3), Exact(),
@@ -114,10 +121,13 @@ def _encode_inputs(generator: torch.Generator, train_words: int, num_merges: int
 BPE_ENCODE = Exercise(
     name="bpe_encode", symbol="bpe_encode", notebook=NOTEBOOK_1,
     signature="bpe_encode(text: str, merges: list[tuple[int, int]]) -> list[int]",
-    reference=ref_bpe_encode, uses=("bpe_merge_step",),
+    reference=ref_bpe_encode, uses=("bpe_merge_step",), driver=drive_calls,
     cases=(
-        Case("no_merges_gives_bytes", lambda g: {"text": "Hi, 🙂!", "merges": []}, Exact(),
-             "with no merges the ids are the UTF-8 bytes of the text"),
+        Case("no_merges_gives_bytes", lambda g: {"calls": [{"text": "Hi, 🙂!", "merges": []},
+                                                           {"text": "Hi, 🙂!", "merges": [(72, 105)]}]},
+             Trace(Exact(), ("no merges", "one merge, (72, 105) = 'Hi'")),
+             "with no merges the ids are the UTF-8 bytes of the text; with the one merge (72, 105) ('H', 'i') they "
+             "start with 256 instead"),
         Case("merges_build_on_merges", lambda g: {"text": "aaaaaaa b", "merges": [(97, 97), (256, 256), (257, 97)]},
              Exact(), "merge i creates id 256 + i, and later merges may use it: 'aaaaaaa b' -> [258, 32, 98]"),
         Case("trained_merges", lambda g: _encode_inputs(g, 150, 40, 30), Exact(),
@@ -131,15 +141,17 @@ PACK_BATCH = Exercise(
     name="pack_batch", symbol="pack_batch", notebook=NOTEBOOK_1,
     signature="pack_batch(prompts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]  "
               "# input_ids int64 [N], positions int64 [N], cu_seqlens int32 [B + 1]",
-    reference=ref_pack_batch, hides=("reference.attention.metadata.build_metadata",),
+    reference=ref_pack_batch, hides=("reference.attention.metadata.build_metadata",), driver=drive_calls,
     cases=(
         Case("three_prompts", lambda g: {"prompts": [[5, 6, 7], [8], [9, 10]]}, Exact(),
              "[[5, 6, 7], [8], [9, 10]] -> ids [5, 6, 7, 8, 9, 10], positions [0, 1, 2, 0, 0, 1], "
              "cu_seqlens [0, 3, 4, 6] (int64, int64, int32)"),
         Case("one_prompt", lambda g: {"prompts": [[42, 43, 44, 45]]}, Exact(),
              "a single prompt of 4 tokens: positions 0..3 and cu_seqlens [0, 4]"),
-        Case("empty_batch", lambda g: {"prompts": []}, Exact(),
-             "no prompts: empty int64 ids and positions, cu_seqlens [0] (int32)"),
+        Case("empty_batch", lambda g: {"calls": [{"prompts": []}, {"prompts": [[3], [4, 5]]}]},
+             Trace(Exact(), ("no prompts", "prompts [[3], [4, 5]]")),
+             "no prompts: empty int64 ids and positions, cu_seqlens [0] (int32); then [[3], [4, 5]]: ids [3, 4, 5], "
+             "positions [0, 0, 1], cu_seqlens [0, 1, 3]"),
         Case("random_prompts", lambda g: {"prompts": [torch.randint(0, 49152, (n,), generator=g).tolist()
                                                       for n in torch.randint(1, 30, (12,), generator=g).tolist()]},
              Exact(), "12 prompts of random lengths", visible=False, seed=7),
@@ -194,8 +206,9 @@ APPLY_ROPE = Exercise(
     cases=(
         Case("positions_0_to_7", lambda g: _rope_inputs(g, 8, 4, 64, 10000.0), Close(1e-4, 1e-4),
              "8 tokens at positions 0..7, 4 heads of 64 dims, theta 10000 (half-split pairs (i, i + 32))", seed=20),
-        Case("position_zero_is_identity", lambda g: _rope_inputs(g, 3, 2, 8, 10000.0, [0, 0, 0]), Close(1e-6, 0.0),
-             "at position 0 every angle is 0, so x comes back unchanged", seed=21),
+        Case("position_zero_is_identity", lambda g: _rope_inputs(g, 3, 2, 8, 10000.0, [0, 7, 0]), Close(1e-5, 1e-5),
+             "at position 0 every angle is 0, so tokens 0 and 2 come back unchanged; token 1, at position 7, is "
+             "rotated", seed=21),
         Case("one_decode_token", lambda g: _rope_inputs(g, 1, 2, 32, 100000.0, [137]), Close(1e-4, 1e-4),
              "one token at position 137 with theta 1e5 (a decode step)", seed=22),
         Case("scattered_positions", lambda g: _rope_inputs(g, 5, 3, 16, 500000.0, [3, 0, 99, 41, 7]),
@@ -324,7 +337,7 @@ def _random_config(generator) -> dict[str, Any]:
 KV_CACHE_BYTES = Exercise(
     name="kv_cache_bytes", symbol="kv_cache_bytes", notebook=NOTEBOOK_3,
     signature="kv_cache_bytes(config: dict, num_tokens: int, dtype_bytes: int) -> int",
-    reference=ref_kv_cache_bytes, hides=("reference.kv_cache.kv_bytes_per_token",),
+    reference=ref_kv_cache_bytes, hides=("reference.kv.layout.kv_bytes_per_token",),
     cases=(
         Case("smollm2_one_token_float32", lambda g: {"config": {"num_hidden_layers": 30, "num_attention_heads": 9,
                                                                 "num_key_value_heads": 3, "head_dim": 64,
@@ -394,7 +407,7 @@ KV_CACHE = Exercise(
     name="kv_cache", symbol="KVCache", notebook=NOTEBOOK_3,
     signature="class KVCache: __init__(self, num_layers, max_batch, max_len, num_kv_heads, head_dim, "
               "dtype=torch.float32); update(self, layer, row, start, k, v) -> (k_all, v_all); nbytes -> int",
-    reference=ReferenceKVCache, driver=drive_kv_cache, hides=("reference.kv_cache.ContiguousKVCache",),
+    reference=ReferenceKVCache, driver=drive_kv_cache, hides=("reference.kv.contiguous.ContiguousKVCache",),
     cases=(
         Case("prefill_then_decode", _kv_ops_prefill_decode,
              Trace(Exact(), ("prefill layer 0", "prefill layer 1", "decode layer 0", "decode layer 1",
@@ -421,13 +434,18 @@ KV_CACHE = Exercise(
 SAMPLER_MARGIN = 1e-3  # no draw and no top-p cut lies closer than this to a boundary, so float order can't matter
 
 
-def _sampler_inputs(generator, rows, vocab, temperature, top_k, top_p, scale=2.0) -> dict[str, Any]:
-    """Random logits and draws, each row redrawn until every decision is SAMPLER_MARGIN away from a boundary."""
+def _sampler_inputs(generator, rows, vocab, temperature, top_k, top_p, scale=2.0, tail=False) -> dict[str, Any]:
+    """Random logits and draws, each row redrawn until every decision is SAMPLER_MARGIN away from a boundary.
+    tail: each draw falls in the middle of the least likely kept token's share, so that token is the one drawn."""
     logits, uniform = [], []
     for _ in range(rows):
         for _attempt in range(1000):
             row = torch.randn(1, vocab, generator=generator) * scale
             draw = torch.rand(1, generator=generator)
+            if tail:
+                kept = _apply_top_k_top_p(row / temperature, [top_k], [top_p]).softmax(-1)
+                kept = kept[kept > 0].sort(descending=True).values
+                draw = ((kept[:-1].sum() + 1) / 2).reshape(1)
             if temperature == 0 or _well_separated(row, temperature, top_k, top_p, draw):
                 break
         else:
@@ -469,6 +487,9 @@ SAMPLE_NEXT_TOKEN = Exercise(
              "the mass BEFORE it is < 0.8, so the one that crosses 0.8 stays)", seed=84),
         Case("top_k_then_top_p", lambda g: _sampler_inputs(g, 4, 100, 0.8, 20, 0.9), Exact(),
              "temperature 0.8, then top_k=20, then top_p=0.9 on the renormalised top-20", seed=85),
+        Case("least_likely_token", lambda g: _sampler_inputs(g, 4, 8, 1.0, -1, 1.0, scale=0.5, tail=True), Exact(),
+             "draws close to 1 pick the least likely token of each row: top_k=-1 and top_p=1 keep every token, the "
+             "least likely one included", seed=88),
         Case("big_batch", lambda g: _sampler_inputs(g, 8, 2000, 0.9, 100, 0.95), Exact(),
              "8 rows over a 2000-token vocabulary", visible=False, seed=86),
         Case("top_k_one_is_greedy", lambda g: _sampler_inputs(g, 5, 300, 1.3, 1, 1.0), Exact(),

@@ -7,11 +7,13 @@ autograder/harness/lab0_2.py; this module holds what only the grader's parent se
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..compare import Close, Exact, Trace
+from ..codec import describe
+from ..compare import Close, Comparison, Exact, Outcome, Trace
 from ..harness.lab0_2 import (
     PREAMBLE,
     drive_policy_sort_key,
@@ -97,7 +99,7 @@ ARITHMETIC_INTENSITY = Exercise(
     signature="arithmetic_intensity(config: dict, query_lens: list[int], context_lens: list[int], dtype_bytes: int) "
               "-> float",
     reference=ref_arithmetic_intensity, uses=("flops_per_token",),
-    hides=("reference.costs.arithmetic_intensity", "reference.costs.step_bytes", "reference.costs.kv_bytes_per_token"),
+    hides=("reference.costs.arithmetic_intensity", "reference.costs.step_bytes", "reference.kv.layout.kv_bytes_per_token"),
     cases=(
         Case("one_decode_float32", lambda g: {"config": SMOLLM2, "query_lens": [1], "context_lens": [100],
                                               "dtype_bytes": 4},
@@ -129,6 +131,123 @@ ARITHMETIC_INTENSITY = Exercise(
 # ============================================================================================================
 
 
+def _describe_state(state: dict[str, Any]) -> str:
+    def seqs(entries):
+        return "[" + ", ".join(f"seq {e['seq_id']}: {e['num_computed']} of {e['num_tokens']} tokens computed"
+                               for e in entries) + "]"
+    return (f"running {seqs(state['running'])}, waiting {seqs(state['waiting'])}, {state['num_free_blocks']} free "
+            f"blocks of {state['block_size']} tokens, max_num_seqs {state['max_num_seqs']}, budget "
+            f"{state['token_budget']} tokens, chunked prefill {'on' if state['chunked_prefill'] else 'off'}")
+
+
+def _explain_plan(state: dict[str, Any], want: dict[str, Any], have: dict[str, Any]) -> str:
+    """Why the expected plan differs from the learner's, in the words of schedule_step's rules (best effort)."""
+    try:
+        want_n = {seq_id: n for seq_id, n in want["scheduled"]}
+        have_n = {seq_id: n for seq_id, n in have["scheduled"]}
+        have_preempted = list(have["preempted"])
+    except (TypeError, ValueError, KeyError):
+        return "a plan is {'scheduled': [[seq_id, num_tokens], ...], 'preempted': [seq_id, ...]}"
+    running = [e["seq_id"] for e in state["running"]]
+    waiting = [e["seq_id"] for e in state["waiting"]]
+    uncomputed = {e["seq_id"]: e["num_tokens"] - e["num_computed"] for e in state["running"] + state["waiting"]}
+    left, budget_left = state["token_budget"], {}
+    for seq_id, n in want["scheduled"]:
+        budget_left[seq_id] = left
+        left -= n
+    reasons = []
+    if want["preempted"] != have_preempted:
+        if not have_preempted:
+            reasons.append(f"sequence {want['preempted'][0]} must be preempted: a running sequence needs more KV "
+                           f"blocks than are free, and the victim is the LAST running sequence the loop has not "
+                           f"reached yet (the sequence itself when none is left)")
+        elif not want["preempted"]:
+            reasons.append(f"nothing needs preempting in this step, yet you preempted {have_preempted}")
+        else:
+            reasons.append(f"the sequences to preempt are {want['preempted']} in that order, not {have_preempted}: "
+                           f"each victim is the LAST running sequence the loop has not reached yet (the sequence "
+                           f"itself only when none is left)")
+    admitted = [seq_id for seq_id in have_n if seq_id in waiting]
+    if admitted and want["preempted"]:
+        reasons.append(f"sequence {admitted[0]} was admitted, but nothing is admitted in a step that preempted")
+    want_admitted = [seq_id for seq_id in want_n if seq_id in waiting]
+    for seq_id in admitted:
+        if seq_id in want_n or want["preempted"]:
+            continue
+        seats = len(running) + len(want_admitted)
+        if seats >= state["max_num_seqs"]:
+            reasons.append(f"sequence {seq_id} was admitted, but the seats are full: the {len(running)} running "
+                           f"sequences each hold one, scheduled in this step or not"
+                           + (f", and {len(want_admitted)} admitted ones" if want_admitted else "")
+                           + f" (max_num_seqs {state['max_num_seqs']})")
+        elif any(w not in want_n for w in waiting[: waiting.index(seq_id)]):
+            blocked = next(w for w in waiting[: waiting.index(seq_id)] if w not in want_n)
+            reasons.append(f"sequence {seq_id} was admitted ahead of sequence {blocked}, which waits before it and "
+                           f"cannot be admitted now: admission stops there (no overtaking)")
+        else:
+            reasons.append(f"sequence {seq_id} must not be admitted in this step")
+    for seq_id, n in want_n.items():
+        if seq_id not in have_n:
+            reasons.append(f"sequence {seq_id} must run {n} token(s) ({uncomputed.get(seq_id)} uncomputed, "
+                           f"{budget_left[seq_id]} of the budget left when it is reached)")
+        elif have_n[seq_id] != n:
+            reasons.append(f"sequence {seq_id} runs {n} token(s), not {have_n[seq_id]}: it has "
+                           f"{uncomputed.get(seq_id)} uncomputed and {budget_left[seq_id]} of the budget is left "
+                           f"when it is reached")
+    for seq_id in have_n:
+        if seq_id in running and seq_id not in want_n and seq_id not in want["preempted"]:
+            reasons.append(f"sequence {seq_id} must not run in this step"
+                           + (f" (its {uncomputed[seq_id]} uncomputed tokens do not fit the budget left and chunked "
+                              f"prefill is off: skip it)" if not state["chunked_prefill"] else ""))
+    if not reasons and sorted(want["scheduled"]) == sorted(map(list, have["scheduled"])):
+        reasons.append("the same sequences and counts in another order: running sequences in their order, then "
+                       "admitted ones in theirs")
+    return "; ".join(reasons)
+
+
+@dataclass(frozen=True)
+class Plans(Comparison):
+    """schedule_step's results: one {"state", "plan"} (a single step) or a list of them (a replayed workload),
+    plans compared exactly. A failure names the step, the state the function was given, both plans and the rule
+    that decides; for hidden cases only the step number."""
+
+    def describe(self) -> str:
+        return "the plan of every step: exact match"
+
+    def compare(self, got: Any, expected: Any) -> Outcome:
+        single = isinstance(expected, dict)
+        wants = [expected] if single else expected
+        haves = [got] if single else got
+        if not isinstance(haves, list):
+            return Outcome(False, "wrong type", f"expected a trace (list of steps), got {describe(got)}")
+        for i, want in enumerate(wants):
+            where = "the plan" if single else f"step {i} (your function's call {i}, 0-based)"
+            if i >= len(haves):
+                return Outcome(False, "trace too short", f"{where}: your trace stopped after {len(haves)} steps")
+            have = haves[i]
+            state = want["state"]
+            if isinstance(have, dict) and "error" in have:
+                return Outcome(False, f"{where}: raised",
+                               f"{where}, given {_describe_state(state)}: {str(have['error'])[:300]}")
+            if not isinstance(have, dict) or "plan" not in have:
+                return Outcome(False, "wrong type", f"{where}: expected a plan, got {describe(have)}")
+            outcome = Exact().compare(have["plan"], want["plan"])
+            if not outcome.passed:
+                why = _explain_plan(state, want["plan"], have["plan"])
+                return Outcome(False, f"{where}: wrong plan",
+                               f"{where}, given {_describe_state(state)}: expected {_short_plan(want['plan'])}, "
+                               f"yours {_short_plan(have['plan'])}" + (f". {why}" if why else ""))
+        if len(haves) > len(wants):
+            return Outcome(False, "trace too long", f"expected {len(wants)} steps, got {len(haves)}: the workload "
+                                                    f"should have finished")
+        return Outcome.ok()
+
+
+def _short_plan(plan: Any) -> str:
+    text = repr(plan)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _state(running, waiting, num_free_blocks, block_size=4, max_num_seqs=4, token_budget=16, chunked_prefill=True):
     as_entries = lambda seqs: [{"seq_id": i, "num_tokens": t, "num_computed": c} for i, t, c in seqs]  # noqa: E731
     return {"state": {"running": as_entries(running), "waiting": as_entries(waiting),
@@ -158,47 +277,54 @@ SCHEDULE_STEP = Exercise(
               "# {'scheduled': [[seq_id, num_tokens], ...], 'preempted': [seq_id, ...]}",
     reference=ref_schedule_step, driver=drive_schedule_step, hides=("reference.step_plan.plan_step",),
     cases=(
-        Case("decode_first_then_a_chunk", lambda g: _state([(0, 10, 9)], [(1, 30, 0)], 100), Exact(),
+        Case("decode_first_then_a_chunk", lambda g: _state([(0, 10, 9)], [(1, 30, 0)], 100), Plans(),
              "one sequence decoding, one 30-token prompt waiting, budget 16: the decode runs first (1 token), "
              "the prompt gets the other 15 as a chunk"),
         Case("whole_prompts_without_chunking", lambda g: _state([(0, 10, 9)], [(1, 30, 0), (2, 5, 0)], 100,
-                                                                chunked_prefill=False), Exact(),
+                                                                chunked_prefill=False), Plans(),
              "without chunked prefill the 30-token prompt does not fit the 15 tokens left, so it waits, and the "
              "5-token prompt behind it may not overtake it"),
         Case("skip_what_does_not_fit_whole", lambda g: _state([(0, 10, 9), (1, 30, 10), (2, 8, 7)], [], 100,
-                                                              chunked_prefill=False), Exact(),
+                                                              chunked_prefill=False), Plans(),
              "without chunked prefill a running sequence whose 20 remaining prompt tokens exceed the 15 left is "
              "skipped this step, and the decode after it still runs"),
         Case("preempt_the_last_running", lambda g: _state([(0, 9, 8), (1, 6, 5), (2, 5, 4)], [(3, 3, 0)], 0),
-             Exact(), "no free block and sequence 0 needs a third block for its 9th token: the last running "
+             Plans(), "no free block and sequence 0 needs a third block for its 9th token: the last running "
                       "sequence (2) is preempted to make room; nothing is admitted in a step that preempted"),
-        Case("preempt_itself", lambda g: _state([(0, 9, 8)], [(1, 2, 0)], 0), Exact(),
+        Case("preempt_itself", lambda g: _state([(0, 9, 8)], [(1, 2, 0)], 0), Plans(),
              "the only running sequence needs a block and there is no one else to evict: it preempts itself "
              "(and runs nothing)"),
         Case("seats_and_budget_run_out", lambda g: _state([(0, 5, 4), (1, 7, 6)], [(2, 3, 0), (3, 20, 0), (4, 2, 0)],
-                                                          100, max_num_seqs=3, token_budget=8), Exact(),
+                                                          100, max_num_seqs=3, token_budget=8), Plans(),
              "two decodes, then admission in order until the seats (3) are full: only sequence 2 joins"),
+        Case("skipped_sequence_keeps_its_seat", lambda g: _state([(0, 10, 9), (1, 40, 10)], [(2, 3, 0)], 100,
+                                                                 max_num_seqs=2, chunked_prefill=False), Plans(),
+             "without chunked prefill sequence 1's 30 prompt tokens do not fit the 15 left, so it is skipped; it "
+             "stays running and keeps its seat, so with max_num_seqs 2 the seats are full and sequence 2 is not "
+             "admitted (count len(running), not the sequences scheduled)"),
         Case("a_workload_step_by_step", lambda g: {"engine": {"num_blocks": 64, "block_size": 4, "max_num_seqs": 3,
                                                               "token_budget": 12, "chunked_prefill": True},
                                                    "requests": _requests((0, 20, 3), (0, 5, 6), (1, 9, 4), (2, 3, 5),
                                                                          (6, 14, 2))},
-             Trace(Exact()), "five requests arriving over 6 steps, plenty of KV blocks: chunked prefills beside "
+             Plans(), "five requests arriving over 6 steps, plenty of KV blocks: chunked prefills beside "
                              "decodes, sequences leaving and joining between steps (step k is your function's k-th "
-                             "call, 0-based; the notebook shows how to print that step's state)"),
+                             "call, 0-based; a failure shows the state that step was given)"),
         Case("a_workload_under_memory_pressure", lambda g: {"engine": {"num_blocks": 7, "block_size": 4,
                                                                        "max_num_seqs": 4, "token_budget": 16,
                                                                        "chunked_prefill": True},
                                                             "requests": _requests((0, 6, 8), (0, 7, 8), (0, 5, 8),
                                                                                   (1, 3, 4))},
-             Trace(Exact()), "four requests in 7 blocks of 4 tokens: sequences grow until someone must be "
-                             "preempted, later recomputed (step k is your function's k-th call, 0-based; the "
-                             "notebook shows how to print that step's state)"),
-        Case("random_workload", lambda g: _workload(g, 10, 200, 4, 16), Trace(Exact()),
+             Plans(), "four requests in 7 blocks of 4 tokens: sequences grow until someone must be "
+                             "preempted, later recomputed (step k is your function's k-th call, 0-based; a "
+                             "failure shows the state that step was given)"),
+        Case("random_workload", lambda g: _workload(g, 10, 200, 4, 16), Plans(),
              "ten random requests, plenty of memory", visible=False, seed=20),
-        Case("random_workload_tight", lambda g: _workload(g, 10, 12, 6, 24), Trace(Exact()),
+        Case("random_workload_tight", lambda g: _workload(g, 10, 12, 6, 24), Plans(),
              "ten random requests in 12 blocks: preemption", visible=False, seed=21),
         Case("random_workload_whole_prompts", lambda g: _workload(g, 8, 30, 3, 40, chunked_prefill=False),
-             Trace(Exact()), "eight random requests without chunked prefill", visible=False, seed=22),
+             Plans(), "eight random requests without chunked prefill", visible=False, seed=22),
+        Case("random_workload_few_seats", lambda g: _workload(g, 10, 60, 2, 24, chunked_prefill=False),
+             Plans(), "ten random requests without chunked prefill, two seats", visible=False, seed=23),
     ),
 )
 
@@ -315,17 +441,22 @@ POLICY_SORT_KEY = Exercise(
              "fcfs keys are (arrival_time, seq_id): arrival order, ties broken by seq_id"),
         Case("sjf", lambda g: _calls("sjf", _MIXED, 10), Exact(),
              "sjf keys are (num_uncomputed, arrival_time, seq_id): the fewest tokens left to compute first"),
-        Case("priority_with_aging", lambda g: _calls("priority", _MIXED, 40, aging_steps=8), Exact(),
-             "priority keys are (priority * aging_steps - steps waited, arrival_time, seq_id), steps waited = "
-             "max(0, step - waiting_since_step)"),
-        Case("aging_orders", lambda g: {"order": {"policy": "priority", "seqs": [_seq(0, 0.0, 5, 1, 0),
-                                                                                 _seq(1, 3.0, 5, 0, 40)],
+        Case("priority_with_aging", lambda g: _calls("priority", _MIXED + [_seq(5, 2.5, 7, 1, 45)], 40, aging_steps=8),
+             Exact(), "priority keys are (priority * aging_steps - steps waited, arrival_time, seq_id), steps waited "
+                      "= max(0, step - waiting_since_step), never negative (sequence 5's waiting_since_step 45 is "
+                      "later than step 40: it has waited 0 steps)"),
+        Case("aging_orders", lambda g: {"order": {"policy": "priority", "seqs": [_seq(0, 3.0, 5, 0, 40),
+                                                                                 _seq(1, 0.0, 5, 1, 0),
+                                                                                 _seq(2, 1.0, 5, 0, 43)],
                                                   "step": 44, "aging_steps": 32}}, Exact(),
-             "a priority-1 request waiting since step 0 against a priority-0 one waiting since step 40: at step 44 "
-             "the old one goes first, 1 * 32 - 44 = -12 < 0 * 32 - 4 = -4 (32 steps of waiting = one level)"),
-        Case("unknown_policy", lambda g: _calls("lifo", _MIXED[:1], 0), Exact(),
-             "an unknown policy name raises ValueError; a raised exception is recorded as {'error': its type name}, "
-             "so 'expected a dict, got list' means your function returned a key instead of raising"),
+             "at step 44, priority-1 sequence 1 waiting since step 0 goes first, 1 * 32 - 44 = -12, before "
+             "priority-0 sequences 0 (waiting since step 40: 0 * 32 - 4 = -4) and 2 (since step 43: -1): "
+             "32 steps of waiting = one level"),
+        Case("unknown_policy", lambda g: {"calls": _calls("fcfs", _MIXED[:1], 0)["calls"]
+                                          + _calls("lifo", _MIXED[:1], 0)["calls"]}, Exact(),
+             "a known policy returns its key; an unknown policy name raises ValueError. A raised exception is "
+             "recorded as {'error': its type name}, so 'expected a dict, got list' means your function returned a "
+             "key instead of raising"),
         Case("random_fcfs_order", lambda g: _random_order(g, "fcfs"), Exact(), "fcfs order of 12 random sequences",
              visible=False, seed=50),
         Case("random_sjf_order", lambda g: _random_order(g, "sjf"), Exact(), "sjf order of 12 random sequences",

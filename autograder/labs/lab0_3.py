@@ -9,6 +9,7 @@ values come from the PyTorch reference.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ SLOT_MAPPING = Exercise(
     signature="slot_mapping(block_table: list[int], positions: Tensor, block_size: int) -> Tensor  "
               "# positions: int64 [n] (-1 = padding) -> int64 [n]",
     reference=ref_slot_mapping, driver=drive_slot_mapping,
-    hides=("reference.paging.slot_mapping",),
+    hides=("reference.kv.layout.slot_mapping",),
     cases=(
         Case("one_sequence", lambda g: {"calls": [_slot_call([7, 2, 9], list(range(10)), 4)]},
              Trace(Exact(), ("table [7, 2, 9], block_size 4, positions 0..9",)),
@@ -82,8 +83,9 @@ SLOT_MAPPING = Exercise(
              Trace(Exact(), ("position 8 with 2 blocks of 4", "position 5 whose table entry is -1",
                              "position 7 (fits)")),
              "a position whose block is past the table's end or -1 raises ValueError; the next call still works"),
-        Case("empty", lambda g: {"calls": [_slot_call([1], [], 8)]}, Trace(Exact(), ("no positions",)),
-             "no positions: an empty int64 tensor"),
+        Case("empty", lambda g: {"calls": [_slot_call([1], [], 8), _slot_call([1], [3], 8)]},
+             Trace(Exact(), ("no positions", "position 3 in block 1 of 8 slots")),
+             "no positions: an empty int64 tensor; then position 3 of table [1] with block_size 8: slot 11"),
         Case("random_tables", _random_slot_calls, Trace(Exact()),
              "random block tables and positions (some padding) for block sizes 1, 4, 16, 32",
              visible=False, seed=1),
@@ -96,9 +98,26 @@ def _ops(*items) -> list[dict[str, Any]]:
     return [{"op": item[0]} if len(item) == 1 else {"op": item[0], "block": item[1]} for item in items]
 
 
-def _names(ops: list[dict[str, Any]]) -> tuple[str, ...]:
-    """Step labels for feedback: "step 7 of 11, allocate()", so the learner can replay the ops up to it."""
-    return tuple(f"step {i} of {len(ops)}, {op['op']}({op.get('block', '')})" for i, op in enumerate(ops, 1))
+def _allocator_names(num_blocks: int, ops: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Step labels that also name the state before each step (the free queue, front first, and the ref counts of
+    the allocated blocks), replaying the exercise's rules; for visible cases only (hidden ones get "step i")."""
+    queue, refs = deque(range(num_blocks)), [0] * num_blocks
+    names = []
+    for i, op in enumerate(ops, 1):
+        held = {block: count for block, count in enumerate(refs) if count}
+        names.append(f"step {i} of {len(ops)}, {op['op']}({op.get('block', '')}), when the free queue is "
+                     f"{list(queue)} (front first) and the allocated blocks' ref counts are {held}")
+        block = op.get("block")
+        valid = block is not None and 0 <= block < num_blocks and refs[block] > 0
+        if op["op"] == "allocate" and queue:
+            refs[queue.popleft()] = 1
+        elif op["op"] == "share" and valid:
+            refs[block] += 1
+        elif op["op"] == "free" and valid:
+            refs[block] -= 1
+            if not refs[block]:
+                queue.append(block)
+    return tuple(names)
 
 
 _FIFO_OPS = _ops(("allocate",), ("allocate",), ("allocate",), ("num_free",), ("free", 1), ("free", 0),
@@ -124,17 +143,17 @@ BLOCK_ALLOCATOR = Exercise(
     signature="class BlockAllocator: __init__(self, num_blocks); allocate() -> int; share(block_id) -> int; "
               "free(block_id) -> bool; ref_count(block_id) -> int; num_free -> int",
     reference=ReferenceBlockAllocator, driver=drive_block_allocator,
-    hides=("reference.block_manager.BlockManager",),
+    hides=("reference.kv.block_manager.BlockManager",),
     cases=(
-        Case("free_queue_order", lambda g: {"num_blocks": 4, "ops": _FIFO_OPS}, Trace(Exact(), _names(_FIFO_OPS)),
+        Case("free_queue_order", lambda g: {"num_blocks": 4, "ops": _FIFO_OPS}, Trace(Exact(), _allocator_names(4, _FIFO_OPS)),
              "allocate hands out the block that has been free the longest: 0, 1, 2, then 3; blocks freed "
              "(1, then 0) join the back of the queue; a fifth allocate from an empty pool raises RuntimeError"),
         Case("shared_blocks_stay_out_of_the_pool", lambda g: {"num_blocks": 3, "ops": _SHARE_OPS},
-             Trace(Exact(), _names(_SHARE_OPS)),
+             Trace(Exact(), _allocator_names(3, _SHARE_OPS)),
              "share adds a user (ref count 3 after two shares); free returns False and keeps the block out "
              "of the pool until its last user frees it; freeing a free block is an error"),
         Case("bad_calls_raise_value_error", lambda g: {"num_blocks": 3, "ops": _ERROR_OPS},
-             Trace(Exact(), _names(_ERROR_OPS)),
+             Trace(Exact(), _allocator_names(3, _ERROR_OPS)),
              "double free, sharing a free block and ids outside [0, num_blocks) raise ValueError and change "
              "nothing: the pool keeps working"),
         Case("random_ops", _random_allocator_ops, Trace(Exact()),
@@ -166,7 +185,7 @@ BLOCK_HASHES = Exercise(
     name="block_hashes", symbol="block_hashes", notebook=NOTEBOOK_2,
     signature="block_hashes(token_ids: list[int], block_size: int) -> list[int]  # one int per FULL block",
     reference=ref_block_hashes, driver=drive_block_hashes,
-    hides=("reference.paging.block_hashes",),
+    hides=("reference.kv.prefix_cache.block_hashes",),
     cases=(
         Case("full_blocks_only", lambda g: {"token_lists": [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7]],
                                             "block_size": 3},
@@ -182,8 +201,10 @@ BLOCK_HASHES = Exercise(
         Case("shared_system_prompt", _shared_prompts, Exact(),
              "six prompts that start with the same 9-token system prompt (block_size 4): their first two blocks "
              "hash alike, later ones only where the prompts agree" + _HASH_NAMES, seed=3),
-        Case("short_and_empty", lambda g: {"token_lists": [[], [4, 2], [4, 2, 0, 1]], "block_size": 4},
-             Exact(), "an empty list and a list shorter than one block have no full block: []"),
+        Case("short_and_empty", lambda g: {"token_lists": [[], [4, 2], [4, 2, 0, 1], [5, 2, 0, 1, 3]],
+                                           "block_size": 4},
+             Exact(), "an empty list and a list shorter than one block have no full block: []; [4, 2, 0, 1] and "
+                      "[5, 2, 0, 1, 3] have one full block each, with different hashes" + _HASH_NAMES),
         Case("block_size_one", lambda g: {"token_lists": [[3, 1, 4, 1, 5], [3, 1, 4, 1, 6], [1, 4]],
                                           "block_size": 1},
              Exact(), "block_size 1: one hash per token, each naming the prefix up to that token", visible=False),
@@ -207,6 +228,26 @@ def _evict(block):
     return {"op": "evict", "block": block}
 
 
+def _cache_names(block_size: int, ops: list[dict[str, Any]], labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The labels, each followed by what is registered before that step (block id: its tokens, and where they sit
+    in their sequence), replaying the exercise's rules with the reference's block hashes; visible cases only."""
+    registered: dict[int, tuple[int, tuple[int, ...], int]] = {}  # block id -> (hash, its tokens, first position)
+    names = []
+    for label, op in zip(labels, ops):
+        held = ", ".join(f"block {block} = {list(tokens)} at positions {start}..{start + len(tokens) - 1}"
+                         for block, (_, tokens, start) in registered.items())
+        names.append(f"{label} (registered before it: {held or 'nothing'})")
+        if op["op"] == "insert":
+            hashes = {h for h, _, _ in registered.values()}
+            for j, (h, block) in enumerate(zip(ref_block_hashes(op["tokens"], block_size), op["blocks"])):
+                if h not in hashes and block not in registered:
+                    registered[block] = (h, tuple(op["tokens"][j * block_size : (j + 1) * block_size]), j * block_size)
+                    hashes.add(h)
+        elif op["op"] == "evict":
+            registered.pop(op["block"], None)
+    return tuple(names)
+
+
 _HIT_OPS = [_insert(range(10), [4, 9, 2]), _lookup(range(10)), _lookup([0, 1, 2, 3, 4, 5, 60, 61, 8, 9]),
             _lookup(range(9)), _lookup(range(5)), _lookup([0, 1, 2, 3, 9, 9, 9, 9, 9])]
 _STOP_OPS = [_insert([1, 2, 3, 4, 5, 6, 7, 8], [0, 1]), _lookup([1, 2, 3, 4, 5, 6, 7, 8, 9]),
@@ -215,6 +256,9 @@ _STOP_OPS = [_insert([1, 2, 3, 4, 5, 6, 7, 8], [0, 1]), _lookup([1, 2, 3, 4, 5, 
              _lookup([1, 2, 3, 4, 9, 9, 9, 9, 1])]
 _EVICT_OPS = [_insert([5] * 12, [3, 1, 4]), _evict(1), _lookup([5] * 13), _evict(1), _evict(8),
               _insert([5] * 12, [3, 2, 4]), _lookup([5] * 13)]
+_ONE_PER_BLOCK_OPS = [_insert([1, 2, 3, 4, 5, 6, 7, 8], [0, 1]), _insert([9, 9, 9, 9], [1]), _lookup([9, 9, 9, 9, 0]),
+                      _evict(1), _insert([9, 9, 9, 9], [1]), _lookup([9, 9, 9, 9, 0]),
+                      _lookup([1, 2, 3, 4, 5, 6, 7, 8, 0])]
 _COLLISION_OPS = [_insert([-1, 10, 11, -2, 12, 13], [0, 1]), _lookup([-2, 10, 11, 0]), _lookup([-1, 10, 11, 0]),
                   _lookup([-1, 10, 11, -1, 12, 13, 0])]
 
@@ -240,29 +284,40 @@ PREFIX_CACHE = Exercise(
     signature="class PrefixCache: __init__(self, block_size); insert(token_ids, block_ids) -> int; "
               "lookup(token_ids) -> list[int]; evict(block_id) -> bool",
     reference=ReferencePrefixCache, driver=drive_prefix_cache, uses=("block_hashes",),
-    hides=("reference.paging.PrefixCache",),
+    hides=("reference.kv.prefix_cache.PrefixCache",),
     cases=(
         Case("hits_stop_at_the_first_miss", lambda g: {"block_size": 4, "ops": _HIT_OPS},
-             Trace(Exact(), ("insert 10 tokens in blocks [4, 9, 2]", "lookup the same 10 tokens",
-                             "lookup: second block differs", "lookup 9 tokens",
-                             "lookup 5 tokens", "lookup: same first block, then different")),
+             Trace(Exact(), _cache_names(4, _HIT_OPS, (
+                 "insert 10 tokens in blocks [4, 9, 2]", "lookup the same 10 tokens", "lookup: second block differs",
+                 "lookup 9 tokens", "lookup 5 tokens", "lookup: same first block, then different"))),
              "the 10-token sequence registers its 2 full blocks (the third is partial); a lookup returns the "
              "leading cached blocks and stops at the first block that is not cached; store each block's tokens to "
              "compare them on lookup"),
         Case("last_token_is_never_cached", lambda g: {"block_size": 4, "ops": _STOP_OPS},
-             Trace(Exact(), ("insert 8 tokens", "lookup 9 tokens", "lookup the same 8 tokens",
-                             "lookup: first block differs", "insert the same tokens again in other blocks",
-                             "insert: first block shared, second new", "lookup the new second block")),
+             Trace(Exact(), _cache_names(4, _STOP_OPS, (
+                 "insert 8 tokens", "lookup 9 tokens", "lookup the same 8 tokens", "lookup: first block differs",
+                 "insert the same tokens again in other blocks", "insert: first block shared, second new",
+                 "lookup the new second block"))),
              "a lookup of exactly the cached 8 tokens finds only 1 block: the last token must be computed; the "
              "first block to register a prefix keeps it (a second insert adds nothing for it)"),
         Case("evict_forgets_a_block", lambda g: {"block_size": 4, "ops": _EVICT_OPS},
-             Trace(Exact(), ("insert 3 blocks", "evict block 1", "lookup after the eviction", "evict 1 again",
-                             "evict a block never cached", "re-insert with block 2 in the middle", "lookup")),
+             Trace(Exact(), _cache_names(4, _EVICT_OPS, (
+                 "insert 3 blocks", "evict block 1", "lookup after the eviction", "evict 1 again",
+                 "evict a block never cached", "re-insert with block 2 in the middle", "lookup"))),
              "after evict(1) a lookup stops before the evicted block, even though the block after it is still "
              "cached; evicting an unknown block returns False"),
+        Case("one_registration_per_block", lambda g: {"block_size": 4, "ops": _ONE_PER_BLOCK_OPS},
+             Trace(Exact(), _cache_names(4, _ONE_PER_BLOCK_OPS, (
+                 "insert 8 tokens in blocks [0, 1]", "insert [9, 9, 9, 9] in block 1 (still registered)",
+                 "lookup [9, 9, 9, 9, 0]", "evict block 1", "insert [9, 9, 9, 9] in block 1 again",
+                 "lookup [9, 9, 9, 9, 0]", "lookup the first 8 tokens and one more"))),
+             "a physical block holds one registered block at a time: while block 1 holds [5, 6, 7, 8], inserting "
+             "[9, 9, 9, 9] into it registers nothing; once evicted, it can be registered for the new tokens (and the "
+             "old prefix then stops at block 0)"),
         Case("hash_collision_is_verified", lambda g: {"block_size": 3, "ops": _COLLISION_OPS},
-             Trace(Exact(), ("insert [-1, 10, 11, -2, 12, 13]", "lookup [-2, 10, 11, 0]",
-                             "lookup [-1, 10, 11, 0]", "lookup 7 tokens")),
+             Trace(Exact(), _cache_names(3, _COLLISION_OPS, (
+                 "insert [-1, 10, 11, -2, 12, 13]", "lookup [-2, 10, 11, 0]", "lookup [-1, 10, 11, 0]",
+                 "lookup 7 tokens"))),
              "in CPython hash(-1) == hash(-2), so blocks [-1, 10, 11] and [-2, 10, 11] share a hash: a lookup "
              "must compare the stored tokens and treat the collision as a miss"),
         Case("random_ops", _random_cache_ops, Trace(Exact()),
@@ -316,6 +371,8 @@ PAGED_ATTENTION_TORCH = Exercise(
         Case("mixed_batch_gqa", lambda g: _paged_inputs(g, [3, 1, 7], [3, 9, 7], 6, 2, 16, 2), Close(1e-5, 1e-5),
              "a fresh prefill, a decode and another prefill together; 6 query heads share 2 KV heads (GQA: "
              "head h reads KV head h // 3)", seed=12),
+        Case("given_scale", lambda g: {**_paged_inputs(g, [3, 1], [7, 10], 2, 2, 8, 4), "scale": 0.5},
+             Close(1e-5, 1e-5), "scale 0.5, not 1/sqrt(head_dim): multiply q . k by the scale you are given", seed=16),
         Case("one_big_block_per_sequence", lambda g: _paged_inputs(g, [2, 1], [20, 33], 2, 1, 8, 64),
              Close(1e-5, 1e-5), "block_size 64 (the contiguous cache's layout): one block each, MQA", seed=13),
         Case("wider", lambda g: _paged_inputs(g, [4, 1, 16, 1], [40, 50, 16, 3], 8, 2, 32, 8), Close(1e-5, 1e-5),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kv.layout import batched_slot_mapping
+
 
 @dataclass
 class AttentionMetadata:
@@ -78,7 +80,7 @@ def build_metadata(
     width = max((len(t) for t in block_tables), default=0)
     tables = torch.tensor([list(t) + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int64)
     tables = tables.reshape(len(block_tables), width)
-    slots = tables[owner, positions // block_size] * block_size + positions % block_size
+    slots = batched_slot_mapping(tables, owner, positions, block_size)
     metadata = AttentionMetadata(
         cu_seqlens_q=cu_seqlens.to(device, torch.int32),
         query_lens=list(query_lens),

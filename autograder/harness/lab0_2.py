@@ -9,6 +9,7 @@ autograder/labs/lab0_2.py.
 
 from __future__ import annotations
 
+import copy
 import zlib
 from typing import Any
 
@@ -82,7 +83,9 @@ def _plain_plan(plan: Any) -> dict[str, Any]:
 
 def _simulate_schedule(fn, engine: dict[str, Any], requests: list[dict[str, Any]], max_steps: int = 300) -> list[Any]:
     """Replay a workload with a fake model (every scheduled token is computed; a sequence that reaches its end gets
-    one new token) on the plain state; one trace entry per step: the plan, or {"error": ...} and stop."""
+    one new token) on the plain state; one trace entry per step: {"state": what the function was given, "plan":
+    what it returned}, or {"error": ..., "state": ...} and stop. The state lets the feedback say what the step
+    looked like (it is equal on both sides up to the first step whose plan differs)."""
     block_size = engine["block_size"]
     free = engine["num_blocks"]
     seqs: dict[int, dict[str, int]] = {}
@@ -99,16 +102,18 @@ def _simulate_schedule(fn, engine: dict[str, Any], requests: list[dict[str, Any]
             break
         plain = lambda ids: [{"seq_id": i, "num_tokens": seqs[i]["num_tokens"],  # noqa: E731
                               "num_computed": seqs[i]["num_computed"]} for i in sorted(ids)]
+        state = {"running": plain(running), "waiting": plain(waiting), "num_free_blocks": free,
+                 "block_size": block_size, "max_num_seqs": engine["max_num_seqs"],
+                 "token_budget": engine["token_budget"], "chunked_prefill": engine["chunked_prefill"]}
         try:
-            plan = _plain_plan(fn(plain(running), plain(waiting), free, block_size, engine["max_num_seqs"],
-                                  engine["token_budget"], engine["chunked_prefill"]))
+            plan = _plain_plan(fn(*copy.deepcopy(state).values()))
             free = _apply_plan(plan, seqs, running, waiting, free, engine)
         except NotImplementedError:
             raise
         except Exception as exc:
-            trace.append({"error": f"{type(exc).__name__}: {exc}"})
+            trace.append({"error": f"{type(exc).__name__}: {exc}", "state": state})
             break
-        trace.append(plan)
+        trace.append({"state": state, "plan": plan})
     return trace
 
 
@@ -153,9 +158,11 @@ def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
 
 
 def drive_schedule_step(fn, inputs: dict[str, Any]) -> Any:
-    """One step from a given state ("state"), or a whole workload replayed step by step ("engine", "requests")."""
+    """One step from a given state ("state") -> {"state", "plan"}, or a whole workload replayed step by step
+    ("engine", "requests") -> a list of those (see _simulate_schedule)."""
     if "state" in inputs:
-        return _plain_plan(fn(*inputs["state"].values()))
+        state = dict(inputs["state"])
+        return {"state": state, "plan": _plain_plan(fn(*copy.deepcopy(state).values()))}
     return _simulate_schedule(fn, inputs["engine"], inputs["requests"])
 
 def ref_run_to_completion(engine, requests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -434,13 +434,15 @@ KV_CACHE = Exercise(
 SAMPLER_MARGIN = 1e-3  # no draw and no top-p cut lies closer than this to a boundary, so float order can't matter
 
 
-def _sampler_inputs(generator, rows, vocab, temperature, top_k, top_p, scale=2.0, tail=False) -> dict[str, Any]:
+def _sampler_inputs(generator, rows, vocab, temperature, top_k, top_p, scale=2.0, tail_rows=0) -> dict[str, Any]:
     """Random logits and draws, each row redrawn until every decision is SAMPLER_MARGIN away from a boundary.
-    tail: each draw falls in the middle of the least likely kept token's share, so that token is the one drawn."""
+    tail_rows: that many more rows, nearly flat (scale 0.3), whose draws fall in the middle of the least likely kept
+    token's share, so that token is the one drawn."""
     logits, uniform = [], []
-    for _ in range(rows):
+    for index in range(rows + tail_rows):
+        tail = index >= rows
         for _attempt in range(1000):
-            row = torch.randn(1, vocab, generator=generator) * scale
+            row = torch.randn(1, vocab, generator=generator) * (0.3 if tail else scale)
             draw = torch.rand(1, generator=generator)
             if tail:
                 kept = _apply_top_k_top_p(row / temperature, [top_k], [top_p]).softmax(-1)
@@ -474,10 +476,11 @@ SAMPLE_NEXT_TOKEN = Exercise(
     cases=(
         Case("greedy", lambda g: _sampler_inputs(g, 3, 50, 0.0, -1, 1.0), Exact(),
              "temperature 0 is greedy: the argmax of each row, whatever the draw", seed=80),
-        Case("temperature_one", lambda g: _sampler_inputs(g, 4, 50, 1.0, -1, 1.0), Exact(),
+        Case("temperature_one", lambda g: _sampler_inputs(g, 4, 50, 1.0, -1, 1.0, tail_rows=2), Exact(),
              "temperature 1, no top-k/top-p: inverse-CDF draw over all 50 tokens sorted by decreasing "
-             "probability, the first token whose running sum exceeds the row's uniform draw (no other randomness)",
-             seed=81),
+             "probability, the first token whose running sum exceeds the row's uniform draw (no other randomness); "
+             "the last two rows are nearly flat and their draws fall in the least likely token's share: top_k=-1 "
+             "keeps every token, the last one included", seed=81),
         Case("low_temperature", lambda g: _sampler_inputs(g, 4, 50, 0.5, -1, 1.0), Exact(),
              "temperature 0.5 sharpens the distribution (logits divided by 0.5 before softmax)", seed=82),
         Case("top_k", lambda g: _sampler_inputs(g, 4, 50, 1.0, 5, 1.0), Exact(),
@@ -487,9 +490,6 @@ SAMPLE_NEXT_TOKEN = Exercise(
              "the mass BEFORE it is < 0.8, so the one that crosses 0.8 stays)", seed=84),
         Case("top_k_then_top_p", lambda g: _sampler_inputs(g, 4, 100, 0.8, 20, 0.9), Exact(),
              "temperature 0.8, then top_k=20, then top_p=0.9 on the renormalised top-20", seed=85),
-        Case("least_likely_token", lambda g: _sampler_inputs(g, 4, 8, 1.0, -1, 1.0, scale=0.5, tail=True), Exact(),
-             "draws close to 1 pick the least likely token of each row: top_k=-1 and top_p=1 keep every token, the "
-             "least likely one included", seed=88),
         Case("big_batch", lambda g: _sampler_inputs(g, 8, 2000, 0.9, 100, 0.95), Exact(),
              "8 rows over a 2000-token vocabulary", visible=False, seed=86),
         Case("top_k_one_is_greedy", lambda g: _sampler_inputs(g, 5, 300, 1.3, 1, 1.0), Exact(),

@@ -3,8 +3,10 @@
     add_request -> Sequence(s) queued -> step(): scheduler plans -> model runner runs + samples
                 -> tokens appended, detokenized, stop conditions checked -> RequestOutputs of what progressed
 
-The engine owns requests (prompt, params, per-sample text and logprobs, metrics) and the step loop. It must
-not know how attention or memory work: that is the model runner's and the KV manager's business.
+The engine owns requests and their sequences' state (prompt, params, tokens, per-sample text and logprobs,
+metrics) and the step loop. It does not know how attention or memory work: the KV manager is sized and built by
+kv/sizing.py (the engine only says how much memory is free), and the forward pass is the model runner's:
+model_runner.py (eager, synchronous: the one to read) or fast_runner.py (async scheduling, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_config import EngineConfig
-from .kv.sizing import make_kv_manager
 from .metrics import StepRecord
-from .model_runner import LaunchedStep, ModelRunner, SampledToken
+from .fast_runner import FastModelRunner
+from .kv.sizing import gpu_memory_for_kv, make_kv_manager
+from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runtime import resolve_device, resolve_dtype
+from .sampled_tokens import SampledToken
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import PENDING_TOKEN, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -65,11 +69,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         config.fill_defaults(self.device, self.model_config.max_position_embeddings)
         self.kv_manager = make_kv_manager(config, self.model_config, self.dtype, self._kv_memory_budget)
-        self.runner = ModelRunner(
-            self.model, self.kv_manager, self.dtype, attention_backend=config.attention_backend,
-            enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
-            fused_kernels=config.fused_kernels,
-        )
+        self.runner = self._make_runner()
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
             config.enable_chunked_prefill,
@@ -77,12 +77,20 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []
         self._aborted_outputs: list[RequestOutput] = []
-        self._in_flight: LaunchedStep | None = None  # async scheduling: the step whose tokens are not read yet
+
+    def _make_runner(self) -> ModelRunner:
+        """The plain runner, unless async scheduling is on or CUDA graphs can run (a GPU, enforce_eager off)."""
+        config = self.config
+        options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels)
+        if config.async_scheduling or (self.device.type == "cuda" and not config.enforce_eager):
+            return FastModelRunner(self.model, self.kv_manager, self.dtype, **options, enforce_eager=config.enforce_eager,
+                                   max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len)
+        return ModelRunner(self.model, self.kv_manager, self.dtype, **options)
 
     def _kv_memory_budget(self) -> int:
         """Bytes the KV cache may take when num_kv_blocks is not given."""
         if self.device.type == "cuda":
-            return ModelRunner.free_gpu_memory_for_kv(self.model, self.device, self.config)
+            return gpu_memory_for_kv(self.model, self.device, self.config)
         return self.config.cpu_kv_cache_bytes
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -118,7 +126,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer.available else None
             request.samples.append(_Sample(seq, detok, logprobs=[] if params.logprobs is not None else None))
         self.requests[request_id] = request
-        # Only sample 0 prefills the prompt; the others are forked from it once it has (see _append_token).
+        # Only sample 0 prefills the prompt; the others are forked from it once it has (see _after_sampling).
         request.samples[0].seq.num_unborn_siblings = params.n - 1
         self.scheduler.add(request.samples[0].seq)
 
@@ -173,11 +181,8 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
         record = StepRecord.of(self.scheduler.step_count - 1, started, batch, self.scheduler, self.kv_manager)
-        launched = self.runner.launch(batch)
-        self._advance(launched.seqs)
-        if self.config.async_scheduling:
-            launched, self._in_flight = self._in_flight, launched
-        progressed = self._deliver(launched) if launched is not None else {}
+        tokens = self._run_async(batch) if self.config.async_scheduling else self._run(batch)
+        progressed = self._deliver(tokens)
         now = record.end = time.monotonic()
         self.step_log.append(record)
         for request in progressed.values():
@@ -188,29 +193,47 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
-    def _advance(self, seqs: list[Sequence]) -> None:
-        """Right after launch: give each sequence that samples this step a placeholder for its token, so the
-        scheduler can plan the next step now. Whatever does not need the token's value happens here too."""
-        for seq in seqs:
+    def _run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """A synchronous step: run it, record what it computed and append the tokens it sampled."""
+        tokens = self.runner.run(batch)
+        self.scheduler.advance(batch)
+        for token in tokens:
+            token.seq.token_ids.append(token.token_id)
+            self._after_sampling(token.seq)
+        return tokens
+
+    def _run_async(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """Launch this step, giving each sequence that samples a placeholder for its token, so that the next step
+        can be planned now; then wait for the PREVIOUS step's tokens and write them over their placeholders."""
+        previous = self.runner.in_flight
+        launched = self.runner.launch(batch)
+        self.scheduler.advance(batch)
+        for seq in launched.seqs:
             seq.token_ids.append(PENDING_TOKEN)
             seq.num_pending_tokens += 1
-            if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
-                for sibling in self.requests[seq.request_id].samples[1:]:
-                    self.scheduler.fork(seq, sibling.seq)
-            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                # The length limit is known before the token is: free its seat and memory now. (Steps run in
-                # order on the device, so no later step can overwrite this KV before this step has read it.)
-                self.scheduler.finish(seq, "length")
+            self._after_sampling(seq)
+        # A sequence that stopped (or was aborted) after that step was launched has no placeholder left for it.
+        tokens = [t for t in previous.tokens() if t.seq.num_pending_tokens] if previous is not None else []
+        for token in tokens:
+            token.seq.token_ids[-token.seq.num_pending_tokens] = token.token_id  # its oldest placeholder
+            token.seq.num_pending_tokens -= 1
+        return tokens
 
-    def _deliver(self, launched: LaunchedStep) -> dict[str, _Request]:
-        """Read a launched step's tokens (waiting for them), put them in place of the placeholders, detokenize,
-        check stop conditions. Returns the requests that progressed."""
+    def _after_sampling(self, seq: Sequence) -> None:
+        """What follows from seq having sampled a token, whatever its value: its siblings start, and at the length
+        limit it finishes. (Async: steps run in order on the device, so freeing its memory now is safe.)"""
+        if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
+            for sibling in self.requests[seq.request_id].samples[1:]:
+                self.scheduler.fork(seq, sibling.seq)
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _deliver(self, tokens: list[SampledToken]) -> dict[str, _Request]:
+        """Detokenize the step's tokens (already in their sequences) and check stop conditions. Returns the
+        requests that progressed."""
         progressed: dict[str, _Request] = {}
-        tokens = launched.tokens()
         now = time.monotonic()
         for token in tokens:
-            if not token.seq.num_pending_tokens:
-                continue  # it stopped (or was aborted) after this step was launched
             request = self.requests[token.seq.request_id]
             self._append_token(request, token, now)
             progressed[request.request_id] = request
@@ -219,8 +242,6 @@ class LLMEngine:
     def _append_token(self, request: _Request, token: SampledToken, now: float) -> None:
         seq, params = token.seq, request.params
         sample = request.samples[seq.sample_index]
-        seq.token_ids[seq.num_tokens - seq.num_pending_tokens] = token.token_id  # its oldest placeholder
-        seq.num_pending_tokens -= 1
         if seq.first_token_time is None:
             seq.first_token_time = now
             if request.metrics.first_token_time is None:
@@ -248,10 +269,9 @@ class LLMEngine:
     @staticmethod
     def _drop_pending(seq: Sequence) -> None:
         """Forget the tokens of seq still in flight (their values, when they arrive, are ignored)."""
-        if seq.num_pending_tokens:
+        if seq.num_pending_tokens:  # (only ever for a sequence that finishes: its other state no longer matters)
             del seq.token_ids[-seq.num_pending_tokens:]
             seq.num_pending_tokens = 0
-            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
 
     @staticmethod
     def _find_stop_string(text: str, previous_len: int, stops: list[str]) -> int | None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .attention import build_metadata
+from .attention import AttentionMetadata, build_metadata
 from .kv import ContiguousKVCache
 from .models import LlamaForCausalLM
 from .sampling import SamplingParams, sample, seeded_generator
@@ -22,6 +22,20 @@ def _generators(params: SamplingParams, positions: list[int], device) -> list[to
     if params.seed is None or params.temperature == 0:
         return [None] * len(positions)
     return [seeded_generator(params.seed, 0, pos, device) for pos in positions]
+
+
+def _step_inputs(sequences: list[list[int]], live: list[int], cache: ContiguousKVCache | None, device,
+                 decode: bool) -> tuple[list[list[int]], torch.Tensor, AttentionMetadata]:
+    """The tokens each live sequence runs this step, with their positions and attention metadata."""
+    if cache is None:  # no cache: the whole sequence, every step
+        new_tokens = [sequences[i] for i in live]
+        return (new_tokens, *build_metadata([len(s) for s in new_tokens], None, None, None, device))
+    # With the cache, decode runs only each sequence's newest token; prefill runs every prompt token (and stores
+    # its K/V for later steps).
+    new_tokens = [sequences[i][-1:] if decode else sequences[i] for i in live]
+    positions, metadata = build_metadata([len(s) for s in new_tokens], [len(sequences[i]) for i in live],
+                                         [cache.block_table(i) for i in live], cache.block_size, device)
+    return new_tokens, positions, metadata
 
 
 @torch.inference_mode()
@@ -51,22 +65,7 @@ def generate_stream(
 
     for step in range(params.max_tokens):
         live = [i for i, done in enumerate(finished) if not done]
-        if cache is not None and step > 0:  # decode: only each sequence's newest token
-            new_tokens = [sequences[i][-1:] for i in live]
-            positions, metadata = build_metadata(
-                [1] * len(live), [len(sequences[i]) for i in live], [cache.block_table(i) for i in live],
-                cache.block_size, device,
-            )
-        elif cache is not None:  # prefill: every prompt token, K/V stored for later steps
-            new_tokens = [sequences[i] for i in live]
-            positions, metadata = build_metadata(
-                [len(s) for s in new_tokens], [len(s) for s in new_tokens], [cache.block_table(i) for i in live],
-                cache.block_size, device,
-            )
-        else:  # no cache: the whole sequence, every step
-            new_tokens = [sequences[i] for i in live]
-            positions, metadata = build_metadata([len(s) for s in new_tokens], None, None, None, device)
-
+        new_tokens, positions, metadata = _step_inputs(sequences, live, cache, device, decode=step > 0)
         input_ids = torch.tensor([t for s in new_tokens for t in s], dtype=torch.int64, device=device)
         hidden = model(input_ids, positions, metadata, None if cache is None else cache.layers)
         last_rows = metadata.cu_seqlens_q[1:].long() - 1  # each sequence's last token predicts the next
@@ -85,17 +84,10 @@ def generate_stream(
             return
 
 
-def generate(
-    model: LlamaForCausalLM,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    use_cache: bool = True,
-    eos_token_ids: set[int] | frozenset[int] = frozenset(),
-) -> list[list[int]]:
-    """The generated token ids of each prompt (the prompt itself not included)."""
+def generate(model: LlamaForCausalLM, prompts: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:
+    """The generated token ids of each prompt (the prompt itself not included); options: generate_stream's."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step_tokens in generate_stream(model, prompts, params, use_cache=use_cache, eos_token_ids=eos_token_ids):
+    for step_tokens in generate_stream(model, prompts, params, **options):
         for out, token in zip(outputs, step_tokens):
             if token is not None:
                 out.append(token)

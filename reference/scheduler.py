@@ -12,7 +12,7 @@ Every step has a token budget (max_num_batched_tokens) and a cap on running sequ
    prompt is admitted only when it fits the budget whole.
 
 Finished sequences leave and waiting ones join at every step. The scheduler never runs the model: it returns
-a plan (which sequences, how many tokens each) that the model runner executes.
+a plan (which sequences, how many tokens each) that the model runner executes, and advance() records that it ran.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ScheduledBatch:
 
     @property
     def num_decode_tokens(self) -> int:
-        """Read before the model runner advances the sequences."""
+        """Read before Scheduler.advance records the step."""
         return sum(1 for s in self.seqs if s.is_decoding)
 
     @property

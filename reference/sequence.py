@@ -6,9 +6,11 @@ the scheduler gives a sequence a number of its uncomputed tokens to run: a prefi
 token when decoding. After preemption by recompute the cache is dropped, num_computed_tokens goes back to 0,
 and prompt + output so far are prefilled again.
 
-A sampled token is appended the moment its step is launched, as a placeholder (PENDING_TOKEN) whose value is
-still on the device: the scheduler can plan the next step around it while the GPU works, and the model runner
-reads its value from the device (see model_runner.py). `num_pending_tokens` counts the placeholders at the end.
+The engine owns this state: the scheduler records what is computed (Scheduler.advance after each step, 0 on
+preemption), runners only read it. With async scheduling (fast_runner.py) a sampled token is appended the moment
+its step is launched, as a placeholder (PENDING_TOKEN) whose value is still on the device: the scheduler can plan
+the next step around it while the GPU works, and the fast runner reads its value from the device.
+`num_pending_tokens` counts the placeholders at the end (always 0 with the plain runner).
 """
 
 from __future__ import annotations

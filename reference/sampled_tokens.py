@@ -1,0 +1,66 @@
+"""What a runner hands back after a step: the sampled token of each sequence that sampled, with its logprobs.
+
+Both runners (model_runner.py, fast_runner.py) sample the same way and build the same SampledTokens, so their
+tokens agree: the sampling itself is sampling.py's; this module applies it to a step's sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import TokenLogprobs, compute_logprobs, sample, seeded_generator
+from .sequence import Sequence
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class StepLogprobs:
+    """Logprobs of the rows that asked for them (rows index the sampling sequences)."""
+
+    rows: list[int]
+    values: TokenLogprobs | None = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.values if t is not None] if self.values is not None else []
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, StepLogprobs]:
+    """Each sequence's next token (a seeded sample draws from its own generator) and the logprobs asked for."""
+    params = [s.params for s in seqs]
+    generators = [
+        seeded_generator(s.params.seed, s.sample_index, s.num_tokens, logits.device)
+        if s.params.seed is not None and not s.params.greedy else None
+        for s in seqs
+    ]
+    token_ids = sample(logits, params, generators)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return token_ids, StepLogprobs([])
+    index = torch.tensor(rows, device=logits.device)
+    num_top = max(params[i].logprobs for i in rows)
+    return token_ids, StepLogprobs(rows, compute_logprobs(logits[index], token_ids[index], num_top or None))
+
+
+def sampled_tokens(seqs: list[Sequence], host: list[torch.Tensor], logprob_rows: list[int]) -> list[SampledToken]:
+    """SampledTokens from host tensors: [token_ids, token logprobs, top ids, top logprobs] (the last three only
+    when logprob_rows is not empty, the top ones only when asked for)."""
+    token_ids, *logprobs = (t.tolist() for t in host)
+    results = [SampledToken(s, t) for s, t in zip(seqs, token_ids)]
+    if logprob_rows:
+        token_logprobs, top = logprobs[0], logprobs[1:]  # top: [ids, logprobs] when asked for
+        for j, i in enumerate(logprob_rows):
+            results[i].logprob = token_logprobs[j]
+            k = seqs[i].params.logprobs
+            if k and top:
+                results[i].top_logprobs = dict(zip(top[0][j][:k], top[1][j][:k]))
+    return results

@@ -19,6 +19,9 @@ import torch
 # Temperatures below this are sampled as argmax: dividing logits by a near-denormal overflows to inf (softmax
 # then gives NaN), while the distribution is already a point mass on the top token.
 _GREEDY_BELOW = 1e-5
+# Every stop string is looked for after every token, so their number and length bound that cost (OpenAI allows 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 def _is_int(value: Any) -> bool:
@@ -31,7 +34,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _invalid(name: str, value: Any, requirement: str) -> ValueError:
-    return ValueError(f"SamplingParams({name}={value!r}): {name} must be {requirement}")
+    shown = repr(value)
+    if len(shown) > 80:  # a 50,000-entry list is not worth echoing back
+        shown = shown[:60] + f"... ({len(shown)} characters)"
+    return ValueError(f"SamplingParams({name}={shown}): {name} must be {requirement}")
 
 
 @dataclass
@@ -43,7 +49,8 @@ class SamplingParams:
     top_p: nucleus sampling, keep the smallest set of most-probable tokens whose mass reaches top_p, in (0, 1].
     top_k: keep the k most-probable tokens; -1 keeps all.
     max_tokens: the most output tokens to generate, >= 1.
-    stop: strings that end the output; normalised to a list (None -> []).
+    stop: strings that end the output; normalised to a list (None -> []); at most MAX_STOP_STRINGS of at most
+        MAX_STOP_CHARS characters each.
     stop_token_ids: token ids that end the output; normalised to a list (None -> []).
     ignore_eos: keep generating past the model's end-of-sequence token.
     seed: makes this request's tokens reproducible whatever else is in the batch; None uses the global RNG.
@@ -114,6 +121,9 @@ class SamplingParams:
         stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise _invalid("stop", stop, "None, a non-empty string, or a list of non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise _invalid("stop", stop, f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                         "characters each")
         return list(stops)
 
     @staticmethod

@@ -42,6 +42,10 @@ class Tokenizer:
         """Token ids of `text`, with the special tokens the model's tokenizer adds by default (e.g. BOS)."""
         return list(self._require()(text)["input_ids"])
 
+    def vocabulary(self) -> list[str]:
+        """Every token as the vocabulary writes it (added and special tokens included)."""
+        return list(self._require().get_vocab())
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require().decode(token_ids, skip_special_tokens=skip_special_tokens)
 

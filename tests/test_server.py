@@ -153,6 +153,43 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
 
 
 # -- fast checks of the pieces (no server) -------------------------------------------------------------------------
+def test_stop_strings_are_bounded_and_a_long_list_is_not_echoed_back():
+    from reference.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    assert SamplingParams(stop=["x"] * MAX_STOP_STRINGS).stop == ["x"] * MAX_STOP_STRINGS
+    for stop in (["x"] * (MAX_STOP_STRINGS + 1), ["y" * (MAX_STOP_CHARS + 1)], [f"s{i}" for i in range(50_000)]):
+        with pytest.raises(ValueError, match="at most") as error:
+            SamplingParams(stop=stop)
+        assert len(str(error.value)) < 300
+
+
+def test_prompt_encoder_refuses_surrogates_and_hopeless_lengths_before_tokenizing(llm):
+    from reference.server.prompts import PromptEncoder, longest_token_chars
+    from reference.server.protocol import APIError
+
+    tokenizer = llm.engine.tokenizer
+    longest = longest_token_chars(tokenizer)
+    # an independent check of the bound: no token decodes to more characters than it
+    assert max(len(tokenizer.decode([i], skip_special_tokens=False)) for i in range(0, 49152, 7)) <= longest
+    encoder = PromptEncoder(tokenizer, max_model_len=512)
+    calls = []
+    tokenizer_encode = tokenizer.encode
+    try:
+        tokenizer.encode = lambda text: calls.append(len(text)) or tokenizer_encode(text)
+        assert asyncio.run(encoder.encode("Hello there", None, "prompt")) == tokenizer_encode("Hello there")
+        with pytest.raises(APIError) as error:
+            asyncio.run(encoder.encode("a" * (encoder.max_chars + 1), None, "prompt"))
+        assert error.value.status == 400 and error.value.code == "context_length_exceeded"
+        with pytest.raises(APIError) as error:
+            asyncio.run(encoder.encode(None, [{"role": "user", "content": "ok \ud800 no"}], "messages"))
+        assert error.value.param == "messages" and "surrogate" in error.value.message and "character 3" in error.value.message
+        assert calls == [len("Hello there")]  # the refused prompts were never tokenized
+        assert asyncio.run(encoder.encode([5, 6, 7], None, "prompt")) == [5, 6, 7]
+    finally:
+        tokenizer.encode = tokenizer_encode
+        encoder.close()
+
+
 def test_held_back_text_is_the_longest_tail_that_could_start_a_stop_string():
     from reference.server.engine_loop import held_back_length
 
@@ -392,6 +429,7 @@ def test_client_that_gives_up_on_a_non_streamed_request_aborts_it(server):
 
 
 LONG_PROMPT = list(range(1000, 1600))  # 600 token ids, over max_model_len 512
+JSON = {"Content-Type": "application/json"}
 BAD_REQUESTS = [
     # (path, body, status, param, words the message must contain)
     ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be an integer >= 1"),
@@ -424,7 +462,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         assert set(error) == {"message", "type", "param", "code"}
         assert error["param"] == param and words in error["message"], (body, error)
     for body in (b"{not json", b"[1, 2]"):
-        response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=60)
+        response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=60, headers=JSON)
         assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     context = httpx.post(f"{server.url}/v1/completions", json={"prompt": LONG_PROMPT}).json()["error"]
     assert context["code"] == "context_length_exceeded" and "512" in context["message"]
@@ -441,6 +479,40 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert after["nano_vllm_kv_blocks_in_use"] == 0
     reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+def test_hostile_requests_get_4xx_while_a_stream_keeps_going(server):
+    """Each refused with a 4xx that says what to change, on one keep-alive connection that survives them all,
+    while another client's stream runs to its end (its gaps are measured in benchmarks/server_hostile.py)."""
+    hostile = [
+        (b'{"prompt": "' + b"x" * (3 << 20) + b'"}', JSON, 413, "--max-request-bytes"),
+        (json.dumps({"prompt": "word " * 400_000}).encode(), JSON, 400, "characters"),
+        (b'{"prompt": "ok \\ud800 no", "max_tokens": 2}', JSON, 400, "surrogate"),
+        (b'{"prompt": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}", JSON, 400, "nested too deeply"),
+        (b'{"prompt": "x", "stop": ' + json.dumps([f"s{i}" for i in range(50_000)]).encode() + b"}", JSON, 400,
+         "at most 16"),
+        (b'{"prompt": "x"}', {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+        (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 415, "application/json"),
+    ]
+    stream_body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0,
+                   "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=120) as other, httpx.Client(base_url=server.url, timeout=120) as me:
+        with other.stream("POST", "/v1/completions", json=stream_body) as stream:
+            events = stream.iter_lines()
+            first = next(line for line in events if line.startswith("data: "))
+            for body, headers, status, words in hostile:
+                response = me.post("/v1/completions", content=body, headers=headers)
+                assert response.status_code == status, (body[:80], response.text[:300])
+                assert words in response.json()["error"]["message"], response.text[:300]
+                assert len(response.text) < 1000
+            rest = [line for line in events if line.startswith("data: ")]
+        fine = me.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    assert fine.status_code == 200
+    assert rest[-1] == "data: [DONE]"
+    tokens = sum(len(json.loads(line[6:])["choices"][0]["text"]) > 0 for line in [first, *rest[:-1]])
+    assert tokens >= 1 and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert wait_until_idle(server.url)["nano_vllm_kv_blocks_in_use"] == 0
 
 
 @pytest.mark.slow

@@ -6,14 +6,17 @@
     POST /v1/completions       a prompt (text or token ids) -> text; stream true/false
     POST /v1/chat/completions  messages -> a reply, formatted with the model's chat template; stream true/false
 
-A generation request: check the API key -> validate the body (types: pydantic; values: SamplingParams) -> check
-the model name and the queue limit -> submit to the loop thread -> wait for Accepted or Rejected (tokenizing and the context
-length check happen there) -> collect the Update deltas into one response, or send each as a server-sent event
+A generation request: check the API key -> read at most --max-request-bytes of a JSON body -> validate it (types:
+pydantic; values: SamplingParams) -> check the model name -> tokenize the prompt on a worker thread (prompts.py)
+-> check the queue limit -> submit to the loop thread -> wait for Accepted or Rejected (the context length
+check happens there) -> collect the Update deltas into one response, or send each as a server-sent event
 (`data: {json}\\n\\n`, ending with `data: [DONE]\\n\\n`). A client that goes away, or a request that outlives
 --request-timeout, is aborted in the engine, which frees its KV blocks before the next step.
 
-Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}. This module must not touch the
-engine: only the loop thread does.
+Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}; an unexpected one says only
+"internal server error" (the log has the rest). This module must not touch the engine: only the loop thread does.
+/health and /metrics stay open when --api-key is set (for load balancers and Prometheus): bind to a private
+address if what they show (request counts, KV usage) must stay private.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LLMEngine
+from . import MAX_REQUEST_BYTES
 from .engine_loop import Accepted, EngineLoop, Event, Rejected, RequestStream, Stopped, Submission, Update
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .prompts import PromptEncoder
 from .protocol import APIError, ChatCompletionRequest, ChatFormat, ChoiceState, CompletionFormat, CompletionRequest
 
 logger = logging.getLogger("reference.server")
@@ -52,6 +57,7 @@ class ServerSettings:
     max_queue: int | None = None  # requests that may wait beyond the engine's max_num_seqs; None: no limit
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     disconnect_poll_s: float = 0.5  # how often a non-streamed request checks that its client is still there
+    max_request_bytes: int = MAX_REQUEST_BYTES  # larger bodies get 413 before they are parsed
 
 
 def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -62,15 +68,20 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     for name, value in (("max_queue", settings.max_queue), ("request_timeout", settings.request_timeout)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0 or None, got {value}")
+    if settings.max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {settings.max_request_bytes}")
     metrics = ServerMetrics()
     engine_loop = EngineLoop(engine, metrics)
     server = _Server(engine_loop, settings, metrics, engine.config.max_num_seqs, engine.config.max_model_len,
                      engine.model_config.vocab_size)
+    encoder = PromptEncoder(engine.tokenizer, engine.config.max_model_len)
+    server.encoder = encoder
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine_loop.start()
         yield
+        encoder.close()
         await asyncio.to_thread(engine_loop.shutdown)
 
     app = FastAPI(title="nano-vLLM Labs", lifespan=lifespan)
@@ -100,11 +111,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        return await server.generate(await _parse_body(request, CompletionRequest), request)
+        return await server.generate(await _parse_body(request, CompletionRequest, settings), request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await server.generate(await _parse_body(request, ChatCompletionRequest), request)
+        return await server.generate(await _parse_body(request, ChatCompletionRequest, settings), request)
 
     app.include_router(v1)
     return app
@@ -127,18 +138,25 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return answer(request, APIError(500, f"internal server error: {type(exc).__name__}", type="server_error",
-                                        outcome="error"))
+        return answer(request, APIError(500, "internal server error", type="server_error", outcome="error"))
 
 
-async def _parse_body(request: Request, model: type[BodyModel]) -> BodyModel:
-    """The JSON body (whatever the Content-Type, so a bare `curl -d` works) checked by the pydantic model.
+async def _parse_body(request: Request, model: type[BodyModel], settings: ServerSettings) -> BodyModel:
+    """The JSON body checked by the pydantic model; pydantic's first complaint becomes a 400 naming the field
+    ("messages.0.role"), not FastAPI's 422 list.
 
-    pydantic's first complaint becomes a 400 naming the field ("messages.0.role"), not FastAPI's 422 list.
+    Only a JSON content type is taken: a web page may post a form or text/plain to a local server without the
+    browser asking first, but not JSON. The body is read up to settings.max_request_bytes, then refused.
     """
-    raw = await request.body()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' (got "
+                            f"{content_type or 'no Content-Type'}); with curl, add -H 'Content-Type: application/json'")
+    raw = await _read_body(request, settings.max_request_bytes)
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to be a request") from None
     except ValueError as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -149,6 +167,21 @@ async def _parse_body(request: Request, model: type[BodyModel]) -> BodyModel:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
         raise APIError(400, f"invalid {param}: {first['msg']}", param=param) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"the request body is larger than this server takes ({limit} bytes, "
+                              "--max-request-bytes): shorten the prompt")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _EventStream(StreamingResponse):
@@ -177,6 +210,7 @@ class _Server:
         self.loop, self.settings, self.metrics = engine_loop, settings, metrics
         self.max_num_seqs, self.max_model_len, self.vocab_size = max_num_seqs, max_model_len, vocab_size
         self.in_flight = 0  # only the event loop changes it, so no lock
+        self.encoder: PromptEncoder | None = None  # set by create_app
         self.created = int(time.time())
 
     # -- checks -----------------------------------------------------------------------------------------------
@@ -220,6 +254,7 @@ class _Server:
             prompt, messages, fmt_class = body.prompt_input(), None, CompletionFormat
         else:
             prompt, messages, fmt_class = None, body.conversation(), ChatFormat
+        prompt_ids = await self.encoder.encode(prompt, messages, body.prompt_param)
         self._check_capacity()
 
         request_id = fmt_class.id_prefix + uuid.uuid4().hex
@@ -230,8 +265,8 @@ class _Server:
         handed_over = False  # once a stream response exists, it owns ending the request
         settled = False  # the engine is done with the request (finished, or never admitted)
         try:
-            self.loop.submit(Submission(request_id, prompt, messages, params, body.max_tokens_given,
-                                        body.prompt_param, stream))
+            self.loop.submit(Submission(request_id, prompt_ids, params, body.max_tokens_given, body.prompt_param,
+                                        stream))
             # A non-streamed request watches for its client leaving; a stream learns it from Starlette.
             waiter = _Waiter(self, stream, request_id, deadline, None if body.stream else request)
             first = await waiter.next()

@@ -15,6 +15,7 @@ import logging
 import os
 
 from ..cli import add_model_flags
+from . import MAX_REQUEST_BYTES
 
 SHUTDOWN_TIMEOUT_S = 10  # after this, uvicorn cancels whatever is still running
 
@@ -33,6 +34,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--request-timeout", type=float, default=None,
                      help="seconds a request may take from arrival to its last token, then it is aborted "
                           "(default: no limit)")
+    net.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                     help=f"larger request bodies get HTTP 413 before they are read (default {MAX_REQUEST_BYTES})")
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     net.add_argument("--access-log", action="store_true", help="log every HTTP request")
     eng = parser.add_argument_group("engine")
@@ -85,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> None:
 
     engine = LLMEngine(args.model, **engine_options(args))
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
-                              max_queue=args.max_queue, request_timeout=args.request_timeout)
+                              max_queue=args.max_queue, request_timeout=args.request_timeout,
+                              max_request_bytes=args.max_request_bytes)
     app = create_app(engine, settings)
     config = engine.config
     logging.getLogger("reference.server").info(

@@ -3,8 +3,9 @@
 The engine is not thread-safe and HTTP handlers run on asyncio's event loop, so handlers never touch it. They
 put a Submission (or an abort) into a thread-safe inbox and wake the loop thread; the loop thread drains the
 inbox between steps, steps while any request has work, and sleeps on an Event when none has. Everything that
-needs the engine or its tokenizer happens on the loop thread: chat templates, encoding, the context-length
-checks, and the token strings of logprobs. Each RequestOutput becomes an Update of deltas (per choice: new
+needs the engine happens on the loop thread: the context-length checks, admission, and the token strings of
+logprobs. Tokenizing a prompt, whose cost grows with what the client sent, does not: prompts.py does it on a
+worker thread before the request is submitted, so a huge prompt never stalls the running streams. Each RequestOutput becomes an Update of deltas (per choice: new
 text, new token ids, new logprobs, the finish reason) delivered to the request's asyncio queue with
 `loop.call_soon_threadsafe`.
 
@@ -105,11 +106,10 @@ class RequestStream:
 
 @dataclass
 class Submission:
-    """A request for the loop thread. Exactly one of prompt and messages is set."""
+    """A request for the loop thread, its prompt already tokenized (prompts.py, on a worker thread)."""
 
     request_id: str
-    prompt: str | list[int] | None
-    messages: list[dict[str, str]] | None
+    prompt_ids: list[int]
     params: SamplingParams
     max_tokens_given: bool  # False: generate until EOS or the context is full (params.max_tokens is a placeholder)
     prompt_param: str  # the API's name for the prompt ("prompt" or "messages"), for error messages
@@ -261,13 +261,7 @@ class EngineLoop:
         sub.stream.put(Accepted(len(prompt_ids)))
 
     def _prompt_token_ids(self, sub: Submission) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if sub.messages is not None:
-            ids = tokenizer.apply_chat_template(sub.messages)
-        elif isinstance(sub.prompt, str):
-            ids = tokenizer.encode(sub.prompt)
-        else:
-            ids = list(sub.prompt)
+        ids = sub.prompt_ids
         limit = self.engine.config.max_model_len
         if len(ids) >= limit:
             what = "the prompt has" if sub.prompt_param == "prompt" else f"the {sub.prompt_param} have"

@@ -29,29 +29,25 @@ import argparse
 import dataclasses
 import json
 import math
-import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .flags import add_engine_flags, add_model_flags
+from .metrics import Throughput
+from .progress import ProgressBar
+from .flags import engine_options as flag_engine_options
+from .workload import DEFAULTS, PRESETS, Workload, check_fits, make_workload, parse_range, parse_rate, workload_options
 
 if TYPE_CHECKING:  # keep `python -m reference --help` fast: torch and the engine load only when a bench runs
     import torch
 
     from .engine import LLMEngine
     from .metrics import StepRecord, Summary
-    from .speed_floor import Floor
+    from .costs import Floor
     from .outputs import RequestOutput
-    from .tokenizer import Tokenizer
 
-# Workload options a preset may set; the user's flags override them, and these fill whatever is still unset.
-DEFAULTS = dict(num_requests=32, input_len=(32, 256), output_len=(16, 128), prompts="random", ignore_eos=True)
-PRESETS = {
-    # nano-vllm's own benchmark workload (meant for a GPU): 256 requests, lengths uniform in [100, 1024].
-    "nano-vllm": dict(num_requests=256, input_len=(100, 1024), output_len=(100, 1024), prompts="random",
-                      ignore_eos=True),
-}
 # The in-process engine a preset's published numbers were measured with: a random-weight Qwen3-0.6B in bf16 with
 # every request running at once. Flags given override it; without a preset the engine's own defaults apply.
 ENGINE_DEFAULTS = dict(model="smollm2", dtype=None, max_num_seqs=None, max_num_batched_tokens=None,
@@ -61,57 +57,10 @@ PRESET_ENGINES = {
                       max_model_len=2048),
 }
 
-REAL_QUESTIONS = (
-    "What is the capital of France?",
-    "Explain how a rainbow forms.",
-    "Write a haiku about autumn leaves.",
-    "What are the main differences between Python lists and tuples?",
-    "Give me three tips for a good night's sleep.",
-    "How does a refrigerator keep food cold?",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "What is photosynthesis?",
-    "Translate 'good morning, how are you?' into Spanish.",
-    "Why is the sky blue?",
-    "List five fruits that are high in vitamin C.",
-    "What is the difference between weather and climate?",
-    "How do I reverse a string in Python?",
-    "Describe the water cycle for a ten-year-old.",
-    "What causes the seasons on Earth?",
-    "Suggest a name for a small bakery by the sea.",
-)
-
 REQUEST_ID_PREFIX = "bench-"
 
 
 # -- parsing ------------------------------------------------------------------------------------------------------
-def parse_range(text: str, name: str = "length") -> tuple[int, int]:
-    """'32:256' -> (32, 256) (inclusive); '64' -> (64, 64). Raises ValueError naming the fix for anything else."""
-    parts = str(text).split(":")
-    try:
-        if len(parts) not in (1, 2):
-            raise ValueError
-        low, high = int(parts[0]), int(parts[-1])
-    except ValueError:
-        raise ValueError(f"{name} {text!r} is not a length or a range: write N (fixed) or LOW:HIGH, "
-                         f"e.g. '64' or '32:256'") from None
-    if low < 1:
-        raise ValueError(f"{name} {text!r} must be at least 1 token")
-    if low > high:
-        raise ValueError(f"{name} {text!r} is an empty range: LOW ({low}) must not exceed HIGH ({high})")
-    return low, high
-
-
-def parse_rate(text: str) -> float:
-    """'inf' -> math.inf (all at once); 'R' -> R requests/s, R > 0."""
-    try:
-        rate = float(text)
-    except ValueError:
-        raise ValueError(f"rate {text!r} is not a number: give requests per second, or 'inf' for all at once") from None
-    if not rate > 0:  # also rejects nan
-        raise ValueError(f"rate {text!r} must be positive (requests per second), or 'inf' for all at once")
-    return rate
-
-
 def _argparse_type(parse, *args):
     """Wrap a parser so argparse prints our message instead of 'invalid value'."""
     def convert(text: str):
@@ -133,107 +82,6 @@ def _positive_int(text: str, name: str) -> int:
     return value
 
 
-# -- the workload -------------------------------------------------------------------------------------------------
-@dataclass
-class Workload:
-    """The requests of one benchmark, in submission order. arrival_times are seconds after the start."""
-
-    prompt_token_ids: list[list[int]]
-    output_lens: list[int]
-    arrival_times: list[float]
-    prompt_kind: str  # "random" or "real"
-    input_len: tuple[int, int] | None  # the range drawn from; None for real prompts (natural lengths)
-    output_len: tuple[int, int]
-    rate: float  # requests/s; math.inf = all at once
-    ignore_eos: bool = True
-    temperature: float = 0.0
-    seed: int = 0
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def input_lens(self) -> list[int]:
-        return [len(p) for p in self.prompt_token_ids]
-
-    def sampling_params(self, index: int):
-        from .sampling import SamplingParams
-
-        # Greedy needs no seed; sampled requests get one each, so a seed reproduces the run's tokens.
-        seed = None if self.temperature == 0 else self.seed + index
-        return SamplingParams(temperature=self.temperature, max_tokens=self.output_lens[index],
-                              ignore_eos=self.ignore_eos, seed=seed)
-
-    def head(self, count: int) -> "Workload":
-        """The first `count` requests (same arrival times)."""
-        return dataclasses.replace(self, prompt_token_ids=self.prompt_token_ids[:count],
-                                   output_lens=self.output_lens[:count], arrival_times=self.arrival_times[:count])
-
-    def describe(self) -> str:
-        def span(r):
-            return f"{r[0]}" if r[0] == r[1] else f"uniform {r[0]}-{r[1]}"
-
-        lens = self.input_lens
-        prompts = (f"random token-id prompts, input {span(self.input_len)} tokens" if self.prompt_kind == "random"
-                   else f"{min(len(REAL_QUESTIONS), self.num_requests)} built-in chat questions at natural "
-                        f"lengths ({min(lens)}-{max(lens)} tokens)")
-        arrivals = "all at once" if math.isinf(self.rate) else f"Poisson arrivals at {self.rate:g} req/s"
-        sampling = "greedy" if self.temperature == 0 else f"temperature {self.temperature:g}"
-        eos = "ignore EOS" if self.ignore_eos else "stop at EOS"
-        return (f"{self.num_requests} requests, {prompts} (total {sum(lens)}), output {span(self.output_len)} "
-                f"tokens ({eos}, requested {sum(self.output_lens)}), {arrivals}, {sampling}, seed {self.seed}")
-
-
-def make_workload(
-    num_requests: int,
-    input_len: tuple[int, int],
-    output_len: tuple[int, int],
-    *,
-    prompts: str = "random",
-    vocab_size: int | None = None,
-    tokenizer: "Tokenizer | None" = None,
-    avoid_token_ids: set[int] | frozenset[int] = frozenset(),
-    rate: float = math.inf,
-    ignore_eos: bool = True,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> Workload:
-    """Draw a workload from random.Random(seed): same arguments, same workload.
-
-    prompts="random" needs vocab_size (ids are drawn from [0, vocab_size) minus avoid_token_ids);
-    prompts="real" needs a tokenizer with a chat template and ignores input_len.
-    Draw order is lengths, then prompt ids, then arrivals, so changing the rate keeps the same requests.
-    """
-    if num_requests < 1:
-        raise ValueError(f"num_requests must be at least 1, got {num_requests}")
-    rng = random.Random(seed)
-    input_lens = [rng.randint(*input_len) for _ in range(num_requests)]
-    output_lens = [rng.randint(*output_len) for _ in range(num_requests)]
-    if prompts == "random":
-        if vocab_size is None:
-            raise ValueError("random prompts need the model's vocab_size")
-        allowed = [t for t in range(vocab_size) if t not in avoid_token_ids]
-        prompt_ids = [[rng.choice(allowed) for _ in range(n)] for n in input_lens]
-    elif prompts == "real":
-        if tokenizer is None or not tokenizer.available:
-            raise ValueError("--prompts real needs a model with tokenizer files; use --prompts random")
-        questions = [REAL_QUESTIONS[i % len(REAL_QUESTIONS)] for i in range(num_requests)]
-        prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
-        input_len = None
-    else:
-        raise ValueError(f"prompts={prompts!r} is unknown; choose 'random' or 'real'")
-    arrivals, clock = [], 0.0
-    for _ in range(num_requests):
-        arrivals.append(clock)  # the first request arrives at 0
-        if not math.isinf(rate):
-            clock += rng.expovariate(rate)
-    workload = Workload(prompt_ids, output_lens, arrivals, prompts, input_len, tuple(output_len), rate,
-                        ignore_eos, temperature, seed)
-    workload.sampling_params(0)  # bad sampling values fail here, before anything runs
-    return workload
-
-
 # -- running the engine -------------------------------------------------------------------------------------------
 @dataclass
 class EngineRun:
@@ -253,16 +101,6 @@ class EngineRun:
         }
 
 
-def check_fits(workload: Workload, max_model_len: int) -> None:
-    """Every request must fit max_model_len whole, or it would stop short and skew the token counts."""
-    longest = max(i + o for i, o in zip(workload.input_lens, workload.output_lens))
-    if longest > max_model_len:
-        raise ValueError(
-            f"the workload needs up to {longest} tokens per request (prompt + output) but max_model_len is "
-            f"{max_model_len}; raise --max-model-len or shorten --input-len / --output-len"
-        )
-
-
 def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -> EngineRun:
     """Submit the workload's requests at their arrival times and step the engine until all have finished."""
     from .metrics import summarize
@@ -271,12 +109,10 @@ def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -
     _warm_up(engine)
     request_ids = [f"{REQUEST_ID_PREFIX}{i}" for i in range(workload.num_requests)]
     final: dict[str, RequestOutput] = {}
-    bar = _progress(workload.num_requests, "bench (engine)", use_tqdm)
     first_step = len(engine.step_log)
-    output_tokens = 0
     start = time.monotonic()
     submitted = 0
-    try:
+    with ProgressBar(workload.num_requests, "bench (engine)", use_tqdm) as bar:
         while len(final) < workload.num_requests:
             now = time.monotonic()
             while submitted < workload.num_requests and start + workload.arrival_times[submitted] <= now:
@@ -290,13 +126,7 @@ def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -
             for out in engine.step(only_finished=True):
                 if out.request_id.startswith(REQUEST_ID_PREFIX):
                     final[out.request_id] = out
-                    output_tokens += sum(len(c.token_ids) for c in out.outputs)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix_str(f"{output_tokens / (time.monotonic() - start):.1f} out tok/s")
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.finished(out)
     outputs = []
     for request_id, offset in zip(request_ids, workload.arrival_times):
         out = final[request_id]
@@ -335,17 +165,9 @@ def _warm_up(engine: "LLMEngine", every_step_kind: bool | None = None) -> None:
         engine.step()
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
-
-
 # -- the Hugging Face baseline ------------------------------------------------------------------------------------
 @dataclass
-class HFRun:
+class HFRun(Throughput):
     num_requests: int
     batch_size: int
     wall_time: float
@@ -354,12 +176,8 @@ class HFRun:
     generated_tokens: int  # what the padded static batches produced (rows x the batch's longest request)
 
     @property
-    def output_throughput(self) -> float:
-        return self.useful_output_tokens / self.wall_time
-
-    @property
-    def total_throughput(self) -> float:
-        return (self.prompt_tokens + self.useful_output_tokens) / self.wall_time
+    def output_tokens(self) -> int:
+        return self.useful_output_tokens
 
     @property
     def padding_waste(self) -> float:
@@ -388,41 +206,38 @@ def run_hf_baseline(
     if not isinstance(model, torch.nn.Module):  # a checkpoint directory
         model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
     model = model.to(device=device, dtype=dtype).eval()
-    pad_id = 0  # any id: padded positions are masked out
-    sampling = {"do_sample": False}
-    if workload.temperature > 0:
-        sampling = {"do_sample": True, "temperature": workload.temperature}
-
-    def generate(prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=pad_id, **sampling)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)
-        assert out.shape == (len(prompts), width + new_tokens), out.shape
-        return out
-
-    generate([[0] * 8], 2)  # warm-up, as for the engine
-    bar = _progress(workload.num_requests, "bench (HF baseline)", use_tqdm)
+    sampling = {"do_sample": True, "temperature": workload.temperature} if workload.temperature > 0 else {
+        "do_sample": False}
+    _hf_generate(model, [[0] * 8], 2, sampling)  # warm-up, as for the engine
     wall_time, generated = 0.0, 0
-    try:
+    with ProgressBar(workload.num_requests, "bench (HF baseline)", use_tqdm) as bar:
         for first in range(0, workload.num_requests, batch_size):
             prompts = workload.prompt_token_ids[first:first + batch_size]
             new_tokens = max(workload.output_lens[first:first + batch_size])
             started = time.perf_counter()
-            generate(prompts, new_tokens)
+            _hf_generate(model, prompts, new_tokens, sampling)
             wall_time += time.perf_counter() - started
             generated += len(prompts) * new_tokens
-            if bar is not None:
-                bar.update(len(prompts))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.advance(len(prompts))
     return HFRun(workload.num_requests, batch_size, wall_time, sum(workload.input_lens),
                  sum(workload.output_lens), generated)
+
+
+def _hf_generate(model: "torch.nn.Module", prompts: list[list[int]], new_tokens: int, sampling: dict) -> None:
+    """One static batch through transformers: left-padded (pad positions masked), exactly new_tokens per row."""
+    import torch
+
+    pad_id = 0  # any id: padded positions are masked out
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=pad_id, **sampling)
+    if out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
+    assert out.shape == (len(prompts), width + new_tokens), out.shape
 
 
 def hf_twin(model: "torch.nn.Module", name: str) -> "torch.nn.Module":
@@ -521,10 +336,7 @@ def _json_safe(value):
 # -- command line -------------------------------------------------------------------------------------------------
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m reference bench`."""
-    parser.add_argument("--model", default=None,
-                        help="'smollm2' (default), 'random:<architecture>', a checkpoint directory or a hub id")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)")
+    add_model_flags(parser, model_default=None)  # None: the preset's model, else smollm2
     work = parser.add_argument_group("workload (a preset sets these; flags given override it)")
     work.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="a named workload and the engine it is published for: nano-vllm = 256 requests, input "
@@ -545,18 +357,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help="arrivals: 'inf' = all at once (default), R = Poisson arrivals at R requests/s")
     work.add_argument("--seed", type=int, default=0, help="seeds the workload and sampling (default 0)")
     work.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    eng = parser.add_argument_group("engine")
-    eng.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (default 8 CPU, 64 GPU)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
-                     help="token budget per step (default 512 CPU, 8192 GPU)")
-    eng.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
-    eng.add_argument("--scheduling-policy", default="fcfs", help="fcfs (default), sjf or priority")
-    eng.add_argument("--attention-backend", default="auto", help="auto (default), torch, triton, flash or flash-attn")
-    eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to measure what they bring)")
-    eng.add_argument("--no-fused-kernels", action="store_true",
-                     help="torch code for RMSNorm, RoPE and SiLU-and-multiply instead of fused Triton kernels (GPU)")
-    eng.add_argument("--no-async-scheduling", action="store_true",
-                     help="plan each step only after the previous one has finished (GPU; to measure the overlap)")
+    add_engine_flags(parser, exclude=("seed",))  # --seed seeds the workload (and the engine)
     base = parser.add_argument_group("baseline")
     base.add_argument("--baseline", choices=("hf",), default=None,
                       help="also run Hugging Face generate in static batches of --max-num-seqs, and compare")
@@ -575,11 +376,27 @@ def engine_options(args: argparse.Namespace) -> dict:
             for name, default in ENGINE_DEFAULTS.items()}
 
 
-def workload_options(args: argparse.Namespace) -> dict:
-    """num_requests, input_len, output_len, prompts, ignore_eos: the flag if given, else the preset's, else default."""
-    preset = PRESETS[args.preset] if args.preset else {}
-    return {name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
-            for name, default in DEFAULTS.items()}
+def describe_engine(engine: "LLMEngine", model: str) -> dict:
+    """The settings the engine really ran with (defaults resolved), for the report."""
+    config = engine.config
+    return {
+        "model": model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_model_len": config.max_model_len, "scheduling_policy": str(config.scheduling_policy),
+        "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
+        "attention_backend": engine.runner.attention_backend.name,
+        "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
+        "async_scheduling": config.async_scheduling,
+    }
+
+
+def engine_line(c: dict) -> str:
+    """describe_engine's settings in one line."""
+    return (f"{c['model']} on {c['device']} {c['dtype']}, max_num_seqs {c['max_num_seqs']}, max_num_batched_tokens "
+            f"{c['max_num_batched_tokens']}, max_model_len {c['max_model_len']}, {c['scheduling_policy']}, "
+            f"{c['kv_cache']} KV cache, {c['attention_backend']} attention, "
+            f"{'CUDA graphs' if c['cuda_graphs'] else 'eager'}{', fused kernels' if c['fused_kernels'] else ''}"
+            f"{', async scheduling' if c['async_scheduling'] else ''}")
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -593,7 +410,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from .engine import LLMEngine
     from .kv import kv_bytes_per_token
     from .models import resolve_model_dir
-    from .speed_floor import copy_bandwidth, parameter_bytes, workload_floor
+    from .costs import measure_memory_bandwidth, weight_bytes, workload_floor
 
     transformers.logging.set_verbosity_error()
     if args.hf_subsample is not None and args.baseline is None:
@@ -601,46 +418,26 @@ def run_bench(args: argparse.Namespace) -> dict:
     options = workload_options(args)
     sizes = engine_options(args)
     model = sizes.pop("model")
-    engine = LLMEngine(
-        model, device=args.device, **sizes,
-        scheduling_policy=args.scheduling_policy, seed=args.seed, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, fused_kernels=not args.no_fused_kernels,
-        async_scheduling=False if args.no_async_scheduling else None,
-    )
+    engine = LLMEngine(model, **{**flag_engine_options(args, exclude=("seed",)), **sizes}, seed=args.seed)
     workload = make_workload(
         options["num_requests"], options["input_len"], options["output_len"], prompts=options["prompts"],
         vocab_size=engine.model_config.vocab_size, tokenizer=engine.tokenizer, avoid_token_ids=engine.eos_token_ids,
         rate=args.rate, ignore_eos=options["ignore_eos"], temperature=args.temperature, seed=args.seed,
     )
-    config = engine.config
-    engine_config = {
-        "model": model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-        "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
-        "max_model_len": config.max_model_len, "scheduling_policy": str(config.scheduling_policy),
-        "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
-        "attention_backend": engine.runner.attention_backend.name,
-        "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
-        "async_scheduling": config.async_scheduling,
-    }
-    engine_line = (f"{model} on {engine_config['device']} {engine_config['dtype']}, max_num_seqs "
-                   f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
-                   f"{config.max_model_len}, {engine_config['scheduling_policy']}, {config.kv_cache} KV cache, "
-                   f"{engine_config['attention_backend']} attention, "
-                   f"{'CUDA graphs' if engine_config['cuda_graphs'] else 'eager'}"
-                   f"{', fused kernels' if engine_config['fused_kernels'] else ''}"
-                   f"{', async scheduling' if config.async_scheduling else ''}")
+    engine_config = describe_engine(engine, model)
     run = run_engine(engine, workload)
     floor = workload_floor(
         workload.input_lens, workload.output_lens, kv_bytes_per_token(engine.model_config, engine.dtype),
-        parameter_bytes(engine.model), copy_bandwidth(engine.device),
+        weight_bytes(engine.model_config, engine.dtype.itemsize),
+        measure_memory_bandwidth(engine.device, nbytes=1 << 30 if engine.device.type == "cuda" else 1 << 28),
     )
     hf = None
     if args.baseline == "hf":
         subset = workload.head(args.hf_subsample or workload.num_requests)
         hf_model = (hf_twin(engine.model, model) if str(model).startswith("random:")
                     else resolve_model_dir(model, progress=False))
-        hf = run_hf_baseline(hf_model, subset, config.max_num_seqs, engine.device, engine.dtype)
-    print(format_report(workload, engine_line, run, hf, floor))
+        hf = run_hf_baseline(hf_model, subset, engine.config.max_num_seqs, engine.device, engine.dtype)
+    print(format_report(workload, engine_line(engine_config), run, hf, floor))
     report = report_dict(workload, engine_config, run, hf, floor)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

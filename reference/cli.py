@@ -8,19 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a checkpoint directory or a hub id")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)")
-
-
-def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1, help="-1 = no limit")
-    parser.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+from .flags import add_engine_flags, add_model_flags, add_sampling_flags, engine_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text (completion)")
     add_model_flags(gen)
     add_sampling_flags(gen, max_tokens=128)
+    add_engine_flags(gen, exclude=("seed",))  # --seed is the sampling seed here
     chat = sub.add_parser("chat", help="interactive chat that keeps the conversation's history")
     chat.add_argument("--system", default=None, help="a system prompt")
     add_model_flags(chat)
     add_sampling_flags(chat, max_tokens=512)
+    add_engine_flags(chat, exclude=("seed",))
     bench = sub.add_parser("bench", help="offline throughput and latency of the engine on a synthetic workload")
     from .bench import add_bench_arguments
 
@@ -60,8 +50,8 @@ class Session:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        # One conversation at a time: one sequence's worth of KV memory is enough.
-        self.llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=1)
+        # One conversation at a time: one sequence's worth of KV memory is enough (unless the flags say otherwise).
+        self.llm = LLM(args.model, **{"max_num_seqs": 1, **engine_options(args, exclude=("seed",))})
         self.tokenizer = self.llm.tokenizer
         if not self.tokenizer.available:
             raise ValueError(f"{args.model} has no tokenizer files; the CLI needs a tokenizer to read text")

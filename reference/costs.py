@@ -13,13 +13,21 @@ context_lens[i] tokens in the KV cache (its new tokens are the last of them). Th
 Arithmetic intensity = FLOPs / bytes: how many FLOPs the step does per byte it moves. A machine that does
 F FLOP/s and moves B bytes/s is memory-bound on any step whose intensity is below F / B (the roofline's ridge).
 
-The two `measure_*` functions time this machine's matrix multiply and memory copy for the roofline; they work
-on CPU and CUDA devices. Nothing here loads a model or touches the engine.
+The speed floor of a whole workload (what `bench` compares an engine with) follows from the same counts:
+decoding is memory-bound, so however clever the engine, output token i (0-based) of a request with a p-token
+prompt must read the K/V of p + i tokens, and each decode step must read the weights once (there are at least as
+many steps as the longest output). Nothing moves bytes faster than a device-to-device copy, so the floor is those
+bytes over the measured copy bandwidth; an engine reaches a fraction floor / wall time of it (1.0 is
+unreachable: prefill compute, sampling and the rest also take time).
+
+The two `measure_*` functions time this machine's matrix multiply and memory copy for the roofline and the floor;
+they work on CPU and CUDA devices. Nothing here loads a model or touches the engine.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -64,17 +72,63 @@ def step_flops(config: ModelConfig, query_lens: list[int], context_lens: list[in
     return total
 
 
+def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of the weights a step reads once, however many tokens it runs (linear_params of them)."""
+    return dtype_bytes * linear_params(config)
+
+
 def step_bytes(config: ModelConfig, query_lens: list[int], context_lens: list[int], dtype_bytes: int) -> int:
     """Bytes one step moves: the weights once, each sequence's context K/V read once, its new K/V written once."""
     _check_step(query_lens, context_lens)
     kv_tokens = sum(context_lens) + sum(query_lens)
-    return dtype_bytes * linear_params(config) + kv_tokens * kv_bytes_per_token(config, dtype_bytes)
+    return weight_bytes(config, dtype_bytes) + kv_tokens * kv_bytes_per_token(config, dtype_bytes)
 
 
 def arithmetic_intensity(config: ModelConfig, query_lens: list[int], context_lens: list[int],
                          dtype_bytes: int) -> float:
     """FLOPs per byte moved of one step (step_flops / step_bytes)."""
     return step_flops(config, query_lens, context_lens) / step_bytes(config, query_lens, context_lens, dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The speed floor of a workload: the least time any engine needs on this device, from the bytes that must move."""
+
+    kv_bytes: int  # KV cache reads that output tokens need
+    weight_bytes: int  # weight reads of the decode steps
+    bandwidth: float  # measured copy bandwidth, bytes/s (read + write)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv_bytes + self.weight_bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.total_bytes / self.bandwidth
+
+    def fraction(self, wall_time: float) -> float:
+        """Achieved fraction of the floor for a run that took wall_time seconds."""
+        return self.seconds / wall_time
+
+    def describe(self, wall_time: float | None = None) -> str:
+        text = (f"floor: {self.kv_bytes / 1e9:.1f} GB of KV + {self.weight_bytes / 1e9:.1f} GB of weights must be "
+                f"read; at the measured copy bandwidth of {self.bandwidth / 1e9:.0f} GB/s that takes "
+                f"{self.seconds:.2f} s")
+        if wall_time is not None:
+            text += f"; this run reached {self.fraction(wall_time):.2f} of it"
+        return text
+
+
+def kv_tokens_read(input_lens: list[int], output_lens: list[int]) -> int:
+    """Context tokens whose K and V the output tokens must read, summed over requests."""
+    return sum(o * p + o * (o - 1) // 2 for p, o in zip(input_lens, output_lens))
+
+
+def workload_floor(input_lens: list[int], output_lens: list[int], kv_bytes_per_token: int, weight_bytes: int,
+                   bandwidth: float) -> Floor:
+    """The floor of a workload: its KV reads, one weight read per decode step, at `bandwidth` bytes/s."""
+    return Floor(kv_tokens_read(input_lens, output_lens) * kv_bytes_per_token,
+                 weight_bytes * max(output_lens, default=0), bandwidth)
 
 
 def _synchronize(device: torch.device) -> None:

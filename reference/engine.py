@@ -83,8 +83,9 @@ class LLMEngine:
         config = self.config
         options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels)
         if config.async_scheduling or (self.device.type == "cuda" and not config.enforce_eager):
-            return FastModelRunner(self.model, self.kv_manager, self.dtype, **options, enforce_eager=config.enforce_eager,
-                                   max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len)
+            return FastModelRunner(self.model, self.kv_manager, self.dtype, **options,
+                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+                                   max_model_len=config.max_model_len)
         return ModelRunner(self.model, self.kv_manager, self.dtype, **options)
 
     def _kv_memory_budget(self) -> int:

@@ -65,8 +65,8 @@ class FastModelRunner(ModelRunner):
         """Logits of the sampling sequences (None if none samples): a CUDA graph replay for a decode batch that
         fits one, else an eager forward pass."""
         previous_ids = previous.token_ids if pending_rows is not None else None
-        graphs = self.decode_graphs
-        if len(inputs.input_ids) == len(inputs.query_lens) and graphs is not None and graphs.can_run(len(inputs.input_ids)):
+        graphs, batch_size = self.decode_graphs, len(inputs.query_lens)
+        if len(inputs.input_ids) == batch_size and graphs is not None and graphs.can_run(batch_size):
             logits = graphs.run(inputs.input_ids, inputs.context_lens, inputs.block_tables, pending_rows, previous_ids)
             if len(inputs.sampling) == len(inputs.query_lens):
                 return logits

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator, Sequence
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
+from .progress import ProgressBar
 from .sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -48,7 +48,7 @@ class LLM:
             for request_id in request_ids:  # all or nothing: do not leave half a batch running
                 self.engine.abort(request_id)
             raise
-        return self._run_to_completion(request_ids, use_tqdm)
+        return self._collect(request_ids, use_tqdm)
 
     def chat(
         self,
@@ -78,27 +78,16 @@ class LLM:
                 self.engine.abort(request_id)
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    def _run_to_completion(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _collect(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step the engine until every one of request_ids has finished; their final outputs, in that order."""
         wanted = set(request_ids)
         final: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
-        start, output_tokens = time.monotonic(), 0
-        try:
+        with ProgressBar(len(request_ids), "Generating", use_tqdm) as bar:
             while len(final) < len(wanted):
                 for out in self.engine.step(only_finished=True):
                     if out.request_id in wanted and out.finished:
                         final[out.request_id] = out
-                        output_tokens += sum(len(c.token_ids) for c in out.outputs)
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix_str(f"{output_tokens / (time.monotonic() - start):.1f} out tok/s")
-        finally:
-            if bar is not None:
-                bar.close()
+                        bar.finished(out)
         return [final[r] for r in request_ids]
 
     @staticmethod

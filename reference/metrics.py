@@ -45,13 +45,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-@dataclass
-class Summary:
-    num_requests: int
-    wall_time: float
-    prompt_tokens: int
-    output_tokens: int
-    latencies: dict[str, dict[str, float]]  # metric -> {"mean", "p50", "p90", "p99"} in seconds
+class Throughput:
+    """Tokens per second over a run's wall time (for a class with prompt_tokens, output_tokens and wall_time)."""
 
     @property
     def output_throughput(self) -> float:
@@ -60,6 +55,15 @@ class Summary:
     @property
     def total_throughput(self) -> float:
         return (self.prompt_tokens + self.output_tokens) / self.wall_time
+
+
+@dataclass
+class Summary(Throughput):
+    num_requests: int
+    wall_time: float
+    prompt_tokens: int
+    output_tokens: int
+    latencies: dict[str, dict[str, float]]  # metric -> {"mean", "p50", "p90", "p99"} in seconds
 
     def table(self) -> str:
         lines = [

@@ -43,7 +43,8 @@ class _CountingKV(KVCacheManager):
         self._free = num_free_blocks
 
     def _needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        return blocks_for_tokens(seq.num_computed_tokens + num_new_tokens, self.block_size) - self.held.get(seq.seq_id, 0)
+        held = self.held.get(seq.seq_id, 0)
+        return blocks_for_tokens(seq.num_computed_tokens + num_new_tokens, self.block_size) - held
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self._needed(seq, num_new_tokens) <= self._free
@@ -195,7 +196,8 @@ class PlanScheduler(Scheduler):
             seats += seq.status is SequenceStatus.WAITING
             scheduled.append((seq, num_tokens))
         if sum(n for _, n in scheduled) > state["token_budget"]:
-            raise ValueError(f"plan runs {sum(n for _, n in scheduled)} tokens, over the budget {state['token_budget']}")
+            raise ValueError(f"plan runs {sum(n for _, n in scheduled)} tokens, over the budget "
+                             f"{state['token_budget']}")
         if free < 0 or seats > state["max_num_seqs"]:
             raise ValueError(f"plan needs {-free} more KV blocks than are free, or {seats} seats of "
                              f"{state['max_num_seqs']}")

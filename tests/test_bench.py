@@ -11,10 +11,8 @@ import math
 
 import pytest
 
-from reference.bench import (
-    PRESETS, REAL_QUESTIONS, add_bench_arguments, make_workload, parse_range, parse_rate, run_bench, run_engine,
-    run_hf_baseline, workload_options,
-)
+from reference.bench import add_bench_arguments, run_bench, run_engine, run_hf_baseline
+from reference.workload import PRESETS, REAL_QUESTIONS, make_workload, parse_range, parse_rate, workload_options
 
 VOCAB = 512  # the tiny checkpoints' vocabulary
 

@@ -1,4 +1,5 @@
-"""The speed floor: bytes that must move, counted by brute force, and the HF twin used as the bench baseline."""
+"""The speed floor (reference.costs): bytes that must move, counted by brute force, and the HF twin used as the
+bench baseline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from reference.speed_floor import Floor, copy_bandwidth, kv_tokens_read, parameter_bytes, workload_floor
+from reference.costs import kv_tokens_read, linear_params, weight_bytes, workload_floor
 
 
 def test_kv_tokens_read_matches_a_token_by_token_count():
@@ -28,16 +29,11 @@ def test_floor_adds_kv_and_one_weight_read_per_decode_step():
     assert "reached 0.50" in floor.describe(2 * floor.seconds)
 
 
-def test_parameter_bytes_counts_a_tied_matrix_once():
-    embed = torch.nn.Embedding(10, 4)
-    head = torch.nn.Linear(4, 10, bias=False)
-    head.weight = embed.weight
-    model = torch.nn.ModuleDict({"embed": embed, "head": head})
-    assert parameter_bytes(model) == 10 * 4 * 4
+def test_the_floor_reads_the_weights_the_cost_model_counts():
+    from reference.models.presets import preset_config
 
-
-def test_copy_bandwidth_is_a_positive_rate():
-    assert copy_bandwidth("cpu", size_bytes=8 << 20, repeats=2) > 1e6  # any machine copies more than 1 MB/s
+    config = preset_config("smollm2-135m")
+    assert weight_bytes(config, 2) == 2 * linear_params(config)  # one definition, shared with step_bytes
 
 
 def test_hf_twin_of_a_random_model_has_the_same_logits():

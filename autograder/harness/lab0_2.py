@@ -15,7 +15,7 @@ from typing import Any
 
 from reference import costs
 from reference.config import ModelConfig
-from reference.kv_manager import ContiguousKVManager
+from reference.kv import ContiguousKVManager, blocks_for_tokens
 from reference.metrics import percentile
 from reference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from reference.policies import POLICIES
@@ -69,10 +69,6 @@ def ref_schedule_step(running: list[dict[str, Any]], waiting: list[dict[str, Any
     return plan_step(running, waiting, num_free_blocks, block_size, max_num_seqs, token_budget, chunked_prefill)
 
 
-def _blocks(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 def _plain_plan(plan: Any) -> dict[str, Any]:
     """The learner's plan as plain lists (ints stay ints); the codec rejects anything stranger later."""
     if not isinstance(plan, dict) or set(plan) != {"scheduled", "preempted"}:
@@ -122,7 +118,7 @@ def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
     for seq_id in plan["preempted"]:
         if seq_id not in running:
             raise ValueError(f"preempted {seq_id!r}, which is not running")
-        free += _blocks(seqs[seq_id]["num_computed"], block_size)
+        free += blocks_for_tokens(seqs[seq_id]["num_computed"], block_size)
         seqs[seq_id]["num_computed"] = 0
         running.remove(seq_id)
         waiting.append(seq_id)
@@ -135,7 +131,7 @@ def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
         if not 1 <= num_tokens <= seq["num_tokens"] - seq["num_computed"]:
             raise ValueError(f"scheduled {num_tokens} tokens of {seq_id}, which has "
                              f"{seq['num_tokens'] - seq['num_computed']} uncomputed")
-        free -= _blocks(seq["num_computed"] + num_tokens, block_size) - _blocks(seq["num_computed"], block_size)
+        free -= blocks_for_tokens(seq["num_computed"] + num_tokens, block_size) - blocks_for_tokens(seq["num_computed"], block_size)
         if free < 0:
             raise ValueError(f"scheduling {seq_id} needs more KV blocks than are free")
         if seq_id in waiting:
@@ -152,7 +148,7 @@ def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
         if seq["num_computed"] == seq["num_tokens"]:  # the whole sequence is computed: the model samples a token
             seq["num_tokens"] += 1
             if seq["num_tokens"] - seq["prompt_len"] >= seq["max_tokens"]:
-                free += _blocks(seq["num_computed"], block_size)
+                free += blocks_for_tokens(seq["num_computed"], block_size)
                 running.remove(seq_id)
     return free
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kv.layout import blocks_for_tokens
 from .metadata import AttentionMetadata
 
 
@@ -54,20 +55,13 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: 
     Returns [context_len, kv_heads, head_dim].
     """
     block_size = cache.shape[1]
-    num_blocks = (context_len + block_size - 1) // block_size
+    num_blocks = blocks_for_tokens(context_len, block_size)
     blocks = block_table[:num_blocks].long()
     return cache[blocks].reshape(-1, *cache.shape[2:])[:context_len]
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of packed new tokens over each sequence's cached context (new tokens already stored).
 
     q: [num_tokens, heads, head_dim] packed by cu_seqlens_q (int32 [batch + 1]); block_tables: int32
@@ -107,16 +101,9 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,
+        kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only)."""
         if k_cache is None or not metadata.uses_cache:
             return varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
         store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)

@@ -465,16 +465,9 @@ class TritonAttentionBackend:
 
     name = "triton"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,
+        kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only)."""
         if k_cache is None or not metadata.uses_cache:
             return torch_ref.varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
         store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)

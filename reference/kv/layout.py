@@ -14,7 +14,8 @@ import torch
 
 from ..config import ModelConfig
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), each [num_blocks, block_size, kv_heads, head_dim]
+# Per layer: (K, V), each [num_blocks, block_size, kv_heads, head_dim].
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
@@ -31,7 +32,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype | int) -> int:
 
 
 def batched_slot_mapping(block_tables, owner, positions, block_size: int):
-    """Cache slot of each token of a packed batch: block_tables[owner, pos // block_size] * block_size + pos % block_size.
+    """Cache slot of each token of a packed batch: block_tables[owner, pos // bs] * bs + pos % bs (bs: block_size).
 
     block_tables: [batch, max_blocks] (torch tensor or numpy array); owner: [num_tokens], the row of each
     token's sequence; positions: [num_tokens], each token's position in its sequence. Same type out."""

@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 
-from ..cli import add_model_flags
+from ..flags import add_engine_flags, add_model_flags, engine_options
 from . import MAX_REQUEST_BYTES
 
 SHUTDOWN_TIMEOUT_S = 10  # after this, uvicorn cancels whatever is still running
@@ -38,34 +38,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"larger request bodies get HTTP 413 before they are read (default {MAX_REQUEST_BYTES})")
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     net.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    eng = parser.add_argument_group("engine")
-    eng.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (default 8 CPU, 64 GPU)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
-                     help="token budget per step (default 512 CPU, 8192 GPU)")
-    eng.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
-    eng.add_argument("--num-kv-blocks", type=int, default=None,
-                     help="KV cache capacity in blocks (default: from memory)")
-    eng.add_argument("--block-size", type=int, default=None, help="KV slots per block (default 16)")
-    eng.add_argument("--kv-cache", choices=("paged", "contiguous"), default=None, help="default paged")
-    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                     help="reuse the KV of shared prompt prefixes (default: on)")
-    eng.add_argument("--scheduling-policy", default=None, help="fcfs (default), sjf or priority")
-    eng.add_argument("--attention-backend", default=None, help="default auto")
-    eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                     help="plan each step while the previous one runs (default: on the GPU only)")
-    eng.add_argument("--seed", type=int, default=None, help="seeds the global RNG (requests may bring their own seed)")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    """The LLMEngine keyword arguments the flags set (flags left out keep the engine's defaults)."""
-    names = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "block_size", "kv_cache", "enable_prefix_caching", "scheduling_policy", "attention_backend", "seed",
-             "async_scheduling")
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.enforce_eager:
-        options["enforce_eager"] = True
-    return options
+    add_engine_flags(parser)
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import httpx
 
-from ..bench import REAL_QUESTIONS, check_fits, make_workload, workload_options
+from ..workload import REAL_QUESTIONS, check_fits, make_workload, workload_options
+from ..flags import engine_options, flag
 from ..metrics import Summary, percentile
 
 
@@ -305,9 +306,9 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve_bench_from_args(args: argparse.Namespace) -> dict:
     """`bench --serve URL` with the offline bench's workload flags; prints the table, returns the numbers."""
-    engine_flags = [f"--{name.replace('_', '-')}" for name in
-                    ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "baseline",
-                     "hf_subsample") if getattr(args, name, None) is not None]
+    in_process = [*engine_options(args, exclude=("seed",)),
+                  *(name for name in ("baseline", "hf_subsample") if getattr(args, name, None) is not None)]
+    engine_flags = [flag(name) for name in in_process]
     if engine_flags:
         raise ValueError(f"{', '.join(engine_flags)} configure the in-process engine; with --serve they belong on "
                          "the server's command line")

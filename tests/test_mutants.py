@@ -106,3 +106,43 @@ def test_grade_gives_the_control_full_marks_trivial_outputs_zero_and_mutants_few
             (result,) = [r for r in graded[student].results if r.exercise == mutant.exercise]
             assert [(c.case, c.status, c.points) for c in result.cases] == \
                 [(c.case, c.status, c.points) for c in in_process.cases], mutant.label
+
+
+def test_the_allocator_states_named_in_feedback_are_the_references():
+    """The free queue and ref counts that the block allocator's step labels show come from a replay of the
+    exercise's rules; it must agree with the reference's own trace on every case, the hidden random one included."""
+    from autograder.harness.lab0_3 import ReferenceBlockAllocator, drive_block_allocator
+    from autograder.labs.lab0_3 import _allocator_states
+
+    exercise = load_lab("lab0.3").exercise("block_allocator")
+    checked = 0
+    for case in exercise.cases:
+        inputs = case.inputs()
+        trace = drive_block_allocator(ReferenceBlockAllocator, inputs)
+        states = _allocator_states(inputs["num_blocks"], inputs["ops"]) + [None]
+        for op, result, (queue, held), after in zip(inputs["ops"], trace, states, states[1:]):
+            if op["op"] == "num_free":
+                assert result == len(queue)
+            elif op["op"] == "allocate":
+                assert result == queue[0] if queue else result["error"].startswith("RuntimeError")
+            elif op["op"] == "ref_count" and not isinstance(result, dict):
+                assert result == held.get(op["block"], 0)
+            elif op["op"] == "free" and not isinstance(result, dict):
+                assert result == (op["block"] not in after[1] if after else held[op["block"]] == 1)
+            checked += 1
+    assert checked > 150
+
+
+def test_plan_feedback_survives_plans_of_any_shape():
+    from autograder.labs.lab0_2 import Plans
+
+    state = {"running": [{"seq_id": 0, "num_tokens": 10, "num_computed": 9}], "waiting": [], "num_free_blocks": 3,
+             "block_size": 4, "max_num_seqs": 2, "token_budget": 8, "chunked_prefill": True}
+    want = {"state": state, "plan": {"scheduled": [[0, 1]], "preempted": []}}
+    for plan in ({"scheduled": [[0]], "preempted": []}, {"scheduled": [[[0], 1]], "preempted": [[1]]},
+                 {"scheduled": [[0, 1, 2]], "preempted": None}, {"scheduled": [], "preempted": [0]}):
+        outcome = Plans().compare({"state": state, "plan": plan}, want)
+        assert not outcome.passed and outcome.kind == "the plan: wrong plan", plan
+        assert "running [seq 0: 9 of 10 tokens computed]" in outcome.detail
+    assert Plans().compare({"state": state, "plan": want["plan"]}, want).passed
+    assert Plans().compare([{"state": state, "plan": want["plan"]}] * 2, [want]).kind == "trace too long"

@@ -309,9 +309,10 @@ DECODER_LAYER = Exercise(
              "o_proj, and that the MLP's RMSNorm reads the stream after the attention residual", seed=50),
         Case("single_token", lambda g: _layer_inputs(g, 1, 32, 2, 2, 16, 48), Close(1e-4, 1e-4),
              "a one-token sequence: attention then just returns that token's value", seed=51),
-        Case("heads_times_head_dim_not_hidden", lambda g: _layer_inputs(g, 5, 48, 4, 1, 16, 64, eps=1e-6,
+        Case("heads_times_head_dim_not_hidden", lambda g: _layer_inputs(g, 5, 48, 4, 1, 16, 64, eps=0.25,
                                                                         theta=500000.0),
-             Close(1e-4, 1e-4), "hidden 48 but 4 heads x 16 dims = 64: q_proj maps 48 -> 64 and o_proj 64 -> 48",
+             Close(1e-4, 1e-4), "hidden 48 but 4 heads x 16 dims = 64: q_proj maps 48 -> 64 and o_proj 64 -> 48; "
+                                "an unusually large rms_norm_eps (0.25) and rope_theta 500000, read from config",
              seed=52),
         Case("wider_layer", lambda g: _layer_inputs(g, 8, 192, 3, 1, 64, 512, theta=100000.0), Close(1e-4, 1e-4),
              "a wider layer on 8 tokens", visible=False, seed=53),
@@ -383,7 +384,8 @@ def _kv_ops_rows(g):
 
 def _kv_ops_errors(g):
     init = {"num_layers": 1, "max_batch": 1, "max_len": 4, "num_kv_heads": 1, "head_dim": 2, "dtype": "float32"}
-    ops = [_update(g, 0, 0, 0, 3, 1, 2), _update(g, 0, 0, 3, 2, 1, 2), _update(g, 0, 0, 3, 1, 1, 2)]
+    ops = [_update(g, 0, 0, 0, 3, 1, 2), _update(g, 0, 0, 3, 2, 1, 2), _update(g, 0, 1, 0, 1, 1, 2),
+           _update(g, 0, 0, -1, 1, 1, 2), _update(g, 0, 0, 3, 1, 1, 2)]
     return {"init": init, "ops": ops}
 
 
@@ -419,8 +421,10 @@ KV_CACHE = Exercise(
                              "row 0 grows to 3")), "writes to one row (sequence) never show up in another", seed=71),
         Case("overflow_raises_value_error", _kv_ops_errors,
              Trace(Exact(), ("3 tokens into a 4-slot row", "2 more tokens at position 3 (does not fit)",
+                             "1 token in row 1 of a 1-row cache", "1 token at position -1",
                              "1 token at position 3 (fits)")),
-             "an update past max_len raises ValueError and leaves the cache usable", seed=72),
+             "an update past max_len, into a row outside [0, max_batch) or at a negative start raises ValueError "
+             "and leaves the cache usable", seed=72),
         Case("nbytes_counts_the_reservation", _kv_ops_nbytes,
              Trace(Exact(), ("nbytes of an empty cache", "an update", "nbytes after it")),
              "nbytes is what was allocated up front (K and V, every layer, row and slot), not what is used",

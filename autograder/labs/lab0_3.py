@@ -98,15 +98,13 @@ def _ops(*items) -> list[dict[str, Any]]:
     return [{"op": item[0]} if len(item) == 1 else {"op": item[0], "block": item[1]} for item in items]
 
 
-def _allocator_names(num_blocks: int, ops: list[dict[str, Any]]) -> tuple[str, ...]:
-    """Step labels that also name the state before each step (the free queue, front first, and the ref counts of
-    the allocated blocks), replaying the exercise's rules; for visible cases only (hidden ones get "step i")."""
+def _allocator_states(num_blocks: int, ops: list[dict[str, Any]]) -> list[tuple[list[int], dict[int, int]]]:
+    """The state before each op (the free queue, front first; the allocated blocks' ref counts), replaying the
+    exercise's rules (tests/test_mutants.py checks the replay against the reference's trace)."""
     queue, refs = deque(range(num_blocks)), [0] * num_blocks
-    names = []
-    for i, op in enumerate(ops, 1):
-        held = {block: count for block, count in enumerate(refs) if count}
-        names.append(f"step {i} of {len(ops)}, {op['op']}({op.get('block', '')}), when the free queue is "
-                     f"{list(queue)} (front first) and the allocated blocks' ref counts are {held}")
+    states = []
+    for op in ops:
+        states.append((list(queue), {block: count for block, count in enumerate(refs) if count}))
         block = op.get("block")
         valid = block is not None and 0 <= block < num_blocks and refs[block] > 0
         if op["op"] == "allocate" and queue:
@@ -117,7 +115,14 @@ def _allocator_names(num_blocks: int, ops: list[dict[str, Any]]) -> tuple[str, .
             refs[block] -= 1
             if not refs[block]:
                 queue.append(block)
-    return tuple(names)
+    return states
+
+
+def _allocator_names(num_blocks: int, ops: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Step labels that also name the state before each step; for visible cases only (hidden ones get "step i")."""
+    return tuple(f"step {i} of {len(ops)}, {op['op']}({op.get('block', '')}), when the free queue is {queue} (front "
+                 f"first) and the allocated blocks' ref counts are {held}"
+                 for i, (op, (queue, held)) in enumerate(zip(ops, _allocator_states(num_blocks, ops)), 1))
 
 
 _FIFO_OPS = _ops(("allocate",), ("allocate",), ("allocate",), ("num_free",), ("free", 1), ("free", 0),
@@ -377,8 +382,10 @@ PAGED_ATTENTION_TORCH = Exercise(
              Close(1e-5, 1e-5), "block_size 64 (the contiguous cache's layout): one block each, MQA", seed=13),
         Case("wider", lambda g: _paged_inputs(g, [4, 1, 16, 1], [40, 50, 16, 3], 8, 2, 32, 8), Close(1e-5, 1e-5),
              "four sequences, GQA 4, head_dim 32", visible=False, seed=14),
-        Case("float16_cache", lambda g: _paged_inputs(g, [1, 5], [9, 5], 4, 2, 16, 4, dtype=torch.float16),
-             Close(2e-3, 2e-3), "float16 queries and cache, result in float16", visible=False, seed=15),
+        Case("float16_cache", lambda g: {**_paged_inputs(g, [1, 40], [300, 40], 4, 2, 16, 4, dtype=torch.float16),
+                                         "scale": 1.0},
+             Close(2e-3, 2e-3), "float16 queries and cache, result in float16 (computed in float32)", visible=False,
+             seed=15),
     ),
 )
 

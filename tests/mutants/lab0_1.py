@@ -42,6 +42,7 @@ return merged[::-1]
         sub("pairs_counted_once", ("Counter(zip(ids, ids[1:]))", "Counter(set(zip(ids, ids[1:])))"),
             why="each distinct pair counted once: every pair ties"),
         sub("one_merge_short", ("range(num_merges)", "range(num_merges - 1)")),
+        sub("second_id_tie_break_reversed", ("-pair[0], -pair[1]", "-pair[0], pair[1]")),
     ],
     "bpe_encode": [
         trivial("bytes_only", 'return list(text.encode("utf-8"))', why="returns the input's bytes, merges ignored"),
@@ -117,6 +118,9 @@ return merged[::-1]
         sub("scale_by_head_dim", ("/ math.sqrt(head_dim)", "/ head_dim")),
         sub("no_scale", (" / math.sqrt(head_dim)", "")),
         sub("softmax_over_queries", ("scores.softmax(dim=-1)", "scores.softmax(dim=-2)")),
+        sub("mask_shifted_by_one", ("torch.arange(context_len - q_len, context_len)",
+                                    "torch.arange(context_len - q_len - 1, context_len - 1)"),
+            why="each query sees one key fewer: its own position is masked"),
     ],
     "swiglu_mlp": [
         trivial("identity", "return x"),
@@ -149,6 +153,10 @@ return merged[::-1]
         sub("no_input_norm", ('x = rms_norm(hidden, weights["input_layernorm.weight"], eps)', "x = hidden")),
         sub("rope_on_v_too", ("q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)",
                               "q, k, v = (apply_rope(t, positions, theta) for t in (q, k, v))")),
+        sub("eps_hard_coded", ('eps, theta = config["rms_norm_eps"], config["rope_theta"]',
+                               'eps, theta = 1e-6, config["rope_theta"]')),
+        sub("theta_hard_coded", ('eps, theta = config["rms_norm_eps"], config["rope_theta"]',
+                                 'eps, theta = config["rms_norm_eps"], 10000.0')),
     ],
     "kv_cache_bytes": [
         trivial("zero", "return 0"),
@@ -183,6 +191,11 @@ return merged[::-1]
                                          "self.v.element_size()",
                                          "return int((self.k != 0).sum() + (self.v != 0).sum()) * self.k.element_size()"),
             why="counts what is used, not what was reserved"),
+        sub("negative_start_not_checked", ("if not 0 <= row < self.max_batch or start < 0 or end > self.max_len:",
+                                           "if not 0 <= row < self.max_batch or end > self.max_len:")),
+        sub("row_not_checked", ("if not 0 <= row < self.max_batch or start < 0 or end > self.max_len:",
+                                "if start < 0 or end > self.max_len:"),
+            why="a row past max_batch raises IndexError, not ValueError"),
     ],
     "sample_next_token": [
         trivial("zeros", "return torch.zeros(logits.shape[0], dtype=torch.int64)"),
@@ -205,5 +218,11 @@ return merged[::-1]
         sub("top_k_off_by_one", ("sorted_probs[:, top_k:] = 0.0", "sorted_probs[:, top_k + 1:] = 0.0")),
         sub("top_k_minus_one_not_special", ("if top_k != -1:", "if True:"),
             why="top_k = -1 slices off the last token instead of meaning 'no limit'"),
+        sub("temperature_after_top_p", ("probs = torch.softmax(logits / temperature, dim=-1)",
+                                        "probs = torch.softmax(logits, dim=-1)"),
+            ("    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)\n    running",
+             "    sorted_probs = sorted_probs ** (1 / temperature)\n"
+             "    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)\n    running"),
+            why="temperature applied after top-k/top-p, so the top-p cut sees the untempered distribution"),
     ],
 })

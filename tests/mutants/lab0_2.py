@@ -18,6 +18,11 @@ MUTANTS = catalogue({
         sub("mlp_two_matrices", ("3 * hidden", "2 * hidden")),
         sub("keys_exclude_itself", ("head_dim * context_len", "head_dim * (context_len - 1)")),
         sub("one_flop_per_multiply_add", ("return 2 * linear", "return linear")),
+        sub("none_not_defaulted", ('kv_heads = config.get("num_key_value_heads") or heads',
+                                   'kv_heads = config.get("num_key_value_heads", heads)'),
+            ('head_dim = config.get("head_dim") or config["hidden_size"] // heads',
+             'head_dim = config.get("head_dim", config["hidden_size"] // heads)'),
+            why="a key present with the value None (as in some config.json files) is not replaced by its default"),
     ],
     "arithmetic_intensity": [
         trivial("zero", "return 0.0"),
@@ -32,6 +37,9 @@ MUTANTS = catalogue({
         sub("kv_at_query_heads", ("layers * kv_heads * head_dim * dtype_bytes", "layers * heads * head_dim * dtype_bytes")),
         sub("keys_off_by_one", ("context_len - query_len + j + 1)", "context_len - query_len + j)")),
         sub("weights_without_dtype_bytes", ("moved = dtype_bytes * linear_weights", "moved = linear_weights")),
+        sub("none_not_defaulted", ('kv_heads = config.get("num_key_value_heads") or heads',
+                                   'kv_heads = config.get("num_key_value_heads", heads)'),
+            why="num_key_value_heads present with the value None is not replaced by the number of heads"),
     ],
     "run_to_completion": [
         trivial("empty", "return {}"),

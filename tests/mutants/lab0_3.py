@@ -110,6 +110,12 @@ MUTANTS = catalogue({
                                             "query_pos = torch.arange(context_len - (hi - lo), context_len, "
                                             "device=q.device) - 1"),
             why="each new token sees one key fewer (its own excluded)"),
+        sub("no_float32_compute", ("[:context_len].float().repeat_interleave(group, dim=1)  #",
+                                   "[:context_len].repeat_interleave(group, dim=1)  #"),
+            ("v = v_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group, dim=1)",
+             "v = v_cache[blocks].flatten(0, 1)[:context_len].repeat_interleave(group, dim=1)"),
+            ('torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k)', 'torch.einsum("qhd,khd->hqk", q[lo:hi], k)'),
+            why="scores and softmax in float16 when the cache is float16"),
     ],
     "paged_decode_triton": [
         trivial("returns_q", None, "return q"),
@@ -126,6 +132,9 @@ MUTANTS = catalogue({
         sub("not_normalised", ("result = acc / running_sum", "result = acc")),
         sub("one_block_only", ("for j in range(0, tl.cdiv(context_len, BLOCK_SIZE)):", "for j in range(0, 1):"),
             why="reads only the first block of the context"),
+        sub("output_not_rescaled", ("acc = acc * correction + tl.sum(probs[:, None] * v, axis=0)",
+                                    "acc = acc + tl.sum(probs[:, None] * v, axis=0)"),
+            why="the running sum is rescaled when the max grows, the output accumulator is not"),
     ],
     "sdpa_attention": [
         trivial("returns_q", "return q"),

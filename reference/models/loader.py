@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..parallel.group import TensorParallel
+from ..parallel.plan import load_shards, parallelize
 from .llama import LlamaForCausalLM
 from .rotary import RotaryEmbedding
 
@@ -91,8 +93,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
-    """Copy every tensor of the checkpoint into the parameter of the same name (cast to its dtype/device)."""
+    """Copy every tensor of the checkpoint into the parameter of the same name (cast to its dtype/device).
+
+    In a tensor-parallel model (parallel/plan.py) a layer holds a slice of its matrix: only that slice is read.
+    """
     from safetensors import safe_open
+
+    from ..parallel.plan import copy_shard, source_range
 
     params = dict(model.named_parameters())  # tied LM head appears once, as model.embed_tokens.weight
     missing = set(params)
@@ -105,11 +112,17 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue  # older checkpoints saved this buffer; we compute it
                     raise ValueError(f"{file.name} has an unexpected tensor {name!r}")
-                tensor = f.get_tensor(name)
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+                where = source_range(model, name)
+                if where is None:
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != params[name].shape:
+                        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model "
+                                         f"{tuple(params[name].shape)}")
+                else:
+                    dim, start, end = where
+                    tensor = f.get_slice(name)[start:end] if dim == 0 else f.get_slice(name)[:, start:end]
                 with torch.no_grad():
-                    params[name].copy_(tensor)
+                    copy_shard(params[name], tensor, where)
                 missing.discard(name)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
@@ -117,12 +130,14 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
 
 def load_model(
     model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    progress: bool = True,
+    progress: bool = True, tp: TensorParallel | None = None,
 ) -> tuple[LlamaForCausalLM, Path | None]:
     """Build the model for `model` on `device` in `dtype` and load its weights. Returns (model, checkpoint dir).
 
-    For "random:<architecture>" the directory is None (there is no checkpoint).
+    For "random:<architecture>" the directory is None (there is no checkpoint). tp: this process's rank among
+    the tensor-parallel ranks; it builds and loads only its slices (parallel/plan.py).
     """
+    tp = tp or TensorParallel()
     if str(model).startswith("random:"):
         from .presets import preset_config, randomize_weights
 
@@ -132,12 +147,20 @@ def load_model(
         net = net.to_empty(device=device).to(dtype)
         net.model.rotary = RotaryEmbedding(config)
         net.tie_weights()
-        randomize_weights(net)
+        randomize_weights(net)  # the same weights whatever the number of ranks: drawn whole, then split
+        if tp.size > 1:
+            full = net.state_dict()
+            with torch.device("meta"):
+                net = parallelize(LlamaForCausalLM(config), tp)
+            net = net.to_empty(device=device).to(dtype)
+            net.model.rotary = RotaryEmbedding(config)
+            net.tie_weights()
+            load_shards(net, full)
         return net.eval().requires_grad_(False), None
     model_dir = resolve_model_dir(model, progress=progress)
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):  # no time wasted on random initialisation
-        net = LlamaForCausalLM(config)
+        net = parallelize(LlamaForCausalLM(config), tp)
     net = net.to_empty(device=device).to(dtype)
     net.model.rotary = RotaryEmbedding(config)  # built on the CPU: its tables were never materialised on meta
     net.tie_weights()  # to_empty gives each parameter its own storage, untying them

@@ -1,0 +1,13 @@
+"""Tensor parallelism: one model split across several processes (ranks) that each hold a slice of every large
+matrix, as Megatron-LM, vLLM and nano-vllm do, on torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+    group.py    the ranks of one model: who am I, how many are we, and the two collectives we need
+    layers.py   the four parallel layers: column- and row-parallel linear, vocab-parallel embedding and LM head
+    plan.py     which layer of the Llama-family model becomes which (the model code itself is unchanged), and
+                loading a checkpoint so that each rank reads only its slices
+    launch.py   starting one process per rank and collecting what rank 0 returns
+
+Per decoder layer only two all-reduces are needed: after the attention's output projection and after the MLP's
+down projection. Everything between them (q/k/v, the attention itself over a rank's heads, gate/up and SiLU)
+needs no communication, because a column-parallel layer feeds a row-parallel one directly.
+"""

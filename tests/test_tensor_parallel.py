@@ -28,15 +28,16 @@ CONFIGS = {
 PROMPT = [3, 17, 250, 99, 7, 401, 12, 12, 5, 300, 77, 1]
 
 
-def logits_on_rank(tp: TensorParallel, paths: list[str], token_ids: list[int]) -> list[dict]:
+def logits_on_rank(tp: TensorParallel, paths: list[str], token_ids: list[int], cuda: bool = False) -> list[dict]:
     """For each model: rank 0's logits of the prompt, the parameters this rank holds, its q_proj rows."""
     found = []
+    device = f"cuda:{tp.rank}" if cuda else "cpu"
     for path in paths:
-        model, _ = load_model(path, tp=tp)
-        positions, metadata = build_metadata([len(token_ids)], None, None, None, "cpu")
+        model, _ = load_model(path, device=device, tp=tp)
+        positions, metadata = build_metadata([len(token_ids)], None, None, None, device)
         with torch.inference_mode():
-            logits = model.compute_logits(model(torch.tensor(token_ids), positions, metadata))
-        found.append({"logits": logits if tp.rank == 0 else None,
+            logits = model.compute_logits(model(torch.tensor(token_ids, device=device), positions, metadata))
+        found.append({"logits": logits.cpu() if tp.rank == 0 else None,
                       "parameters": sum(p.numel() for p in model.parameters()),
                       "q_rows": model.model.layers[0].self_attn.q_proj.weight.shape[0]})
     return found
@@ -83,3 +84,15 @@ def test_a_failing_rank_is_reported_with_its_traceback_and_the_others_stopped():
 def _fails_to_split(tp: TensorParallel) -> None:
     torch.distributed.barrier()
     tp.split(7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_logits_over_2_gpus_with_nccl_equal_one_gpu(checkpoint_factory):
+    paths = [str(checkpoint_factory(family, **overrides)) for family, overrides in CONFIGS.values()]
+    single = logits_on_rank(TensorParallel(), paths, PROMPT, True)
+    ranks = run_ranks(logits_on_rank, 2, paths, PROMPT, True, backend="nccl")
+    for i, name in enumerate(CONFIGS):
+        diff = (ranks[0][i]["logits"] - single[i]["logits"]).abs().max().item()
+        assert diff < 1e-3, f"{name} over 2 GPUs: max abs logit diff {diff:.2e}"
+        assert torch.equal(ranks[0][i]["logits"].argmax(-1), single[i]["logits"].argmax(-1))

@@ -74,6 +74,17 @@ def test_learner_notebooks_have_no_outputs_and_no_solutions():
                     assert cell.outputs == [] and cell.execution_count is None
 
 
+@pytest.mark.parametrize("lab, name", SOLUTIONS)
+def test_notebook_makes_torch_threads_sleep_before_torch_loads(lab, name):
+    """OpenMP threads that spin while waiting made every step 5-20x slower when other programs shared a 2-core
+    machine (benchmarks/RESULTS.md); the first code cell must set OMP_WAIT_POLICY before anything imports torch."""
+    notebook = nbformat.read(str(REPO / "autograder" / load_lab(lab).folder / name), as_version=4)
+    first = next(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    setting = first.find('os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")')
+    imports = [first.find(word) for word in ("import torch", "from torch", "from reference", "from autograder")]
+    assert 0 <= setting < min(i for i in imports if i >= 0), first[:300]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lab, name", SOLUTIONS)
 def test_solution_notebook_runs_top_to_bottom_with_full_marks(lab, name, monkeypatch):

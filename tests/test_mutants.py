@@ -4,12 +4,13 @@
 Two levels, per lab:
 - every mutant of the catalogue, judged in this process with the grader's own cases, comparisons and codec round
   trip (runner.run_in_process, hidden cases included): seconds per lab;
-- one batch of the real grader (`grade`, in its sandbox, -j 2) with the honest control (the solution notebooks),
-  a submission holding one trivial mutant per exercise and one holding each exercise's classic mistake: the
-  control keeps full marks, the trivial outputs score 0 on every exercise, the classic mistakes lose points, and
-  every case's status and points equal the in-process ones, so the in-process level judges as `grade` does.
-  Mutants of different exercises share a submission (exercises are judged independently); each submission costs
-  about ten sandboxed children that import torch: 30-60 s per lab on two busy cores, hence `slow`.
+- one batch of the real grader (`grade` in its sandbox, -j 3) with the honest control (the solution notebooks), a
+  submission holding one trivial mutant per exercise and one holding each exercise's classic mistake: the control
+  keeps full marks, the trivial outputs score 0 on every exercise, the classic mistakes lose points, and every
+  case's status and points equal the in-process ones, so the in-process level judges as `grade` does. Mutants of
+  different exercises share a submission (exercises are judged independently): each submission costs about ten
+  sandboxed children that import torch, 40-120 s per lab on two busy cores, hence `slow`; one submission per
+  mutant (265 of them) would take hours. `benchmarks/mutation_score.py --grade` runs the whole catalogue, packed.
 benchmarks/mutation_score.py prints the killed/total table that the lab READMEs quote.
 """
 
@@ -20,7 +21,7 @@ import pytest
 from autograder import sandbox
 from autograder.grade import GradeOptions, grade
 from autograder.labs import load_lab
-from mutants import LABS, evaluate, load_catalogue, mutant_source, run_cell, solution_cells, write_submission
+from mutants import LABS, REPO, evaluate, load_catalogue, mutant_source, run_cell, solution_cells, write_submission
 
 MIN_PLAUSIBLE = 5
 
@@ -49,7 +50,10 @@ def test_every_mutant_loses_points_and_trivial_outputs_score_zero(lab_name):
     assert [(v.exercise, v.score) for v in controls] == [(v.exercise, v.max_score) for v in controls]
     survivors = [(v.mutant.label, v.score, v.max_score) for v in verdicts if v.mutant is not None and not v.killed]
     assert survivors == []
-    assert len(verdicts) - len(controls) == sum(len(items) for items in load_catalogue(lab_name).values())
+    total = sum(len(items) for items in load_catalogue(lab_name).values())
+    assert len(verdicts) - len(controls) == total
+    readme = (REPO / lab_name / "README.md").read_text()
+    assert f"**Mutation score: {total}/{total}**" in readme  # the README quotes benchmarks/mutation_score.py
 
 
 def test_the_seats_mistake_of_schedule_step_is_caught_by_a_visible_case_with_the_state_named():
@@ -93,7 +97,7 @@ def test_grade_gives_the_control_full_marks_trivial_outputs_zero_and_mutants_few
     classic = [next(m for m in items if not m.trivial) for items in mutants.values()]
     paths = [write_submission(lab_name, tmp_path / name, chosen)
              for name, chosen in (("control", []), ("trivial", trivial), ("classic", classic))]
-    graded = {g.student: g for g in grade(lab, paths, GradeOptions(jobs=2, progress=False))}
+    graded = {g.student: g for g in grade(lab, paths, GradeOptions(jobs=3, progress=False))}
     scores = {student: {r.exercise: (r.score, r.max_score) for r in g.results} for student, g in graded.items()}
     assert graded["control"].status == "ok"
     assert scores["control"] == {e.name: (e.points, e.points) for e in lab.exercises}

@@ -23,6 +23,8 @@ MUTANTS = catalogue({
             ('head_dim = config.get("head_dim") or config["hidden_size"] // heads',
              'head_dim = config.get("head_dim", config["hidden_size"] // heads)'),
             why="a key present with the value None (as in some config.json files) is not replaced by its default"),
+        sub("lm_head_per_layer", ('linear = layers * (attention_weights + mlp_weights) + hidden * config["vocab_size"]',
+                                  'linear = layers * (attention_weights + mlp_weights + hidden * config["vocab_size"])')),
     ],
     "arithmetic_intensity": [
         trivial("zero", "return 0.0"),
@@ -40,6 +42,9 @@ MUTANTS = catalogue({
         sub("none_not_defaulted", ('kv_heads = config.get("num_key_value_heads") or heads',
                                    'kv_heads = config.get("num_key_value_heads", heads)'),
             why="num_key_value_heads present with the value None is not replaced by the number of heads"),
+        sub("lm_head_bytes_forgotten", ("linear_weights = (flops_per_token(config, 1) - 4 * layers * heads * head_dim) // 2",
+                                        "linear_weights = (flops_per_token(config, 1) - 4 * layers * heads * head_dim) // 2"
+                                        ' - config["hidden_size"] * config["vocab_size"]')),
     ],
     "run_to_completion": [
         trivial("empty", "return {}"),
@@ -92,6 +97,10 @@ MUTANTS = catalogue({
         sub("waiting_admitted_before_running", ("    queue = deque(running)\n", "    queue = deque(running)\n"
                                                 "    waiting, queue = list(queue), deque(waiting)\n"),
             why="serves the waiting queue before the running one"),
+        sub("evicts_at_most_one", ("while needed > free:", "if needed > free:"),
+            why="one eviction per sequence, and then the sequence does not run"),
+        sub("admission_ignores_blocks", ("            if blocks(n) > free:\n                break\n", "")),
+        sub("admission_takes_no_blocks", ("            free -= blocks(n)\n", "")),
     ],
     "latency_summary": [
         trivial("zeros", 'return {k: 0.0 for k in ("ttft_mean", "ttft_p50", "ttft_p90", "tpot_mean", "tpot_p50", '

@@ -24,6 +24,9 @@ MUTANTS = catalogue({
         sub("block_times_table_index", ("block_table[j] * block_size + p % block_size",
                                         "block_table[j] + p % block_size"),
             why="forgets to multiply the block id by block_size"),
+        sub("missing_block_is_padding", ('            raise ValueError(f"position {p} needs block {j}, which the table '
+                                         '{block_table} does not have")', "            continue"),
+            why="a position without a block silently maps to -1 instead of raising"),
     ],
     "block_allocator": [
         trivial("constants", "pass", "return 0", "return 1", "return True", "return 0", "return 0"),
@@ -48,6 +51,10 @@ MUTANTS = catalogue({
                                         "        self.ref_counts[block_id] += 1\n        return self.ref_counts[block_id] - 1")),
         sub("free_always_true", ("        return False", "        return True")),
         sub("num_free_counts_used", ("return len(self.free_queue)", "return self.num_blocks - len(self.free_queue)")),
+        sub("ref_count_unchecked", ("        if not 0 <= block_id < self.num_blocks:\n"
+                                    '            raise ValueError(f"block {block_id} does not exist (0 .. {self.num_blocks - 1})")\n',
+                                    ""),
+            why="ids outside the pool raise IndexError (or wrap around), not ValueError"),
     ],
     "block_hashes": [
         trivial("no_hashes", "return []"),

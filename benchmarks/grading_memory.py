@@ -45,6 +45,9 @@ def main() -> None:
             seconds = time.monotonic() - start
         score = f"{sum(r.score for r in run.results):g}/{sum(r.max_score for r in run.results):g}"
         print(f"{name:8} {score:>9} {run.peak_mb:8.0f} {lab.memory_mb:9d} {seconds:8.0f}")
+        for case in (c for result in run.results for c in result.cases if c.points < c.max_points):
+            print(f"    lost {case.max_points - case.points:g}: {case.exercise} / {case.case} ({case.status}): "
+                  f"{case.feedback[:400]}")  # the solutions must lose nothing: say where they did
 
 
 if __name__ == "__main__":

@@ -333,3 +333,51 @@ def test_backend_without_cache_falls_back_to_varlen_attention(tiny_qwen3):
     actual = model(input_ids, positions, metadata, None)
     model.set_attention_backend(torch_ref.TorchAttentionBackend())
     assert torch.equal(actual, expected)
+
+
+OLD_INTERPRETER_PROBE = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import numpy, torch, triton, triton.language as tl
+from triton.runtime import interpreter
+from reference.triton_compat import patch_interpreter
+
+newer = interpreter._patch_lang_tensor
+def like_triton_3_6(tensor, scope):  # what Triton < 3.7 does: int() of a one-element array
+    newer(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+interpreter._patch_lang_tensor = like_triton_3_6
+
+@triton.jit
+def count_blocks(n_ptr, out_ptr):
+    acc = tl.zeros([1], tl.float32)
+    for j in range(0, tl.cdiv(tl.load(n_ptr), 4)):
+        acc += 1.0
+    tl.store(out_ptr + tl.arange(0, 1), acc)
+
+def run():
+    out = torch.zeros(1)
+    count_blocks[(1,)](torch.tensor([9], dtype=torch.int32), out)
+    return out.item()
+
+try:
+    before = run()
+except Exception as error:
+    before = type(error).__name__
+patch_interpreter()
+print(numpy.__version__, before, run())
+'''
+
+
+def test_patch_interpreter_fixes_loaded_loop_bounds_of_older_tritons():
+    """Triton 3.6 (torch 2.11's) under NumPy >= 2.4 fails every kernel whose loop bound is loaded; the patch
+    (reference/triton_compat.py) makes the same kernel count 9 tokens in 3 blocks of 4."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", OLD_INTERPRETER_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    numpy_version, before, after = done.stdout.split()
+    assert float(after) == 3.0
+    if tuple(int(part) for part in numpy_version.split(".")[:2]) >= (2, 4):
+        assert before == "InterpreterError"  # the emulated old interpreter really fails without the patch

@@ -30,8 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_compat import patch_interpreter
 from . import torch_ref
 from .metadata import AttentionMetadata
+
+patch_interpreter()  # Triton < 3.7's CPU interpreter under NumPy >= 2.4 (see triton_compat.py)
 
 LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 

@@ -15,6 +15,7 @@ LAB_MODULES = {
     "lab0.1": "autograder.labs.lab0_1",
     "lab0.2": "autograder.labs.lab0_2",
     "lab0.3": "autograder.labs.lab0_3",
+    "lab0.4": "autograder.labs.lab0_4",
     "fixture": "autograder.labs.fixture",  # a tiny lab for the autograder's own tests
 }
 

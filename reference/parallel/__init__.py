@@ -6,6 +6,7 @@ matrix, as Megatron-LM, vLLM and nano-vllm do, on torch.distributed (NCCL on GPU
     plan.py     which layer of the Llama-family model becomes which (the model code itself is unchanged), and
                 loading a checkpoint so that each rank reads only its slices
     launch.py   starting one process per rank and collecting what rank 0 returns
+    cost.py     the bytes that enter collectives per token (what lab 0.4 measures and prices)
 
 Per decoder layer only two all-reduces are needed: after the attention's output projection and after the MLP's
 down projection. Everything between them (q/k/v, the attention itself over a rank's heads, gate/up and SiLU)

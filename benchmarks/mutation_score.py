@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("-j", "--jobs", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    how = "`grade` in its sandbox" if args.grade else "in process, with the grader's cases"
+    how = "by `grade` in its sandbox" if args.grade else "in process, with the grader's cases"
     print(f"Mutation score (hidden cases included; judged {how})\n")
     print("| lab | exercises | mutants | of which trivial | killed | score |")
     print("|---|---|---|---|---|---|")

@@ -10,7 +10,7 @@ other mutant must lose at least one point of it, hidden cases included. Only the
 exercises are graded on their own (spec.py), so a mutant cannot cost or earn another exercise's points.
 
 `evaluate(lab)` runs every mutant in this process, with the grader's own cases, comparisons and codec round trip
-(runner.run_in_process, hidden cases included); `submissions(...)` writes notebooks for the batch grader, in which
+(runner.run_in_process, hidden cases included), `evaluate_isolated(lab)` the same in a fresh interpreter; `submissions(...)` writes notebooks for the batch grader, in which
 mutants of different exercises share a submission (exercises are judged independently; this keeps the number of
 sandboxed children, each of which imports torch, small). tests/test_mutants.py and benchmarks/mutation_score.py
 use both.
@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +177,7 @@ class Verdict:
     score: float
     max_score: float
     failed: list[str] = field(default_factory=list)  # "case: status"
+    cases: list[tuple[str, str, float]] = field(default_factory=list)  # (case, status, points) of every case
 
     @property
     def killed(self) -> bool:
@@ -192,7 +197,8 @@ def run_cell(lab_name: str, exercise_name: str, source: str) -> ExerciseResult:
 
 def _verdict(mutant: Mutant | None, exercise: str, result: ExerciseResult) -> Verdict:
     failed = [f"{case.case}: {case.status}" for case in result.cases if not case.passed]
-    return Verdict(mutant, exercise, result.score, result.max_score, failed)
+    cases = [(case.case, case.status, case.points) for case in result.cases]
+    return Verdict(mutant, exercise, result.score, result.max_score, failed, cases)
 
 
 def evaluate(lab_name: str, only: set[str] | None = None) -> list[Verdict]:
@@ -207,6 +213,25 @@ def evaluate(lab_name: str, only: set[str] | None = None) -> list[Verdict]:
         for mutant in mutants:
             verdicts.append(_verdict(mutant, exercise, run_cell(lab_name, exercise, mutant_source(mutant, solution))))
     return verdicts
+
+
+def evaluate_isolated(lab_name: str, timeout_s: float = 1200) -> list[Verdict]:
+    """evaluate() in a fresh interpreter with TRITON_INTERPRET=1 and one torch thread: the Triton exercise then
+    runs in Triton's interpreter as in the grader, whatever this process imported before (compiled Triton cannot
+    read the source of an exec'd kernel), and a mutant that crashes cannot take the caller down."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import torch; torch.set_num_threads(1); "
+            "from mutants import evaluate; "
+            "print(json.dumps([[v.mutant and v.mutant.name, v.exercise, v.score, v.max_score, v.failed, v.cases] "
+            "for v in evaluate(sys.argv[2])]))")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), lab_name], capture_output=True,
+                          text=True, env=env, timeout=timeout_s, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_name = {(m.exercise, m.name): m for items in load_catalogue(lab_name).values() for m in items}
+    return [Verdict(by_name[exercise, name] if name else None, exercise, score, max_score, failed,
+                    [tuple(case) for case in cases])
+            for name, exercise, score, max_score, failed, cases in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 # -- submissions for the batch grader ----------------------------------------------------------------------------

@@ -79,8 +79,10 @@ COLUMN_SHARD = Exercise(
              Trace(Exact(), _names("[6, 4] with a bias", 3)),
              "a [6, 4] weight with a bias over 3 ranks: the bias is split like the rows (rank r adds its own "
              "features' biases, so no rank adds another's)", seed=2),
-        Case("one_rank_keeps_everything", lambda g: _calls(*_column_calls(g, 5, 3, 1, True)),
-             Trace(Exact(), ("one rank",)), "world_size 1: the whole weight and bias", seed=3),
+        Case("one_rank_keeps_everything", lambda g: _calls(*_column_calls(g, 5, 3, 1, True),
+                                                           _column_calls(g, 4, 6, 2, True)[1]),
+             Trace(Exact(), ("one rank", "[4, 6] with a bias, rank 1 of 2")),
+             "world_size 1: the whole weight and bias; then rank 1 of 2 of a [4, 6] weight: rows 2 and 3", seed=3),
         Case("bad_splits_raise", _column_errors,
              Trace(Exact(), ("7 output features over 2 ranks", "rank 2 of 2", "rank -1 of 2", "rank 1 of 2 (fine)")),
              "7 output features do not split evenly over 2 ranks, and a rank outside [0, world_size) does not "
@@ -113,8 +115,9 @@ ROW_SHARD = Exercise(
              "2r + 1, every row", seed=11),
         Case("two_ranks_tall", lambda g: _calls(*_row_calls(g, 10, 6, 2)), Trace(Exact(), _names("[10, 6]", 2)),
              "a [10, 6] weight over 2 ranks: columns 0..2 and 3..5, all 10 rows each", seed=12),
-        Case("one_rank_keeps_everything", lambda g: _calls(*_row_calls(g, 4, 3, 1)), Trace(Exact(), ("one rank",)),
-             "world_size 1: the whole weight", seed=13),
+        Case("one_rank_keeps_everything", lambda g: _calls(*_row_calls(g, 4, 3, 1), _row_calls(g, 2, 6, 3)[2]),
+             Trace(Exact(), ("one rank", "[2, 6], rank 2 of 3")),
+             "world_size 1: the whole weight; then rank 2 of 3 of a [2, 6] weight: columns 4 and 5", seed=13),
         Case("bad_splits_raise", _row_errors,
              Trace(Exact(), ("9 input features over 2 ranks", "rank 4 of 4", "rank -2 of 4", "rank 3 of 4 (fine)")),
              "9 input features do not split evenly over 2 ranks, and ranks 4 and -2 do not exist among 4: "
@@ -240,13 +243,13 @@ HEAD_SHARD = Exercise(
              "everything: (0, 6, 0, 2)"),
         Case("impossible_splits_raise", lambda g: _calls(_head_call(9, 3, 0, 2), _head_call(9, 3, 1, 3),
                                                          _head_call(12, 4, 0, 6), _head_call(8, 2, 0, 3),
-                                                         _head_call(4, 2, 2, 2)),
+                                                         _head_call(4, 2, 2, 2), _head_call(4, 2, -1, 2)),
              Trace(Exact(), ("9 heads, 3 KV heads, rank 0 of 2", "9 heads, 3 KV heads, rank 1 of 3 (fine)",
                              "12 heads, 4 KV heads, rank 0 of 6", "8 heads, 2 KV heads, rank 0 of 3",
-                             "rank 2 of 2")),
+                             "rank 2 of 2", "rank -1 of 2")),
              "SmolLM2's 9 query heads cannot split over 2 ranks: ValueError (over 3 ranks they can); 12 query heads "
              "over 6 ranks split evenly, but 4 KV heads neither split over 6 ranks nor can be shared by whole "
-             "groups (6 is not a multiple of 4): ValueError; 8 heads over 3 ranks and rank 2 of 2: ValueError"),
+             "groups (6 is not a multiple of 4): ValueError; 8 heads over 3 ranks, rank 2 of 2 and rank -1 of 2: ValueError"),
         Case("random_layouts", _random_head_calls, Trace(Exact()),
              "24 random head layouts, ranks and world sizes, some impossible", visible=False, seed=41),
     ),

@@ -201,8 +201,9 @@ def _verdict(mutant: Mutant | None, exercise: str, result: ExerciseResult) -> Ve
     return Verdict(mutant, exercise, result.score, result.max_score, failed, cases)
 
 
-def evaluate(lab_name: str, only: set[str] | None = None) -> list[Verdict]:
-    """The control (each solution cell) and every mutant of the lab's catalogue, judged in this process."""
+def evaluate(lab_name: str, only: set[str] | None = None, labels: set[str] | None = None) -> list[Verdict]:
+    """The control (each solution cell) and every mutant of the lab's catalogue, judged in this process.
+    only: these exercises only; labels: these mutants only ("exercise/name"), beside every control."""
     cells = solution_cells(lab_name)
     verdicts = []
     for exercise, mutants in load_catalogue(lab_name).items():
@@ -211,21 +212,24 @@ def evaluate(lab_name: str, only: set[str] | None = None) -> list[Verdict]:
         solution = cells[exercise][2]
         verdicts.append(_verdict(None, exercise, run_cell(lab_name, exercise, solution)))
         for mutant in mutants:
+            if labels is not None and mutant.label not in labels:
+                continue
             verdicts.append(_verdict(mutant, exercise, run_cell(lab_name, exercise, mutant_source(mutant, solution))))
     return verdicts
 
 
-def evaluate_isolated(lab_name: str, timeout_s: float = 1200) -> list[Verdict]:
+def evaluate_isolated(lab_name: str, labels: set[str] | None = None, timeout_s: float = 1200) -> list[Verdict]:
     """evaluate() in a fresh interpreter with TRITON_INTERPRET=1 and one torch thread: the Triton exercise then
     runs in Triton's interpreter as in the grader, whatever this process imported before (compiled Triton cannot
     read the source of an exec'd kernel), and a mutant that crashes cannot take the caller down."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import torch; torch.set_num_threads(1); "
             "from mutants import evaluate; "
             "print(json.dumps([[v.mutant and v.mutant.name, v.exercise, v.score, v.max_score, v.failed, v.cases] "
-            "for v in evaluate(sys.argv[2])]))")
+            "for v in evaluate(sys.argv[2], labels=json.loads(sys.argv[3]) and set(json.loads(sys.argv[3])))]))")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    done = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), lab_name], capture_output=True,
+    chosen = json.dumps(None if labels is None else sorted(labels))
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), lab_name, chosen], capture_output=True,
                           text=True, env=env, timeout=timeout_s, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     by_name = {(m.exercise, m.name): m for items in load_catalogue(lab_name).values() for m in items}

@@ -39,6 +39,7 @@ class _Sample:
     detokenizer: IncrementalDetokenizer | None
     text: str = ""
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    delivered: int = 0  # output tokens that reached the host and were checked
 
 
 @dataclass
@@ -81,7 +82,8 @@ class LLMEngine:
     def _make_runner(self) -> ModelRunner:
         """The plain runner, unless async scheduling is on or CUDA graphs can run (a GPU, enforce_eager off)."""
         config = self.config
-        options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels)
+        options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels,
+                       eos_token_ids=frozenset(self.eos_token_ids))  # what min_tokens keeps out
         if config.async_scheduling or (self.device.type == "cuda" and not config.enforce_eager):
             return FastModelRunner(self.model, self.kv_manager, self.dtype, **options,
                                    enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
@@ -112,6 +114,9 @@ class LLMEngine:
             # All n samples run side by side once forked; more than max_num_seqs could never be scheduled.
             raise ValueError(f"n={params.n} samples need {params.n} sequence seats but max_num_seqs is "
                              f"{self.config.max_num_seqs}; lower n or raise max_num_seqs")
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary [0, {vocab})")
         prompt_text, prompt_ids = self._prompt_token_ids(prompt)
         limit = self.config.max_model_len
         if len(prompt_ids) >= limit:
@@ -249,13 +254,14 @@ class LLMEngine:
                 request.metrics.first_token_time = now
         if sample.logprobs is not None:
             sample.logprobs.append((token.logprob, token.top_logprobs or {}))
-        stop = token.token_id in params.stop_token_ids or (
-            not params.ignore_eos and token.token_id in self.eos_token_ids
-        )
+        sample.delivered += 1
+        may_stop = sample.delivered >= params.min_tokens  # before that, nothing ends it but max_tokens
+        stop = may_stop and (token.token_id in params.stop_token_ids or (
+            not params.ignore_eos and token.token_id in self.eos_token_ids))
         if sample.detokenizer is not None:
             previous = len(sample.text)
             sample.text += sample.detokenizer.push([token.token_id])
-            cut = self._find_stop_string(sample.text, previous, params.stop)
+            cut = self._find_stop_string(sample.text, previous, params.stop) if may_stop else None
             if cut is not None:
                 sample.text, stop = sample.text[:cut], True
         if stop:  # a stop beats the length limit when both fall on the same token

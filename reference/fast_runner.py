@@ -27,8 +27,9 @@ from .sequence import Sequence
 class FastModelRunner(ModelRunner):
     def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype, *,
                  attention_backend: str = "auto", fused_kernels: bool = False, enforce_eager: bool = False,
-                 max_num_seqs: int = 1, max_model_len: int = 1) -> None:
-        super().__init__(model, kv_manager, dtype, attention_backend=attention_backend, fused_kernels=fused_kernels)
+                 max_num_seqs: int = 1, max_model_len: int = 1, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        super().__init__(model, kv_manager, dtype, attention_backend=attention_backend, fused_kernels=fused_kernels,
+                         eos_token_ids=eos_token_ids)
         # CUDA graphs need kernels that read everything from device memory: not the torch reference.
         if self.device.type == "cuda" and not enforce_eager and self.attention_backend.name != "torch":
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, kv_manager.block_size, max_num_seqs, max_model_len)
@@ -56,7 +57,7 @@ class FastModelRunner(ModelRunner):
         if logits is None:
             return self.in_flight
         seqs = [batch.seqs[row] for row in inputs.sampling]
-        token_ids, logprobs = sample_tokens(logits, seqs)
+        token_ids, logprobs = sample_tokens(logits, seqs, self.eos_token_ids, self._pending_outputs(seqs, previous))
         self.in_flight = LaunchedStep(seqs, token_ids, logprobs)
         return self.in_flight
 
@@ -81,6 +82,17 @@ class FastModelRunner(ModelRunner):
         if not inputs.sampling:
             return None
         return self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])
+
+    def _pending_outputs(self, seqs: list[Sequence], previous: "LaunchedStep | None") -> torch.Tensor | None:
+        """For penalties: each sampling sequence's output token still on the device (-1: none), or None when no
+        sequence adjusts its logits or none has such a token."""
+        if previous is None or previous.token_ids is None or not any(s.params.adjusts_logits for s in seqs):
+            return None
+        rows = [previous.row_of.get(s.seq_id, -1) if s.num_pending_tokens else -1 for s in seqs]
+        if max(rows) < 0:
+            return None
+        index = torch.tensor(rows, device=self.device)
+        return torch.where(index >= 0, previous.token_ids[index.clamp(min=0)], -1)
 
     @staticmethod
     def _pending_rows(batch: ScheduledBatch, previous: "LaunchedStep | None") -> list[int] | None:

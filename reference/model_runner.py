@@ -57,8 +57,10 @@ class ModelRunner:
     decode_graphs = None  # CUDA graphs are the fast runner's (fast_runner.py)
 
     def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype, *,
-                 attention_backend: str = "auto", fused_kernels: bool = False) -> None:
+                 attention_backend: str = "auto", fused_kernels: bool = False,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.model = model
+        self.eos_token_ids = eos_token_ids  # the tokens min_tokens keeps out (with each request's stop tokens)
         self.kv = kv_manager
         self.device = next(model.parameters()).device
         self.attention_backend = get_backend(attention_backend, self.device, kv_manager.block_size)
@@ -94,5 +96,5 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])
         seqs = [batch.seqs[row] for row in inputs.sampling]
-        token_ids, logprobs = sample_tokens(logits, seqs)
+        token_ids, logprobs = sample_tokens(logits, seqs, self.eos_token_ids)
         return sampled_tokens(seqs, [token_ids, *logprobs.tensors], logprobs.rows)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .penalties import adjust_logits
 from .sampling import TokenLogprobs, compute_logprobs, sample, seeded_generator
 from .sequence import Sequence
 
@@ -34,9 +35,18 @@ class StepLogprobs:
         return [t for t in self.values if t is not None] if self.values is not None else []
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, StepLogprobs]:
-    """Each sequence's next token (a seeded sample draws from its own generator) and the logprobs asked for."""
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int] = frozenset(),
+                  pending: torch.Tensor | None = None) -> tuple[torch.Tensor, StepLogprobs]:
+    """Each sequence's next token (a seeded sample draws from its own generator) and the logprobs asked for.
+
+    Requests with min_tokens, logit_bias or penalties have their logits adjusted first (penalties.py), from
+    what each sequence has said; pending: see adjust_logits (the fast runner's tokens still on the device)."""
     params = [s.params for s in seqs]
+    if any(p.adjusts_logits for p in params):
+        stops = [[] if s.params.ignore_eos else sorted(eos_token_ids) for s in seqs]
+        logits = adjust_logits(logits, params, [s.prompt_token_ids for s in seqs],
+                               [s.output_token_ids for s in seqs],
+                               [stop + s.params.stop_token_ids for stop, s in zip(stops, seqs)], pending)
     generators = [
         seeded_generator(s.params.seed, s.sample_index, s.num_tokens, logits.device)
         if s.params.seed is not None and not s.params.greedy else None

@@ -55,6 +55,11 @@ class SamplingParams:
     ignore_eos: keep generating past the model's end-of-sequence token.
     seed: makes this request's tokens reproducible whatever else is in the batch; None uses the global RNG.
     logprobs: None for no logprobs; k >= 0 returns the chosen token's logprob plus the k most likely tokens'.
+    min_tokens: the output cannot end (EOS, stop_token_ids, stop strings) before this many tokens, <= max_tokens.
+    logit_bias: {token id: amount in [-100, 100]} added to those tokens' logits.
+    repetition_penalty: > 0; 1 is none. Tokens already in the prompt or output: logit / r if positive, * r if not.
+    frequency_penalty, presence_penalty: in [-2, 2]; a token's logit loses frequency_penalty per time it was
+        generated and presence_penalty once if it was (penalties.py applies all five, before temperature).
     """
 
     n: int = 1
@@ -67,6 +72,11 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     # The dataclass __init__ would reject a misspelt keyword with a TypeError; __new__ sees the same arguments
     # first, so it can turn that into a ValueError that names the valid fields without rewriting __init__.
@@ -115,6 +125,30 @@ class SamplingParams:
 
         self.stop = self._normalise_stop(self.stop)
         self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
+        self._check_adjustments()
+
+    def _check_adjustments(self) -> None:
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise _invalid("min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
+        self.min_tokens = int(self.min_tokens)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise _invalid(name, value, "a number in [-2, 2] (0 is none)")
+            setattr(self, name, float(value))
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise _invalid("repetition_penalty", r, "a finite number > 0 (1 is none)")
+        self.repetition_penalty = float(r)
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or not all(
+                    _is_int(t) and t >= 0 and _is_number(b) and -100 <= b <= 100 for t, b in bias.items()):
+                raise _invalid("logit_bias", bias, "None or a dict {token id >= 0: bias in [-100, 100]}")
+            self.logit_bias = {int(t): float(b) for t, b in bias.items()} or None
+        # computed once: the samplers ask it of every sequence at every step
+        self.adjusts_logits = bool(self.min_tokens or self.logit_bias or self.repetition_penalty != 1.0
+                                   or self.frequency_penalty or self.presence_penalty)
 
     @staticmethod
     def _normalise_stop(stop: Any) -> list[str]:

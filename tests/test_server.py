@@ -444,6 +444,14 @@ BAD_REQUESTS = [
     ("completions", {"prompt": [1, 2, 10**9]}, 400, "prompt", "vocabulary"),
     ("completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
     ("completions", {"prompt": LONG_PROMPT}, 400, "prompt", "600 tokens"),
+    ("completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    ("completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of == n"),
+    ("chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ("chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
+     "response_format", "not supported"),
+    ("completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
+    ("completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias", "token ids"),
+    ("completions", {"prompt": "x", "logit_bias": {"999999": 1}}, 400, "prompt", "outside the vocabulary"),
     ("completions", {"prompt": LONG_PROMPT[:500], "max_tokens": 100}, 400, "max_tokens", "600 were requested"),
     ("chat/completions", {"messages": []}, 400, "messages", "empty"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'user'"),
@@ -513,6 +521,19 @@ def test_hostile_requests_get_4xx_while_a_stream_keeps_going(server):
     tokens = sum(len(json.loads(line[6:])["choices"][0]["text"]) > 0 for line in [first, *rest[:-1]])
     assert tokens >= 1 and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert wait_until_idle(server.url)["nano_vllm_kv_blocks_in_use"] == 0
+
+
+@pytest.mark.slow
+def test_penalties_and_logit_bias_through_the_api_equal_llm_generate(client, llm):
+    options = dict(max_tokens=8, temperature=0, presence_penalty=1.0, frequency_penalty=0.5)
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                      extra_body={"repetition_penalty": 1.2, "min_tokens": 4}, **options)
+    expected = llm.generate("The capital of France is", SamplingParams(repetition_penalty=1.2, min_tokens=4, **options),
+                            use_tqdm=False)[0].outputs[0]
+    assert reply.choices[0].text == expected.text
+    biased = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                       logit_bias={"28": 100}, extra_body={"return_token_ids": True})
+    assert biased.choices[0].token_ids == [28, 28, 28]
 
 
 @pytest.mark.slow

@@ -3,10 +3,11 @@
 Request bodies are checked for types here (pydantic, strict: "max_tokens": "5" or true is an error) and for
 values by `SamplingParams`, the one place that knows what a valid temperature or top_p is; its ValueError is
 turned into a 400 that names the API's field. Fields the engine does not have are ignored, except those whose
-non-default value would change the answer (echo, several prompts), which are refused.
+non-default value would change the answer, which are refused with a 400 naming them: echo, several prompts,
+best_of above n (vLLM's V1 engine refuses it too), suffix, tools / tool_choice / functions, response_format.
 
-Extensions beyond OpenAI's API (vLLM has the same names): top_k, ignore_eos, stop_token_ids, and
-return_token_ids, which adds each choice's (or chunk's) generated `token_ids`.
+Extensions beyond OpenAI's API (vLLM has the same names): top_k, ignore_eos, stop_token_ids, min_tokens,
+repetition_penalty, and return_token_ids, which adds each choice's (or chunk's) generated `token_ids`.
 
 This module only describes data; it must not touch the engine or the network.
 """
@@ -82,8 +83,39 @@ class _GenerationBody(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
+    logit_bias: dict[str, float] | None = None  # OpenAI's keys are token ids written as strings
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    best_of: int | None = None
+    # Would change the answer and the engine cannot do them: refused when given (see _refuse_unsupported).
+    suffix: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
 
     prompt_param: ClassVar[str]  # how the API names the prompt, for errors about it
+
+    def _refuse_unsupported(self) -> None:
+        for name in ("suffix", "tools", "tool_choice", "functions", "function_call", "response_format"):
+            if getattr(self, name) not in (None, "", [], "none"):
+                raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
+        n = 1 if self.n is None else self.n
+        if self.best_of is not None and self.best_of != n:
+            raise APIError(400, f"best_of={self.best_of} is not supported (only best_of == n); ask for n samples "
+                                "and pick among them yourself", param="best_of")
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (integers written as strings)",
+                           param="logit_bias") from None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          api_names: dict[str, str] | None = None) -> SamplingParams:
@@ -91,15 +123,19 @@ class _GenerationBody(BaseModel):
 
         api_names: how the API names SamplingParams' fields, where the names differ (for error messages).
         """
+        self._refuse_unsupported()
+        min_tokens = self.min_tokens or 0
         try:
             return SamplingParams(
                 n=1 if self.n is None else self.n,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
-                max_tokens=1 if max_tokens is None else max_tokens,
+                max_tokens=max(1, min_tokens) if max_tokens is None else max_tokens,
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, seed=self.seed,
-                logprobs=logprobs,
+                logprobs=logprobs, min_tokens=min_tokens, logit_bias=self._logit_bias(),
+                presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             )
         except ValueError as exc:
             raise sampling_error(exc, api_names or {}) from None

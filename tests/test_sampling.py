@@ -88,7 +88,8 @@ def test_defaults_are_the_public_contract():
     params = SamplingParams()
     assert [(f.name, f.default) for f in dataclasses.fields(SamplingParams)] == [
         ("n", 1), ("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("max_tokens", 16), ("stop", None),
-        ("stop_token_ids", None), ("ignore_eos", False), ("seed", None), ("logprobs", None),
+        ("stop_token_ids", None), ("ignore_eos", False), ("seed", None), ("logprobs", None), ("min_tokens", 0),
+        ("logit_bias", None), ("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
     ]
     assert params.stop == [] and params.stop_token_ids == [] and not params.greedy
 

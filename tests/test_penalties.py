@@ -153,3 +153,19 @@ def test_logit_bias_outside_the_vocabulary_is_refused_at_add_request(twin):
     with pytest.raises(ValueError, match=r"logit_bias names token 512, outside the vocabulary \[0, 512\)"):
         llm.generate([[1, 2, 3]], SamplingParams(logit_bias={512: 1.0}), use_tqdm=False)
     assert llm.engine.kv_manager.num_free_blocks == llm.engine.kv_manager.num_blocks
+
+
+@pytest.mark.gpu
+def test_penalties_on_the_gpu_with_cuda_graphs_and_async_scheduling(twin):
+    """On the GPU the pending token comes from a CUDA-graph replay: same tokens as synchronous eager steps."""
+    from reference import LLM
+
+    path, _, prompts = twin
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, frequency_penalty=1.5, presence_penalty=0.5,
+                            repetition_penalty=1.1, min_tokens=3, logit_bias={7: 2.0})
+    runs = []
+    for options in (dict(async_scheduling=True), dict(async_scheduling=False, enforce_eager=True)):
+        llm = LLM(path, device="cuda", dtype="float32", max_num_seqs=4, max_model_len=64, num_kv_blocks=64,
+                  **options)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[0] == runs[1] == engine_tokens(path, prompts, params)

@@ -322,5 +322,7 @@ LAB = Lab(
         HEAD_SHARD,
         COMM_BYTES_PER_TOKEN,
     ),
+    # Grading the solutions peaks at 154 MB of resident memory in one child with the CPU build of torch 2.13
+    # (benchmarks/RESULTS.md), as lab 0.1 does; its CUDA-build peak (298 MB) suggests the same limit.
     memory_mb=640,
 )

@@ -233,7 +233,8 @@ HEAD_SHARD = Exercise(
         Case("gqa_split", lambda g: _calls(*_head_calls(8, 2, 2)), Trace(Exact(), _names("8 heads, 2 KV heads", 2)),
              "8 query heads sharing 2 KV heads (query heads 0-3 read KV head 0, 4-7 KV head 1), over 2 ranks: each "
              "rank keeps 4 query heads and the one KV head they read"),
-        Case("gqa_replicated", lambda g: _calls(*_head_calls(8, 2, 4)), Trace(Exact(), _names("8 heads, 2 KV heads", 4)),
+        Case("gqa_replicated", lambda g: _calls(*_head_calls(8, 2, 4)),
+             Trace(Exact(), _names("8 heads, 2 KV heads", 4)),
              "8 query heads and 2 KV heads over 4 ranks: fewer KV heads than ranks, so each KV head is REPLICATED on "
              "the ranks whose query heads read it: ranks 0 and 1 keep KV head 0 (0, 1), ranks 2 and 3 KV head 1 "
              "(1, 2)"),
@@ -249,7 +250,8 @@ HEAD_SHARD = Exercise(
                              "rank 2 of 2", "rank -1 of 2")),
              "SmolLM2's 9 query heads cannot split over 2 ranks: ValueError (over 3 ranks they can); 12 query heads "
              "over 6 ranks split evenly, but 4 KV heads neither split over 6 ranks nor can be shared by whole "
-             "groups (6 is not a multiple of 4): ValueError; 8 heads over 3 ranks, rank 2 of 2 and rank -1 of 2: ValueError"),
+             "groups (6 is not a multiple of 4): ValueError; 8 heads over 3 ranks, rank 2 of 2 and rank -1 of 2: "
+             "ValueError"),
         Case("random_layouts", _random_head_calls, Trace(Exact()),
              "24 random head layouts, ranks and world sizes, some impossible", visible=False, seed=41),
     ),

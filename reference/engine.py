@@ -76,7 +76,7 @@ class LLMEngine:
             config.enable_chunked_prefill,
         )
         self.requests: dict[str, _Request] = {}
-        self.step_log: list[StepRecord] = []
+        self.step_log: list[StepRecord] = []  # one record per step while config.log_steps is on
         self._aborted_outputs: list[RequestOutput] = []
 
     def _make_runner(self) -> ModelRunner:
@@ -186,11 +186,15 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
-        record = StepRecord.of(self.scheduler.step_count - 1, started, batch, self.scheduler, self.kv_manager)
+        record = None
+        if self.config.log_steps:
+            record = StepRecord.of(self.scheduler.step_count - 1, started, batch, self.scheduler, self.kv_manager)
         tokens = self._run_async(batch) if self.config.async_scheduling else self._run(batch)
         progressed = self._deliver(tokens)
-        now = record.end = time.monotonic()
-        self.step_log.append(record)
+        now = time.monotonic()
+        if record is not None:
+            record.end = now
+            self.step_log.append(record)
         for request in progressed.values():
             if request.finished or not only_finished:
                 outputs.append(self._output(request))

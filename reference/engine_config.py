@@ -33,6 +33,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     scheduling_policy: str | SchedulingPolicy = "fcfs"
     seed: int | None = None  # seeds torch's global RNG (requests without their own seed draw from it)
+    log_steps: bool = True  # keep a StepRecord of every step in engine.step_log (a server running for days: off)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

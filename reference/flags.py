@@ -35,6 +35,7 @@ HELP = {
     "enable_chunked_prefill": "split long prompts across steps",
     "scheduling_policy": "who runs first: fcfs, sjf or priority",
     "seed": "seeds the global RNG (requests may bring their own seed)",
+    "log_steps": "keep a record of every step (engine.step_log) for timelines and bench statistics",
 }
 CHOICES = {"kv_cache": KV_CACHE_KINDS, "scheduling_policy": tuple(POLICIES)}
 

@@ -53,6 +53,17 @@ def test_chunked_batch_matches_each_prompt_alone(tiny, policy, kv_cache):
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps), "prefill chunks never mixed with decodes"
 
 
+def test_turning_the_step_log_off_keeps_no_records_and_changes_no_token(tiny):
+    path, _, prompts, _ = tiny
+    runs = {}
+    for log_steps in (True, False):
+        llm = LLM(str(path), device="cpu", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
+                  log_steps=log_steps)
+        runs[log_steps] = token_ids(llm.generate(prompts[:6], greedy(max_tokens=6), use_tqdm=False))
+        assert bool(llm.engine.step_log) == log_steps
+    assert runs[True] == runs[False]
+
+
 def test_requests_added_while_others_run(tiny):
     path, hf, prompts, reference = tiny
     llm = LLM(str(path), device="cpu", max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)

@@ -89,6 +89,13 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.server = server
     _add_error_handlers(app, metrics)
+    _add_routes(app, server)
+    return app
+
+
+def _add_routes(app: FastAPI, server: "_Server") -> None:
+    """OpenAI's routes under /v1 (behind the API key), and /health and /metrics beside them."""
+    engine_loop, settings, metrics = server.loop, server.settings, server.metrics
 
     @app.get("/health")
     async def health() -> dict:
@@ -118,7 +125,6 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         return await server.generate(await _parse_body(request, ChatCompletionRequest, settings), request)
 
     app.include_router(v1)
-    return app
 
 
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
@@ -276,11 +282,7 @@ class _Server:
             if isinstance(first, Stopped):
                 raise _stopped_error(first)
             assert isinstance(first, Accepted), first
-            created = int(time.time())
-            if fmt_class is ChatFormat:
-                fmt = ChatFormat(request_id, created, self.settings.model_name, body.return_token_ids, params.n)
-            else:
-                fmt = CompletionFormat(request_id, created, self.settings.model_name, body.return_token_ids)
+            fmt = self._format(fmt_class, request_id, body.return_token_ids, params.n)
             if not body.stream:
                 choices = await self._collect(waiter, params.n)
                 settled = True
@@ -296,6 +298,13 @@ class _Server:
                 if not settled:  # an error or a cancelled handler: do not leave the request running
                     self.loop.abort(request_id)
                 self._leave()
+
+    def _format(self, fmt_class: type, request_id: str, return_token_ids: bool, n: int):
+        """The response format of this request: chat or completion objects, created now."""
+        created = int(time.time())
+        if fmt_class is ChatFormat:
+            return ChatFormat(request_id, created, self.settings.model_name, return_token_ids, n)
+        return CompletionFormat(request_id, created, self.settings.model_name, return_token_ids)
 
     def _enter(self) -> None:
         self.in_flight += 1

@@ -59,7 +59,8 @@ def run_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     transformers.logging.set_verbosity_error()
 
-    engine = LLMEngine(args.model, **engine_options(args))
+    # A server runs for days: no record of every step, unless --log-steps asks for one.
+    engine = LLMEngine(args.model, **{"log_steps": False, **engine_options(args)})
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
                               max_queue=args.max_queue, request_timeout=args.request_timeout,
                               max_request_bytes=args.max_request_bytes)

@@ -297,8 +297,6 @@ class EngineLoop:
             self._stop_all("error", "the engine failed while running this request; see the server log")
             self._wake.wait(1.0)  # if the engine is left broken, do not spin on it
             return
-        # A server runs for days: do not keep the engine's record of every step.
-        self.engine.step_log.clear()
         new_tokens = 0
         for out in outputs:
             live = self._live.get(out.request_id)

@@ -35,7 +35,7 @@ from autograder.notebook import cell_source, read_notebook
 from autograder.runner import ExerciseResult, run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
-LABS = ("lab0.1", "lab0.2", "lab0.3")
+LABS = ("lab0.1", "lab0.2", "lab0.3", "lab0.4")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
 

@@ -48,6 +48,7 @@ def points(graded) -> tuple[float, float]:
     return scored["add"], scored["counter"]
 
 
+HOST_CANARY = f"autograder-canary-{os.getpid()}"  # a file the host puts in its /tmp: the sandbox must not see it
 PROBE = textwrap.dedent(f"""\
     import os, socket, subprocess
     storm = [subprocess.Popen(['sleep', '{STORM_MARK}'], start_new_session=True) for _ in range(20)]
@@ -56,13 +57,17 @@ PROBE = textwrap.dedent(f"""\
         network = 'network'
     except OSError:
         network = 'no-network'
-    print(network, os.getuid(), os.getpid(), sum(e.isdigit() for e in os.listdir('/proc')), len(os.listdir('/tmp')))
+    open('/tmp/written-inside', 'w').write('x')
+    host_file = '/tmp/{HOST_CANARY}'
+    print(network, os.getuid(), os.getpid(), sum(e.isdigit() for e in os.listdir('/proc')), os.path.exists(host_file))
 """)
 
 
 @needs_bwrap
 def test_bwrap_gives_its_own_uid_pid_and_network_namespaces_and_leaves_no_process(tmp_path):
     staging = Path(tempfile.mkdtemp(prefix="autograder-test-"))
+    canary = Path("/tmp") / HOST_CANARY
+    canary.write_text("the host's")
     try:
         os.chmod(staging, 0o755)
         from autograder.isolate import ViewCache
@@ -72,11 +77,13 @@ def test_bwrap_gives_its_own_uid_pid_and_network_namespaces_and_leaves_no_proces
                                     sandbox.Limits(wall_s=60), "bwrap", view=view, keep_output=True)
     finally:
         shutil.rmtree(staging)
+        canary.unlink()
     assert run.ok, run.output_tail
-    network, uid, pid, processes, tmp_entries = run.output_tail.split()
+    network, uid, pid, processes, sees_host_tmp = run.output_tail.split()
     assert network == "no-network" and int(uid) == sandbox.INSIDE_UID
     assert int(pid) < 10 and int(processes) < 40  # its own PID namespace: 20 sleeps, bwrap, python
-    assert tmp_entries == "0"  # a private /tmp
+    # a private /tmp (not counted by entries: a runtime installed under the host's /tmp is bound in below it)
+    assert sees_host_tmp == "False" and not os.path.exists("/tmp/written-inside")
     assert storm_survivors() == []
 
 

@@ -405,6 +405,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         from .server.load import run_serve_bench_from_args
 
         return run_serve_bench_from_args(args)
+    if getattr(args, "long_prompt", None) is not None:
+        raise ValueError("--long-prompt measures a server's streams: use it with --serve URL")
     import transformers
 
     from .engine import LLMEngine

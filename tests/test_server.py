@@ -591,6 +591,33 @@ def test_load_generator_against_the_server(server, llm, capsys):
     with pytest.raises(ValueError, match="--max-num-seqs"):
         run_bench(parser.parse_args(["--serve", server.url, "--max-num-seqs", "4"]))
 
+    gaps = report["latency_s"]["ITL"]
+    assert 0 < gaps["p50"] <= gaps["p99"] and math.isfinite(gaps["p99"])
+    probed = run_bench(parser.parse_args(["--serve", server.url, "--num-requests", "3", "--input-len", "8",
+                                          "--output-len", "24", "--long-prompt", "300"]))["long_prompt"]
+    assert probed["ok"] and probed["server_prompt_tokens"] == 300  # the server counted what we sent
+    assert probed["ttft_s"] > 0 and math.isfinite(probed["longest_gap_of_others_s"])
+    assert "long prompt (300 tokens): first token after" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--long-prompt 4096 does not fit"):
+        run_bench(parser.parse_args(["--serve", server.url, "--long-prompt", "4096"]))
+    with pytest.raises(ValueError, match="use it with --serve"):
+        run_bench(parser.parse_args(["--long-prompt", "100"]))
+
+
+def test_long_prompt_probe_takes_the_others_longest_gap_during_its_prefill():
+    from reference.server.load import LongPromptProbe, RequestRecord, ServeBenchResult
+
+    probe = RequestRecord(ok=True, ttft=2.0)  # sent at 10.0: prefilled during [10, 12]
+    other = RequestRecord(ok=True, token_times=[9.0, 9.5, 10.5, 12.5, 13.0])  # gaps 0.5, 1.0, 2.0, 0.5
+    quiet = RequestRecord(ok=True, token_times=[20.0, 26.0])  # a 6 s gap, but after the prefill
+    assert LongPromptProbe.measure(300, probe, 10.0, [other, quiet]).longest_gap == 2.0
+    waiting_before = RequestRecord(ok=True, token_times=[5.0, 10.2])  # began before the probe was sent
+    assert LongPromptProbe.measure(300, probe, 10.0, [waiting_before, other]).longest_gap == pytest.approx(5.2)
+    assert math.isnan(LongPromptProbe.measure(300, probe, 10.0, [quiet]).longest_gap)
+    result = ServeBenchResult("url", "m", "w", [other, quiet], wall_time=1.0)
+    assert result.summary.latencies["ITL"]["p50"] == 1.0  # gaps 0.5, 0.5, 1.0, 2.0, 6.0
+    assert result.summary.latencies["ITL"]["mean"] == pytest.approx(10.0 / 5)
+
 
 # -- the limited server: API key, queue limit, timeout, shutdown -------------------------------------------------------
 @pytest.mark.slow

@@ -7,6 +7,8 @@ once for rate inf) as a streamed completion, and timed on the client from that s
 that falls behind shows up as latency:
 - TTFT: arrival to the first chunk that carries a generated token;
 - TPOT: (last token - first token) / (output tokens - 1), per request;
+- ITL: the gap between two consecutive chunks of one stream that carry tokens (every gap of every stream), the
+  stall a reader of the stream sees;
 - end-to-end: arrival to the end of the stream;
 - throughput: output (and prompt + output) tokens, and requests, per second of wall time from the first arrival
   to the last finish. Tokens are counted from the chunks' `token_ids` (the `return_token_ids` extension) and
@@ -16,6 +18,12 @@ The workload is the offline bench's (`reference.bench.make_workload`): the same 
 prompt token ids and arrival times, so `bench` and `bench --serve` runs are comparable. Random prompts are drawn
 from the vocabulary the server reports in /v1/models; `real` prompts are the offline bench's questions, sent as
 chat messages. One short warm-up request runs before the clock starts.
+
+`--long-prompt N` adds one honest but long request (N fresh random prompt tokens, 1 output token) once the first
+request has streamed LONG_PROMPT_AFTER tokens, so the others are decoding when it arrives. Its prefill competes
+with their decode steps for each step's token budget (`--max-num-batched-tokens` on the server): the report gives
+its time to first token and the longest gap of the other streams while it was being prefilled, beside their
+median gap.
 
 This module is a client: it speaks HTTP (httpx) and never imports the engine.
 """
@@ -57,6 +65,12 @@ class RequestRecord:
     e2e: float | None = None
     decode_time: float | None = None  # first token to last token
     error: str | None = None
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each chunk that carried tokens
+
+    @property
+    def gaps(self) -> list[tuple[float, float]]:
+        """(start, end) of each wait between two chunks with tokens."""
+        return list(zip(self.token_times, self.token_times[1:]))
 
     @property
     def tpot(self) -> float | None:
@@ -72,12 +86,14 @@ class ServeBenchResult:
     description: str
     records: list[RequestRecord]
     wall_time: float
+    long_prompt: "LongPromptProbe | None" = None
     summary: Summary = field(init=False)
 
     def __post_init__(self) -> None:
         done = [r for r in self.records if r.ok]
         series = {"TTFT": [r.ttft for r in done if r.ttft is not None],
                   "TPOT": [r.tpot for r in done if r.tpot is not None],
+                  "ITL": [end - start for r in done for start, end in r.gaps],
                   "end-to-end": [r.e2e for r in done if r.e2e is not None]}
         latencies = {name: {"mean": sum(v) / len(v) if v else math.nan,
                             **{f"p{q}": percentile(v, q) for q in (50, 90, 99)}} for name, v in series.items()}
@@ -94,6 +110,8 @@ class ServeBenchResult:
                  f"completed {self.summary.num_requests} of {len(self.records)} requests"
                  + (f"; first failure: {self.failures[0].error}" if self.failures else ""),
                  self.summary.table()]
+        if self.long_prompt is not None:
+            lines.append(self.long_prompt.line(self.summary.latencies["ITL"]["p50"]))
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -102,7 +120,40 @@ class ServeBenchResult:
                 "num_requests": len(self.records), "num_failed": len(self.failures), "wall_time_s": s.wall_time,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
                 "output_tokens_per_s": s.output_throughput, "total_tokens_per_s": s.total_throughput,
-                "requests_per_s": s.num_requests / s.wall_time, "latency_s": s.latencies}
+                "requests_per_s": s.num_requests / s.wall_time, "latency_s": s.latencies,
+                "long_prompt": None if self.long_prompt is None else self.long_prompt.as_dict()}
+
+
+LONG_PROMPT_AFTER = 8  # tokens the first request streams before the long prompt is sent
+
+
+@dataclass
+class LongPromptProbe:
+    """One long prompt sent while the workload's streams decode, and what the other streams saw meanwhile."""
+
+    prompt_tokens: int
+    record: RequestRecord  # its ttft counts from sent_at
+    sent_at: float  # perf_counter() when it was sent
+    longest_gap: float  # the others' longest gap that overlaps [sent_at, its first token]; nan if none did
+
+    @classmethod
+    def measure(cls, prompt_tokens: int, record: RequestRecord, sent_at: float,
+                others: list[RequestRecord]) -> "LongPromptProbe":
+        end = sent_at + record.ttft if record.ttft is not None else math.inf
+        overlapping = [b - a for r in others for a, b in r.gaps if a < end and b > sent_at]
+        return cls(prompt_tokens, record, sent_at, max(overlapping, default=math.nan))
+
+    def line(self, median_gap: float) -> str:
+        if not self.record.ok:
+            return f"long prompt ({self.prompt_tokens} tokens) failed: {self.record.error}"
+        return (f"long prompt ({self.prompt_tokens} tokens): first token after {self.record.ttft * 1000:.0f} ms; "
+                f"longest gap of the other streams meanwhile {self.longest_gap * 1000:.0f} ms "
+                f"(their median gap {median_gap * 1000:.0f} ms)")
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "server_prompt_tokens": self.record.prompt_tokens,
+                "ok": self.record.ok, "error": self.record.error,
+                "ttft_s": self.record.ttft, "longest_gap_of_others_s": self.longest_gap}
 
 
 # -- the workload -------------------------------------------------------------------------------------------------
@@ -159,8 +210,12 @@ def plan_requests(
 
 
 # -- sending ------------------------------------------------------------------------------------------------------
-async def _send(client: httpx.AsyncClient, request: PlannedRequest, arrival_clock: float) -> RequestRecord:
-    """Stream one request; times count from arrival_clock (time.perf_counter() of its scheduled arrival)."""
+async def _send(client: httpx.AsyncClient, request: PlannedRequest, arrival_clock: float,
+                on_tokens=None) -> RequestRecord:
+    """Stream one request; times count from arrival_clock (time.perf_counter() of its scheduled arrival).
+
+    on_tokens(tokens so far) is called after each chunk that carries tokens.
+    """
     record = RequestRecord(ok=False)
     first_token = last_token = None
     usage = None
@@ -187,6 +242,9 @@ async def _send(client: httpx.AsyncClient, request: PlannedRequest, arrival_cloc
                     first_token = first_token or now
                     last_token = now
                     record.output_tokens += new_tokens
+                    record.token_times.append(now)
+                    if on_tokens is not None:
+                        on_tokens(record.output_tokens)
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
         return record
@@ -210,8 +268,10 @@ def _tokens_in(choice: dict) -> int:
     return 1 if text else 0
 
 
-async def _run(url: str, planned: list[PlannedRequest], headers: dict, timeout: float,
-               progress: bool) -> tuple[list[RequestRecord], float]:
+async def _run(url: str, planned: list[PlannedRequest], headers: dict, timeout: float, progress: bool,
+               long_prompt: PlannedRequest | None = None) -> tuple[list[RequestRecord], float, tuple | None]:
+    """Send the planned requests at their arrival times (and the long prompt, if any, once the first request has
+    streamed LONG_PROMPT_AFTER tokens). Returns the records, the wall time and (long prompt's record, sent_at)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
         warm_up = dict(planned[0].body, max_tokens=2, stream=False)
@@ -224,25 +284,53 @@ async def _run(url: str, planned: list[PlannedRequest], headers: dict, timeout: 
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(planned), desc="Requests", unit="req", dynamic_ncols=True)
+        first_is_decoding = asyncio.Event()
 
-        async def timed(request: PlannedRequest, arrival_clock: float) -> RequestRecord:
-            record = await _send(client, request, arrival_clock)
+        def watch_first(tokens: int) -> None:
+            if tokens >= LONG_PROMPT_AFTER:
+                first_is_decoding.set()
+
+        async def timed(request: PlannedRequest, arrival_clock: float, on_tokens=None) -> RequestRecord:
+            record = await _send(client, request, arrival_clock, on_tokens)
+            first_is_decoding.set()  # a first request shorter than LONG_PROMPT_AFTER must not hold the probe back
             if bar is not None:
                 bar.update(1)
             return record
 
+        async def probe() -> tuple[RequestRecord, float]:
+            await first_is_decoding.wait()
+            sent_at = time.perf_counter()
+            return await _send(client, long_prompt, sent_at), sent_at
+
         start = time.perf_counter()
-        tasks = []
-        for request in planned:
+        tasks, probe_task = [], None if long_prompt is None else asyncio.create_task(probe())
+        for i, request in enumerate(planned):
             delay = start + request.arrival - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(timed(request, start + request.arrival)))
+            watcher = watch_first if i == 0 else None
+            tasks.append(asyncio.create_task(timed(request, start + request.arrival, watcher)))
         records = await asyncio.gather(*tasks)
         wall_time = time.perf_counter() - start
+        probed = None if probe_task is None else await probe_task
         if bar is not None:
             bar.close()
-    return list(records), wall_time
+    return list(records), wall_time, probed
+
+
+def plan_long_prompt(model: str, prompt_tokens: int, vocab_size: int, max_model_len: float,
+                     seed: int) -> PlannedRequest:
+    """A streamed greedy completion of `prompt_tokens` fresh random ids and one output token."""
+    if prompt_tokens < 1:
+        raise ValueError(f"--long-prompt must be a positive number of tokens, got {prompt_tokens}")
+    if prompt_tokens + 1 > max_model_len:
+        raise ValueError(f"--long-prompt {prompt_tokens} does not fit the server's max_model_len ({max_model_len}) "
+                         "with its one output token; choose at most max_model_len - 1")
+    rng = random.Random(seed + 7919)  # not the workload's stream: a prompt no prefix cache has seen
+    ids = [rng.randrange(vocab_size) for _ in range(prompt_tokens)]
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    return PlannedRequest("/v1/completions", body, math.nan, 1)
 
 
 def fetch_model_card(url: str, model: str | None = None, api_key: str | None = None) -> dict:
@@ -276,23 +364,28 @@ def run_serve_bench(
     api_key: str | None = None,
     timeout: float = 600.0,
     progress: bool = False,
+    long_prompt: int | None = None,
 ) -> ServeBenchResult:
     """Send the workload to the server at `url` (e.g. "http://127.0.0.1:8000") and time every reply.
 
     Lengths are inclusive (low, high) token ranges; rate is requests/s (math.inf: all at once); model None uses
     the server's first model. Random prompts need the server to report `vocab_size` in /v1/models (ours does).
+    long_prompt: the length of one extra long prompt sent while the others decode (see the module docstring).
     """
     url = url.rstrip("/")
     card = fetch_model_card(url, model, api_key)
-    if prompts == "random" and "vocab_size" not in card:
-        raise ValueError(f"{url} does not report vocab_size in /v1/models; use prompts='real'")
+    if (prompts == "random" or long_prompt) and "vocab_size" not in card:
+        raise ValueError(f"{url} does not report vocab_size in /v1/models; use prompts='real' and no long prompt")
     planned, description = plan_requests(
         card["id"], num_requests, input_len, output_len, prompts=prompts, vocab_size=card.get("vocab_size", 0),
         max_model_len=card.get("max_model_len", math.inf), rate=rate, ignore_eos=ignore_eos,
         temperature=temperature, seed=seed)
+    probe_request = None if not long_prompt else plan_long_prompt(
+        card["id"], long_prompt, card["vocab_size"], card.get("max_model_len", math.inf), seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    records, wall_time = asyncio.run(_run(url, planned, headers, timeout, progress))
-    return ServeBenchResult(url, card["id"], description, records, wall_time)
+    records, wall_time, probed = asyncio.run(_run(url, planned, headers, timeout, progress, probe_request))
+    probe = None if probed is None else LongPromptProbe.measure(long_prompt, *probed, records)
+    return ServeBenchResult(url, card["id"], description, records, wall_time, probe)
 
 
 # -- `python -m reference bench --serve URL` ---------------------------------------------------------------------
@@ -302,6 +395,9 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark the server running at URL (e.g. http://127.0.0.1:8000) instead of an "
                              "in-process engine; --model names the served model")
     parser.add_argument("--api-key", default=None, help="with --serve: the server's API key")
+    parser.add_argument("--long-prompt", type=int, default=None, metavar="N",
+                        help="with --serve: also send one fresh N-token prompt while the others decode, and "
+                             "report their longest gap while it is prefilled")
 
 
 def run_serve_bench_from_args(args: argparse.Namespace) -> dict:
@@ -317,7 +413,8 @@ def run_serve_bench_from_args(args: argparse.Namespace) -> dict:
         args.serve, options["num_requests"], args.rate, options["input_len"], options["output_len"],
         args.model or "smollm2",
         prompts=options["prompts"], ignore_eos=options["ignore_eos"], temperature=args.temperature,
-        seed=args.seed, api_key=getattr(args, "api_key", None), progress=True)
+        seed=args.seed, api_key=getattr(args, "api_key", None), progress=True,
+        long_prompt=getattr(args, "long_prompt", None))
     print(result.table())
     report = result.as_dict()
     if getattr(args, "json", None):

@@ -191,7 +191,7 @@ def test_prompt_encoder_refuses_surrogates_and_hopeless_lengths_before_tokenizin
 
 
 def test_held_back_text_is_the_longest_tail_that_could_start_a_stop_string():
-    from reference.server.engine_loop import held_back_length
+    from reference.server.engine_thread import held_back_length
 
     assert held_back_length("Hello, W", ["World"]) == 1
     assert held_back_length("Hello, Wor", ["World", "or"]) == 3

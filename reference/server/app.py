@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes on top of an EngineLoop, with the server's limits and metrics.
+"""The FastAPI app: OpenAI's routes on top of an EngineThread, with the server's limits and metrics.
 
     GET  /health               liveness, plus what the engine holds (requests, KV blocks in use)
     GET  /metrics              Prometheus text format (see metrics.py)
@@ -8,13 +8,13 @@
 
 A generation request: check the API key -> read at most --max-request-bytes of a JSON body -> validate it (types:
 pydantic; values: SamplingParams) -> check the model name -> tokenize the prompt on a worker thread (prompts.py)
--> check the queue limit -> submit to the loop thread -> wait for Accepted or Rejected (the context length
+-> check the queue limit -> submit to the engine thread -> wait for Accepted or Rejected (the context length
 check happens there) -> collect the Update deltas into one response, or send each as a server-sent event
 (`data: {json}\\n\\n`, ending with `data: [DONE]\\n\\n`). A client that goes away, or a request that outlives
 --request-timeout, is aborted in the engine, which frees its KV blocks before the next step.
 
 Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}; an unexpected one says only
-"internal server error" (the log has the rest). This module must not touch the engine: only the loop thread does.
+"internal server error" (the log has the rest). This module must not touch the engine: only the engine thread does.
 /health and /metrics stay open when --api-key is set (for load balancers and Prometheus): bind to a private
 address if what they show (request counts, KV usage) must stay private.
 """
@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LLMEngine
 from . import MAX_REQUEST_BYTES
-from .engine_loop import Accepted, EngineLoop, Event, Rejected, RequestStream, Stopped, Submission, Update
+from .engine_thread import Accepted, EngineThread, Event, Rejected, RequestStream, Stopped, Submission, Update
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .prompts import PromptEncoder
 from .protocol import APIError, ChatCompletionRequest, ChatFormat, ChoiceState, CompletionFormat, CompletionRequest
@@ -61,9 +61,9 @@ class ServerSettings:
 
 
 def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
-    """The app; its lifespan starts the engine loop thread and stops it (aborting what is in flight).
+    """The app; its lifespan starts the engine thread and stops it (aborting what is in flight).
 
-    app.state.engine_loop and app.state.metrics are exposed for the CLI and tests.
+    app.state.engine_thread and app.state.metrics are exposed for the CLI and tests.
     """
     for name, value in (("max_queue", settings.max_queue), ("request_timeout", settings.request_timeout)):
         if value is not None and value < 0:
@@ -71,21 +71,21 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     if settings.max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {settings.max_request_bytes}")
     metrics = ServerMetrics()
-    engine_loop = EngineLoop(engine, metrics)
-    server = _Server(engine_loop, settings, metrics, engine.config.max_num_seqs, engine.config.max_model_len,
+    engine_thread = EngineThread(engine, metrics)
+    server = _Server(engine_thread, settings, metrics, engine.config.max_num_seqs, engine.config.max_model_len,
                      engine.model_config.vocab_size)
     encoder = PromptEncoder(engine.tokenizer, engine.config.max_model_len)
     server.encoder = encoder
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine_loop.start()
+        engine_thread.start()
         yield
         encoder.close()
-        await asyncio.to_thread(engine_loop.shutdown)
+        await asyncio.to_thread(engine_thread.shutdown)
 
     app = FastAPI(title="nano-vLLM Labs", lifespan=lifespan)
-    app.state.engine_loop = engine_loop
+    app.state.engine_thread = engine_thread
     app.state.metrics = metrics
     app.state.server = server
     _add_error_handlers(app, metrics)
@@ -95,12 +95,12 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
 def _add_routes(app: FastAPI, server: "_Server") -> None:
     """OpenAI's routes under /v1 (behind the API key), and /health and /metrics beside them."""
-    engine_loop, settings, metrics = server.loop, server.settings, server.metrics
+    engine_thread, settings, metrics = server.engine_thread, server.settings, server.metrics
 
     @app.get("/health")
     async def health() -> dict:
-        stats = engine_loop.stats
-        return {"status": "ok" if engine_loop.accepting else "shutting_down", "model": settings.model_name,
+        stats = engine_thread.stats
+        return {"status": "ok" if engine_thread.accepting else "shutting_down", "model": settings.model_name,
                 "in_flight": server.in_flight, "requests_in_engine": stats.num_requests,
                 "running": stats.num_running, "waiting": stats.num_waiting,
                 "kv_blocks_in_use": stats.kv_blocks_in_use, "kv_blocks_total": stats.kv_blocks_total,
@@ -209,11 +209,11 @@ def _sse(data: dict | str) -> str:
 
 
 class _Server:
-    """The handlers' shared state: settings, the loop, metrics, and the number of requests in flight."""
+    """The handlers' shared state: settings, the engine thread, metrics, and the number of requests in flight."""
 
-    def __init__(self, engine_loop: EngineLoop, settings: ServerSettings, metrics: ServerMetrics, max_num_seqs: int,
+    def __init__(self, engine_thread: EngineThread, settings: ServerSettings, metrics: ServerMetrics, max_num_seqs: int,
                  max_model_len: int, vocab_size: int) -> None:
-        self.loop, self.settings, self.metrics = engine_loop, settings, metrics
+        self.engine_thread, self.settings, self.metrics = engine_thread, settings, metrics
         self.max_num_seqs, self.max_model_len, self.vocab_size = max_num_seqs, max_model_len, vocab_size
         self.in_flight = 0  # only the event loop changes it, so no lock
         self.encoder: PromptEncoder | None = None  # set by create_app
@@ -240,7 +240,7 @@ class _Server:
                                 f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
     def _check_capacity(self) -> None:
-        if not self.loop.accepting:
+        if not self.engine_thread.accepting:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
                            outcome="shutdown")
         max_queue = self.settings.max_queue
@@ -271,8 +271,8 @@ class _Server:
         handed_over = False  # once a stream response exists, it owns ending the request
         settled = False  # the engine is done with the request (finished, or never admitted)
         try:
-            self.loop.submit(Submission(request_id, prompt_ids, params, body.max_tokens_given, body.prompt_param,
-                                        stream))
+            self.engine_thread.submit(Submission(request_id, prompt_ids, params, body.max_tokens_given,
+                                                 body.prompt_param, stream))
             # A non-streamed request watches for its client leaving; a stream learns it from Starlette.
             waiter = _Waiter(self, stream, request_id, deadline, None if body.stream else request)
             first = await waiter.next()
@@ -296,7 +296,7 @@ class _Server:
         finally:
             if not handed_over:
                 if not settled:  # an error or a cancelled handler: do not leave the request running
-                    self.loop.abort(request_id)
+                    self.engine_thread.abort(request_id)
                 self._leave()
 
     def _format(self, fmt_class: type, request_id: str, return_token_ids: bool, n: int):
@@ -356,7 +356,7 @@ class _Server:
     def _end_stream(self, request_id: str, outcome: dict[str, str]) -> None:
         """Runs when a streamed response ends for any reason; no outcome yet means the client went away."""
         if "outcome" not in outcome:
-            self.loop.abort(request_id)
+            self.engine_thread.abort(request_id)
             outcome["outcome"] = "aborted"
         self.metrics.count(outcome["outcome"])
         self._leave()
@@ -384,7 +384,7 @@ class _Waiter:
             if self.request is not None and now >= self.next_check:
                 self.next_check = now + poll
                 if await self.request.is_disconnected():
-                    self.server.loop.abort(self.request_id)
+                    self.server.engine_thread.abort(self.request_id)
                     raise APIError(499, "the client closed the connection", outcome="aborted")
             waits = [t - now for t in (self.deadline, self.next_check if self.request else None) if t is not None]
             try:
@@ -392,7 +392,7 @@ class _Waiter:
             except asyncio.TimeoutError:
                 pass
             if self.deadline is not None and clock.time() >= self.deadline:
-                self.server.loop.abort(self.request_id)
+                self.server.engine_thread.abort(self.request_id)
                 raise APIError(408, f"the request did not finish within {self.server.settings.request_timeout:g} s "
                                     "(--request-timeout); it was stopped", type="timeout_error", code="timeout",
                                outcome="timeout")

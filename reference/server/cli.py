@@ -2,9 +2,9 @@
 
     python -m reference.server --model smollm2 --port 8000 [--api-key KEY] [--max-queue N] [--request-timeout S]
 
-Shutdown: on SIGTERM or SIGINT uvicorn stops accepting connections; we first tell the engine loop to abort
+Shutdown: on SIGTERM or SIGINT uvicorn stops accepting connections; we first tell the engine thread to abort
 every request in flight (a non-streamed one gets a 503, a streamed one an error event and [DONE]), so the open
-connections close at once, then uvicorn runs the app's shutdown, which joins the loop thread, and the process
+connections close at once, then uvicorn runs the app's shutdown, which joins the engine thread, and the process
 exits with status 0. A second SIGINT forces the exit.
 """
 
@@ -72,5 +72,5 @@ def run_serve(args: argparse.Namespace) -> None:
         engine.kv_manager.block_size, args.host, args.port, ", API key required" if settings.api_key else "")
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=args.access_log, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
-    GracefulServer(uv_config, app.state.engine_loop).run()
+    GracefulServer(uv_config, app.state.engine_thread).run()
     logging.getLogger("reference.server").info("shut down cleanly")

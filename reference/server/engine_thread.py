@@ -1,16 +1,16 @@
-"""EngineLoop: the one thread that owns the LLMEngine, and the events it hands to each request's handler.
+"""EngineThread: the one thread that owns the LLMEngine, and the events it hands to each request's handler.
 
 The engine is not thread-safe and HTTP handlers run on asyncio's event loop, so handlers never touch it. They
-put a Submission (or an abort) into a thread-safe inbox and wake the loop thread; the loop thread drains the
+put a Submission (or an abort) into a thread-safe inbox and wake the engine thread; the engine thread drains the
 inbox between steps, steps while any request has work, and sleeps on an Event when none has. Everything that
-needs the engine happens on the loop thread: the context-length checks, admission, and the token strings of
+needs the engine happens on the engine thread: the context-length checks, admission, and the token strings of
 logprobs. Tokenizing a prompt, whose cost grows with what the client sent, does not: prompts.py does it on a
 worker thread before the request is submitted, so a huge prompt never stalls the running streams. Each RequestOutput becomes an Update of deltas (per choice: new
 text, new token ids, new logprobs, the finish reason) delivered to the request's asyncio queue with
 `loop.call_soon_threadsafe`.
 
 Streaming text must never be taken back, but the engine finds a stop string only once all of it was generated
-and then cuts it out. So while a choice runs, the loop holds back any tail of its text that could be the start
+and then cuts it out. So while a choice runs, the engine thread holds back any tail of its text that could be the start
 of a stop string (the text "Hello, W" with stop "World" sends "Hello, " until the next token decides).
 
 This module must not know about HTTP or JSON (app.py and protocol.py do).
@@ -32,7 +32,7 @@ from ..sampling import SamplingParams
 logger = logging.getLogger("reference.server")
 
 
-# -- what the loop thread sends to a request's handler --------------------------------------------------------------
+# -- what the engine thread sends to a request's handler --------------------------------------------------------------
 @dataclass
 class TokenLogprob:
     token: str  # the token's text (special tokens included)
@@ -86,14 +86,14 @@ Event = Accepted | Rejected | Update | Stopped
 
 
 class RequestStream:
-    """One request's mailbox: the loop thread puts events, the handler awaits them on its event loop."""
+    """One request's mailbox: the engine thread puts events, the handler awaits them on its event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def put(self, event: Event) -> None:
-        """Called on the loop thread."""
+        """Called on the engine thread."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -106,7 +106,7 @@ class RequestStream:
 
 @dataclass
 class Submission:
-    """A request for the loop thread, its prompt already tokenized (prompts.py, on a worker thread)."""
+    """A request for the engine thread, its prompt already tokenized (prompts.py, on a worker thread)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -118,7 +118,7 @@ class Submission:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot the loop thread publishes after every step and every inbox drain (read by /health, gauges)."""
+    """A snapshot the engine thread publishes after every step and every inbox drain (read by /health, gauges)."""
 
     num_requests: int = 0  # requests in the engine (admitted, not finished)
     num_running: int = 0  # requests with a sequence the scheduler is running
@@ -136,7 +136,7 @@ class _Reject(Exception):
 
 @dataclass
 class _Live:
-    """The loop thread's books on one admitted request: how much of each choice was handed out."""
+    """The engine thread's books on one admitted request: how much of each choice was handed out."""
 
     submission: Submission
     num_prompt_tokens: int
@@ -156,24 +156,24 @@ def held_back_length(text: str, stops: list[str]) -> int:
     return longest
 
 
-class EngineLoop:
+class EngineThread:
     """Runs `engine` on its own thread. submit() and abort() are safe to call from any thread.
 
-    metrics: an optional ServerMetrics; the loop counts tokens and steps, observes latencies of finished
+    metrics: an optional ServerMetrics; the thread counts tokens and steps, observes latencies of finished
     requests and sets the engine gauges.
     """
 
     def __init__(self, engine: LLMEngine, metrics=None) -> None:
-        self.engine = engine  # only the loop thread may use it once start() has run
+        self.engine = engine  # only the engine thread may use it once start() has run
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._lock = threading.Lock()  # orders submit() against the loop closing its inbox
+        self._lock = threading.Lock()  # orders submit() against the thread closing its inbox
         self._closed = False
         self._live: dict[str, _Live] = {}
         self._token_text: dict[int, str] = {}
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="engine-thread", daemon=True)
         self.stats = EngineStats(kv_blocks_total=engine.kv_manager.num_blocks)
 
     # -- any thread ---------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class EngineLoop:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    # -- the loop thread ----------------------------------------------------------------------------------------
+    # -- the engine thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self._drain_inbox()
@@ -250,7 +250,7 @@ class EngineLoop:
         except ValueError as exc:  # add_request's checks (token ids outside the vocabulary, no tokenizer...)
             sub.stream.put(Rejected(str(exc), sub.prompt_param))
             return
-        except Exception:  # a bug, not a user error: this request fails, the loop goes on
+        except Exception:  # a bug, not a user error: this request fails, the thread goes on
             logger.exception("could not admit %s", sub.request_id)
             sub.stream.put(Stopped("error", "the server failed to admit this request; see the server log"))
             return

@@ -12,18 +12,18 @@ import threading
 
 import uvicorn
 
-from .engine_loop import EngineLoop
+from .engine_thread import EngineThread
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop) -> None:
+    def __init__(self, config: uvicorn.Config, engine_thread: EngineThread) -> None:
         super().__init__(config)
-        self.engine_loop = engine_loop
+        self.engine_thread = engine_thread
 
     async def shutdown(self, sockets=None) -> None:
         # Abort what is in flight: non-streamed requests get a 503, streams an error event and [DONE], so their
-        # connections close now; uvicorn then runs the app's shutdown, which joins the loop thread.
-        self.engine_loop.begin_shutdown()
+        # connections close now; uvicorn then runs the app's shutdown, which joins the engine thread.
+        self.engine_thread.begin_shutdown()
         await super().shutdown(sockets)
 
     @contextlib.contextmanager

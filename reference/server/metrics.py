@@ -69,7 +69,7 @@ class ServerMetrics:
                 histogram.observe(value)
 
     def set_engine_stats(self, stats) -> None:
-        """stats: an engine_loop.EngineStats."""
+        """stats: an engine_thread.EngineStats."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_blocks_in_use.set(stats.kv_blocks_in_use)

@@ -1,7 +1,7 @@
-"""Turning a request's prompt into token ids, off the engine loop's thread and within bounds.
+"""Turning a request's prompt into token ids, off the engine thread and within bounds.
 
 Tokenizing is the one part of a request whose cost grows with what the client sends: a 5 MB prompt takes
-seconds. Done on the engine loop's thread, those seconds would stall every running stream, so it happens here,
+seconds. Done on the engine thread, those seconds would stall every running stream, so it happens here,
 on one worker thread of its own, after two cheap checks that refuse what can never fit:
 
 - text that contains a lone UTF-16 surrogate ("\\ud800" is valid JSON, but no tokenizer can encode it);
@@ -9,7 +9,7 @@ on one worker thread of its own, after two cheap checks that refuse what can nev
   `max_model_len` tokens (a bound computed once from the vocabulary), so most of a huge prompt is never
   tokenized at all.
 
-The exact context-length check, on the token count, stays with the engine loop (engine_loop.py).
+The exact context-length check, on the token count, stays with the engine thread (engine_thread.py).
 """
 
 from __future__ import annotations

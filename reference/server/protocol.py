@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..sampling import SamplingParams
-from .engine_loop import ChoiceDelta, TokenLogprob
+from .engine_thread import ChoiceDelta, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
 
@@ -119,7 +119,7 @@ class _GenerationBody(BaseModel):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          api_names: dict[str, str] | None = None) -> SamplingParams:
-        """max_tokens None: a placeholder of 1 here; the engine loop sets the room left once the prompt is known.
+        """max_tokens None: a placeholder of 1 here; the engine thread sets the room left once the prompt is known.
 
         api_names: how the API names SamplingParams' fields, where the names differ (for error messages).
         """

@@ -117,18 +117,13 @@ def run_exercise(preamble: str, item: dict, guard, report) -> None:
 def wait_for(pid: int, limit_s: float) -> str:
     """Wait for an exercise's process and say how it ended. Stray processes that were re-parented to us (we
     may be the first process of a PID namespace) are reaped on the way."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        reaped, status = os.waitpid(-1, os.WNOHANG)
-        if reaped == pid:
-            break
-        if reaped:
-            continue
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return f"timeout: the exercise was stopped after {limit_s:g} s"
-        time.sleep(0.02)
+    from .warden import wait_reaping  # the warden's loop; imported here, where exercises fork (Linux)
+
+    status, stopped = wait_reaping(pid, time.monotonic() + limit_s, poll_s=0.02)
+    if stopped is not None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return f"timeout: the exercise was stopped after {limit_s:g} s"
     if os.WIFSIGNALED(status):
         return f"crashed: the exercise's process was killed by signal {os.WTERMSIG(status)}"
     return f"crashed: the exercise's process ended (exit status {os.WEXITSTATUS(status)}) before reporting"

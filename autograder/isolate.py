@@ -173,20 +173,22 @@ def run_sources(lab: Lab, sources: list[ExerciseSource], *, mode: str, include_h
     of this submission share (None: each child's own limits); hide: dotted reference names the learner's code
     may not import (the self-check's deterrent).
     """
-    results: dict[str, ExerciseResult] = {}
-    found = {source.exercise: source.source for source in sources if source.source is not None}
-    for source in sources:
-        exercise = lab.exercise(source.exercise)
-        results[exercise.name] = ExerciseResult(exercise.name)
-        if source.source is None:
-            results[exercise.name] = missing_result(
-                exercise, include_hidden, f"no cell tagged {exercise.tag} or defining {exercise.symbol} was found")
-        elif exercise.uses:
-            results[exercise.name].note = "checked with the reference " + ", ".join(lab.stand_ins(exercise))
     run = ChildRun([], "ok", mode)
-    deadline = None if budget_s is None else time.monotonic() + budget_s
-    queue = plan_children(lab, [s.exercise for s in sources if s.source is not None], include_hidden,
+    found = {source.exercise: source.source for source in sources if source.source is not None}
+    plans = plan_children(lab, [s.exercise for s in sources if s.source is not None], include_hidden,
                           isolated=mode != "process")
+    outcomes = _run_plans(lab, plans, found, memory_mb or lab.memory_mb, budget_s, mode, views, hide, run)
+    run.results = [_exercise_result(lab, source, outcomes, run.hidden_attempts, include_hidden) for source in sources]
+    run.status = _rolled_up_status(run.results)
+    return run
+
+
+def _run_plans(lab: Lab, queue: list[ChildPlan], sources: dict[str, str], memory_mb: int,
+               budget_s: float | None, mode: str, views: ViewCache | None, hide: tuple[str, ...],
+               run: ChildRun) -> dict[tuple[str, str], CaseResult]:
+    """Run the planned children one after another within the budget: each case's judged result by
+    (exercise, case). A child that ends abnormally leaves a plan for the exercises after the culprit."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     outcomes: dict[tuple[str, str], CaseResult] = {}
     while queue:
         plan = queue.pop(0)
@@ -197,33 +199,42 @@ def run_sources(lab: Lab, sources: list[ExerciseSource], *, mode: str, include_h
                       f"timeout: the submission's time budget ({budget_s:g} s) ran out before this test ran")
             continue
         wall = child_wall_s(lab, list(plan.exercises), plan.visible)
-        limits = sandbox.Limits(wall_s=wall if left is None else min(wall, left),
-                                memory_mb=memory_mb or lab.memory_mb)
-        rerun = _run_child(lab, plan, found, limits, mode, views, hide, outcomes, run)
+        limits = sandbox.Limits(wall_s=wall if left is None else min(wall, left), memory_mb=memory_mb)
+        rerun = _run_child(lab, plan, sources, limits, mode, views, hide, outcomes, run)
         if rerun:
             queue.insert(0, rerun)
-    statuses = set()
-    for source in sources:
-        exercise = lab.exercise(source.exercise)
-        if source.source is None:
-            continue
-        for case in exercise.selected_cases(include_hidden):
-            result = outcomes.get((exercise.name, case.name))
-            if result is None:  # cannot happen: every planned case gets an outcome or a reason
-                result = CaseResult(exercise.name, case.name, 0.0, case.points, "crashed",
-                                    "crashed: no result came back for this test", case.visible)
-            results[exercise.name].cases.append(result)
-            statuses.add(result.status)
-        tried = run.hidden_attempts.get(exercise.name)
-        if tried:
-            note = results[exercise.name].note
-            results[exercise.name].note = (note + "; " if note else "") + f"tried to use the hidden reference {tried}"
+    return outcomes
+
+
+def _exercise_result(lab: Lab, source: ExerciseSource, outcomes: dict[tuple[str, str], CaseResult],
+                     hidden_attempts: dict[str, str], include_hidden: bool) -> ExerciseResult:
+    """One exercise's judged cases, in case order, with the notes the learner should read."""
+    exercise = lab.exercise(source.exercise)
+    if source.source is None:
+        return missing_result(exercise, include_hidden,
+                              f"no cell tagged {exercise.tag} or defining {exercise.symbol} was found")
+    result = ExerciseResult(exercise.name)
+    if exercise.uses:
+        result.note = "checked with the reference " + ", ".join(lab.stand_ins(exercise))
+    for case in exercise.selected_cases(include_hidden):
+        outcome = outcomes.get((exercise.name, case.name))
+        if outcome is None:  # cannot happen: every planned case gets an outcome or a reason
+            outcome = CaseResult(exercise.name, case.name, 0.0, case.points, "crashed",
+                                 "crashed: no result came back for this test", case.visible)
+        result.cases.append(outcome)
+    tried = hidden_attempts.get(exercise.name)
+    if tried:
+        result.note = (result.note + "; " if result.note else "") + f"tried to use the hidden reference {tried}"
+    return result
+
+
+def _rolled_up_status(results: list[ExerciseResult]) -> str:
+    """The submission's run as a whole: "crash" when any case crashed or hit a limit, else "timeout" when any
+    timed out, else "ok"."""
+    statuses = {case.status for result in results for case in result.cases}
     if statuses & {"crashed", "memory limit", "process limit"}:
-        run.status = "crash"
-    elif "timeout" in statuses:
-        run.status = "timeout"
-    run.results = [results[source.exercise] for source in sources]
-    return run
+        return "crash"
+    return "timeout" if "timeout" in statuses else "ok"
 
 
 def _fill(lab: Lab, outcomes: dict, name: str, visible: bool, status: str, why: str) -> None:

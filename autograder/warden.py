@@ -106,28 +106,46 @@ def _become_command(config: dict, command: list[str]) -> None:
     os.execv(command[0], command)
 
 
-def _watch(pid: int, config: dict, group: Cgroup | None) -> dict:
-    """Wait for the command, enforcing the wall clock, memory and process limits; the verdict."""
-    deadline = time.monotonic() + config["wall_s"]
-    limit_kb = config["memory_mb"] * 1024
-    peak_kb = 0
+def wait_reaping(pid: int, deadline: float, stop_reason=None, poll_s: float = POLL_S) -> tuple[int | None, str | None]:
+    """Wait for process `pid` to end, reaping any other child on the way (orphans re-parented to us: we are a
+    subreaper, or the first process of a PID namespace). Every poll_s, `stop_reason()` may name a reason to stop
+    waiting; past `deadline` (time.monotonic()) the reason is "timeout".
+
+    Returns (pid's wait status, None) once it ended, or (None, reason) when we stopped waiting (pid still runs:
+    the caller kills it). Shared by the warden and autograder/child.py, whose exercise processes it waits for."""
     while True:
         reaped, status = os.waitpid(-1, os.WNOHANG)
         if reaped == pid:
-            break
-        if reaped:  # an orphan re-parented to us
+            return status, None
+        if reaped:
             continue
+        reason = stop_reason() if stop_reason is not None else None
+        if reason is None and time.monotonic() > deadline:
+            reason = "timeout"
+        if reason is not None:
+            return None, reason
+        time.sleep(poll_s)
+
+
+def _watch(pid: int, config: dict, group: Cgroup | None) -> dict:
+    """Wait for the command, enforcing the wall clock, memory and process limits; the verdict."""
+    limit_kb = config["memory_mb"] * 1024
+    peak_kb = 0
+
+    def over_limit() -> str | None:
+        nonlocal peak_kb
         below = _descendants(os.getpid())
         used_kb = sum(_memory_kb(p) for p in below)
         peak_kb = max(peak_kb, used_kb)
-        over = ("memory" if used_kb > limit_kb or (group and group.out_of_memory()) else
-                "processes" if len(below) > config["processes"] + 2
-                else "timeout" if time.monotonic() > deadline else None)  # + 2: bubblewrap's own processes
-        if over:
-            _kill_descendants(group)
-            return {"status": over, "code": 0, "peak_mb": round(peak_kb / 1024, 1)}
-        time.sleep(POLL_S)
+        if used_kb > limit_kb or (group and group.out_of_memory()):
+            return "memory"
+        return "processes" if len(below) > config["processes"] + 2 else None  # + 2: bubblewrap's own processes
+
+    status, stopped = wait_reaping(pid, time.monotonic() + config["wall_s"], over_limit)
     peak = round(peak_kb / 1024, 1)
+    if stopped is not None:
+        _kill_descendants(group)
+        return {"status": stopped, "code": 0, "peak_mb": peak}
     if group is not None and group.out_of_memory():  # the kernel killed it at memory.max between two polls
         return {"status": "memory", "code": 0, "peak_mb": max(peak, float(config["memory_mb"]))}
     if group is not None and group.hit_process_limit() and not (os.WIFEXITED(status) and status == 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -23,6 +24,7 @@ from .kv.sizing import gpu_memory_for_kv, make_kv_manager
 from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .parallel.ranks import EngineRanks
 from .runtime import resolve_device, resolve_dtype
 from .sampled_tokens import SampledToken
 from .sampling import SamplingParams
@@ -64,13 +66,25 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        self.model, model_dir = load_model(config.model, self.device, self.dtype)
-        self.model_config = self.model.config
-        self.tokenizer = Tokenizer(model_dir)
-        self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
-        config.fill_defaults(self.device, self.model_config.max_position_embeddings)
-        self.kv_manager = make_kv_manager(config, self.model_config, self.dtype, self._kv_memory_budget)
-        self.runner = self._make_runner()
+        self.ranks = None  # tensor parallelism: the other ranks' processes (parallel/ranks.py)
+        if config.tensor_parallel_size > 1:  # they start and load their slices while this process loads its own
+            self.ranks = EngineRanks.start(config.model, config.tensor_parallel_size, self.device, self.dtype,
+                                           config.seed)
+        try:
+            tp = self.ranks.tp if self.ranks is not None else None
+            self.model, model_dir = load_model(config.model, self.device, self.dtype, tp=tp)
+            self.model_config = self.model.config  # with tensor parallelism: this rank's share of the heads
+            self.tokenizer = Tokenizer(model_dir)
+            self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+            config.fill_defaults(self.device, self.model_config.max_position_embeddings)
+            budget = self._kv_memory_budget
+            if self.ranks is not None:  # each rank measures its own; all take the smallest
+                budget = partial(self.ranks.smallest_kv_budget, config, self._kv_memory_budget)
+            self.kv_manager = make_kv_manager(config, self.model_config, self.dtype, budget)
+            self.runner = self._make_runner()
+        except BaseException:
+            self.close()  # no worker process outlives a failed start
+            raise
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
             config.enable_chunked_prefill,
@@ -84,6 +98,8 @@ class LLMEngine:
         config = self.config
         options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels,
                        eos_token_ids=frozenset(self.eos_token_ids))  # what min_tokens keeps out
+        if self.ranks is not None:  # the plain runner on every rank; each step goes to the workers first
+            return self.ranks.runner(ModelRunner(self.model, self.kv_manager, self.dtype, **options), config)
         if config.async_scheduling or (self.device.type == "cuda" and not config.enforce_eager):
             return FastModelRunner(self.model, self.kv_manager, self.dtype, **options,
                                    enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
@@ -95,6 +111,11 @@ class LLMEngine:
         if self.device.type == "cuda":
             return gpu_memory_for_kv(self.model, self.device, self.config)
         return self.config.cpu_kv_cache_bytes
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (garbage collection and interpreter exit do it too)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(

@@ -34,6 +34,7 @@ class EngineConfig:
     scheduling_policy: str | SchedulingPolicy = "fcfs"
     seed: int | None = None  # seeds torch's global RNG (requests without their own seed draw from it)
     log_steps: bool = True  # keep a StepRecord of every step in engine.step_log (a server running for days: off)
+    tensor_parallel_size: int = 1  # processes (ranks) that split the model: one per GPU, or gloo ranks on the CPU
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -61,12 +62,18 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        size = self.tensor_parallel_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer (1: one process), got {size!r}")
+        if size > 1 and self.async_scheduling:
+            raise ValueError("async_scheduling is not available with tensor_parallel_size > 1 (the ranks run the "
+                             "plain synchronous runner); leave async_scheduling unset or False")
 
     def fill_defaults(self, device: torch.device, model_max_len: int) -> None:
         """Resolve the None sizes for this device and model, then check they fit together."""
         gpu = device.type == "cuda"
         if self.async_scheduling is None:
-            self.async_scheduling = gpu
+            self.async_scheduling = gpu and self.tensor_parallel_size == 1
         if self.max_num_seqs is None:
             self.max_num_seqs = 64 if gpu else 8
         if self.max_model_len is None:

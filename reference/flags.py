@@ -36,6 +36,8 @@ HELP = {
     "scheduling_policy": "who runs first: fcfs, sjf or priority",
     "seed": "seeds the global RNG (requests may bring their own seed)",
     "log_steps": "keep a record of every step (engine.step_log) for timelines and bench statistics",
+    "tensor_parallel_size": "split the model over N processes (one per GPU, or gloo ranks on the CPU); the "
+                            "heads and MLP must divide by N",
 }
 CHOICES = {"kv_cache": KV_CACHE_KINDS, "scheduling_policy": tuple(POLICIES)}
 

@@ -75,9 +75,10 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return kv_caches_bytes(self.kv_caches)
 
-    def copy_blocks(self) -> None:
-        """Apply the block copies the KV manager queued (copy-on-write, forks) before the next forward pass."""
-        for source, destination in self.kv.take_pending_copies():
+    def copy_blocks(self, copies: list[tuple[int, int]] | None = None) -> None:
+        """Apply block copies (copy-on-write, forks) before the next forward pass: `copies`, or else the ones the
+        KV manager queued. (A tensor-parallel worker is given the copies rank 0's manager queued.)"""
+        for source, destination in self.kv.take_pending_copies() if copies is None else copies:
             for k_cache, v_cache in self.kv_caches:
                 k_cache[destination] = k_cache[source]
                 v_cache[destination] = v_cache[source]
@@ -89,12 +90,20 @@ class ModelRunner:
         if not batch.seqs:
             return []
         inputs = StepInputs.of(batch, self.kv)
+        logits = self.forward(inputs)
+        if logits is None:
+            return []
+        seqs = [batch.seqs[row] for row in inputs.sampling]
+        token_ids, logprobs = sample_tokens(logits, seqs, self.eos_token_ids)
+        return sampled_tokens(seqs, [token_ids, *logprobs.tensors], logprobs.rows)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The model over one step's batch (K/V written to the cache): float32 logits [sampling rows, vocab] of
+        the sequences that sample, or None when none does."""
         positions, metadata = build_metadata(inputs.query_lens, inputs.context_lens, inputs.block_tables,
                                              self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(inputs.input_ids, device=self.device), positions, metadata, self.kv_caches)
         if not inputs.sampling:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])
-        seqs = [batch.seqs[row] for row in inputs.sampling]
-        token_ids, logprobs = sample_tokens(logits, seqs, self.eos_token_ids)
-        return sampled_tokens(seqs, [token_ids, *logprobs.tensors], logprobs.rows)
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])

@@ -8,10 +8,14 @@ loads its slices. The model's own code (models/llama.py) does not change: `paral
 
 Each rank gets size-th of the query heads. Key/value heads are split the same way when there are at least as
 many as ranks; with fewer (e.g. 2 KV heads over 4 ranks), each rank keeps the one KV head its query heads use,
-so a KV head is replicated over the ranks that share it. The KV cache of a rank holds its own KV heads only.
+so a KV head is replicated over the ranks that share it. The KV cache of a rank holds its own KV heads only:
+after `parallelize`, model.config describes the rank's share (its query heads, KV heads and MLP width; the
+vocabulary and hidden size stay whole), so whatever is sized from it, the KV cache above all, is per rank.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -69,6 +73,8 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
         mlp.down_proj = RowParallelLinear((m0, m1), hidden, config.mlp_bias, tp)
     model.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, tp)
     model.lm_head = ParallelLMHead(config.vocab_size, hidden, tp)
+    model.config = dataclasses.replace(config, num_attention_heads=q1 - q0, num_key_value_heads=k1 - k0,
+                                       intermediate_size=m1 - m0)
     model.tie_weights()
     return model
 

@@ -6,6 +6,8 @@ matrix, as Megatron-LM, vLLM and nano-vllm do, on torch.distributed (NCCL on GPU
     plan.py     which layer of the Llama-family model becomes which (the model code itself is unchanged), and
                 loading a checkpoint so that each rank reads only its slices
     launch.py   starting one process per rank and collecting what rank 0 returns
+    worker.py   the engine's ranks 1..N-1: load their slices, then run each step rank 0 sends them
+    ranks.py    the engine's rank 0: start the workers, send them every step, stop them (also on errors)
     cost.py     the bytes that enter collectives per token (what lab 0.4 measures and prices)
 
 Per decoder layer only two all-reduces are needed: after the attention's output projection and after the MLP's

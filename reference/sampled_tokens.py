@@ -1,7 +1,8 @@
 """What a runner hands back after a step: the sampled token of each sequence that sampled, with its logprobs.
 
 Both runners (model_runner.py, fast_runner.py) sample the same way and build the same SampledTokens, so their
-tokens agree: the sampling itself is sampling.py's; this module applies it to a step's sequences.
+tokens agree: the sampling itself is sampling.py's (fused_sampling.py's one-pass kernel on a GPU, same
+distribution); this module applies it to a step's sequences.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .penalties import adjust_logits
-from .sampling import TokenLogprobs, compute_logprobs, sample, seeded_generator
+from .sampling import GREEDY_BELOW, TokenLogprobs, compute_logprobs, sample, seed_state, seeded_generator
 from .sequence import Sequence
 
 
@@ -47,18 +48,28 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: fro
         logits = adjust_logits(logits, params, [s.prompt_token_ids for s in seqs],
                                [s.output_token_ids for s in seqs],
                                [stop + s.params.stop_token_ids for stop, s in zip(stops, seqs)], pending)
-    generators = [
-        seeded_generator(s.params.seed, s.sample_index, s.num_tokens, logits.device)
-        if s.params.seed is not None and not s.params.greedy else None
-        for s in seqs
-    ]
-    token_ids = sample(logits, params, generators)
+    token_ids = _sample(logits, seqs)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return token_ids, StepLogprobs([])
     index = torch.tensor(rows, device=logits.device)
     num_top = max(params[i].logprobs for i in rows)
     return token_ids, StepLogprobs(rows, compute_logprobs(logits[index], token_ids[index], num_top or None))
+
+
+def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """On a GPU, the one-pass sampler (fused_sampling.py) when a row samples; elsewhere sampling.sample."""
+    params = [s.params for s in seqs]
+    seeded = [s.params.seed is not None and not s.params.greedy for s in seqs]
+    if logits.device.type == "cuda" and not all(p.temperature < GREEDY_BELOW for p in params):
+        from . import fused_sampling  # imports Triton: only once a GPU samples
+
+        seeds = [seed_state(s.params.seed, s.sample_index, s.num_tokens) if on else None
+                 for s, on in zip(seqs, seeded)]
+        return fused_sampling.sample(logits, params, seeds)
+    generators = [seeded_generator(s.params.seed, s.sample_index, s.num_tokens, logits.device) if on else None
+                  for s, on in zip(seqs, seeded)]
+    return sample(logits, params, generators)
 
 
 def sampled_tokens(seqs: list[Sequence], host: list[torch.Tensor], logprob_rows: list[int]) -> list[SampledToken]:

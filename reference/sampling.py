@@ -18,7 +18,7 @@ import torch
 
 # Temperatures below this are sampled as argmax: dividing logits by a near-denormal overflows to inf (softmax
 # then gives NaN), while the distribution is already a point mass on the top token.
-_GREEDY_BELOW = 1e-5
+GREEDY_BELOW = 1e-5
 # Every stop string is looked for after every token, so their number and length bound that cost (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -194,7 +194,7 @@ def sample(
             f"need one SamplingParams and one generator per logits row: {batch} rows, "
             f"{len(params)} params, {len(generators)} generators"
         )
-    sampled = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_BELOW]
+    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if not sampled:  # argmax needs no upcast (converting to float32 is exact and keeps the order)
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -218,30 +218,37 @@ def _apply_top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[flo
     """Set the logits outside each row's top-k and then top-p set to -inf.
 
     scaled: [rows, vocab] float32, temperature already applied. top_ks, top_ps: one per row (-1 / 1.0 = no-op).
-    Returns [rows, vocab] float32. One sort serves every row; k and p are per-row tensors.
+    Returns [rows, vocab] float32.
+    """
+    if all(k == -1 or k >= scaled.shape[1] for k in top_ks) and all(p >= 1 for p in top_ps):
+        return scaled
+    return scaled.masked_fill(scaled < filter_thresholds(scaled, top_ks, top_ps)[:, None], float("-inf"))
+
+
+def filter_thresholds(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Each row's top-k-then-top-p set as a threshold: the set is the tokens whose value is >= it.
+
+    scaled: [rows, vocab] float32, temperature already applied. top_ks, top_ps: one per row (-1 / 1.0 = no-op).
+    Returns [rows] float32 (-inf where nothing is cut). A threshold rather than a position keeps every token tied
+    with the last one kept, for top-k and top-p alike, so the set does not depend on how a sort orders ties.
+    The GPU sampler (fused_sampling.py) takes the same thresholds, so both samplers cut the same tokens.
     """
     num_rows, vocab = scaled.shape
-    if all(k == -1 or k >= vocab for k in top_ks) and all(p >= 1 for p in top_ps):
-        return scaled
     device = scaled.device
     k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], device=device)
     p = torch.tensor(top_ps, device=device, dtype=torch.float32)[:, None]
-    # Stable, so the order among tied logits (and hence the top-p cut) is the same whatever the batch.
-    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)
-
-    # A threshold rather than a position keeps every token tied with the k-th largest.
-    kth_largest = sorted_logits.gather(-1, (k - 1)[:, None])
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
-
-    sorted_probs = sorted_logits.softmax(dim=-1)
+    sorted_values = scaled.sort(dim=-1, descending=True).values
+    kth_largest = sorted_values.gather(-1, (k - 1)[:, None])
+    top_k_values = sorted_values.masked_fill(sorted_values < kth_largest, float("-inf"))
+    sorted_probs = top_k_values.softmax(dim=-1)
     # A token stays while the mass strictly before it is < top_p: the smallest set reaching top_p, and the top
     # token (mass before it 0 < top_p) always stays. Rows with top_p = 1 skip this, as float32 cumsum can reach
     # 1.0 before the tail and would drop tokens that a no-op must keep.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    outside_nucleus = (mass_before >= p) & (p < 1)
-    sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
-
-    return torch.empty_like(scaled).scatter_(-1, sorted_ids, sorted_logits)
+    in_nucleus = (mass_before < p) | (p >= 1)
+    num_kept = torch.minimum(in_nucleus.sum(dim=-1), k)  # a prefix of the sorted row: count it
+    thresholds = sorted_values.gather(-1, (num_kept - 1)[:, None]).squeeze(-1)
+    return torch.where(num_kept >= vocab, float("-inf"), thresholds)
 
 
 def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -271,14 +278,13 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def seeded_generator(seed: int, sample_index: int, position: int, device: torch.device | str) -> torch.Generator:
-    """A generator for one token of one seeded sample, seeded from (seed, sample_index, position) alone.
+def seed_state(seed: int, sample_index: int, position: int) -> int:
+    """The 63-bit RNG seed of one token of one seeded sample: a hash of (seed, sample_index, position) alone.
 
     seed: the request's SamplingParams.seed (any int). sample_index: which of the request's n samples, >= 0.
     position: which token of that sample is being drawn, >= 0 (the engine's counter; it must count the same way
-    on every run, e.g. the number of output tokens so far). device: where the logits live.
-    The same triple always gives the same generator state on a given device, so the token does not depend on
-    batch composition; different triples are decorrelated by the hash, so the n samples differ.
+    on every run, e.g. the number of tokens so far). Different triples are decorrelated by the hash, so the n
+    samples differ; the same triple always gives the same state, so the token does not depend on the batch.
     """
     for name, value, minimum in (("sample_index", sample_index, 0), ("position", position, 0)):
         if not _is_int(value) or value < minimum:
@@ -288,8 +294,14 @@ def seeded_generator(seed: int, sample_index: int, position: int, device: torch.
     state = _mix64(int(seed) & _MASK_64)  # negative seeds wrap into 64 bits like an unsigned cast
     state = _mix64(state ^ int(sample_index))
     state = _mix64(state ^ int(position))
+    return state >> 1  # 63 bits: fits every API that stores seeds as signed int64
+
+
+def seeded_generator(seed: int, sample_index: int, position: int, device: torch.device | str) -> torch.Generator:
+    """A torch generator for one token of one seeded sample, seeded with seed_state(seed, sample_index, position),
+    on `device` (where the logits live). The slow sampler (`sample`) draws its noise from it."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(state >> 1)  # 63 bits: fits every API that stores seeds as signed int64
+    generator.manual_seed(seed_state(seed, sample_index, position))
     return generator
 
 

@@ -353,3 +353,162 @@ def test_compute_logprobs_without_top_tokens_returns_none_for_them(num_top):
 def test_compute_logprobs_rejects_bad_num_top(num_top):
     with pytest.raises(ValueError, match="num_top"):
         compute_logprobs(torch.randn(2, 10), torch.tensor([1, 2]), num_top)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU's one-pass sampler (fused_sampling.py), run here by Triton's interpreter: the same distribution as
+# `sample`, noise that depends on a row's seed alone, greedy rows untouched.
+
+
+def fused_sampler():
+    pytest.importorskip("triton")
+    from reference import fused_sampling
+    from reference.triton_compat import patch_interpreter
+
+    patch_interpreter()
+    return fused_sampling
+
+
+def fused_frequencies(logits: list[float], params: SamplingParams, mutate=None) -> torch.Tensor:
+    """Empirical frequencies of NUM_DRAWS draws of the fused sampler from one row (NUM_DRAWS unseeded rows).
+    mutate(inv_temperatures, thresholds) may break the kernel's inputs, to show the test would notice."""
+    fused = fused_sampler()
+    batch = torch.tensor(logits).expand(NUM_DRAWS, -1).contiguous()
+    if mutate is None:
+        tokens = fused.sample(batch, [params] * NUM_DRAWS, [None] * NUM_DRAWS)
+    else:
+        inv_temperatures = torch.full((NUM_DRAWS,), 1 / params.temperature)
+        thresholds = fused._thresholds(batch, [params] * NUM_DRAWS, [True] * NUM_DRAWS)
+        inv_temperatures, thresholds = mutate(inv_temperatures, thresholds)
+        seeds = torch.from_numpy(fused._unseeded_row_seeds(NUM_DRAWS))
+        tokens = fused.race(batch, inv_temperatures, thresholds, seeds)
+    return torch.bincount(tokens, minlength=len(logits)).double() / NUM_DRAWS
+
+
+FUSED_SETTINGS = [  # (temperature, top_k, top_p) on NUCLEUS_LOGITS; each case's kept set is named
+    (0.6, -1, 1.0),  # the benchmark's: temperature alone, all five tokens
+    (2.0, -1, 1.0),
+    (1.0, 2, 1.0),  # {0, 1}
+    (1.0, -1, 0.85),  # {0, 1, 2}
+    (2.0, 3, 0.7),  # {0, 1}: top-p after top-k on the scaled distribution
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", FUSED_SETTINGS)
+def test_fused_sampler_draws_the_distribution_of_the_slow_sampler(temperature, top_k, top_p):
+    expected = reference_distribution(NUCLEUS_LOGITS, temperature, top_k, top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    assert_frequencies_match(fused_frequencies(NUCLEUS_LOGITS, params), expected)
+
+
+@pytest.mark.parametrize("mistake, mutate", [
+    ("temperature forgotten", lambda inv_t, thr: (torch.ones_like(inv_t), thr)),
+    ("top-k / top-p cut forgotten", lambda inv_t, thr: (inv_t, torch.full_like(thr, float("-inf")))),
+    ("temperature applied twice", lambda inv_t, thr: (inv_t * inv_t, thr)),
+])
+def test_the_distribution_test_catches_a_wrong_fused_sampler(mistake, mutate):
+    # The power of the test above: the same check fails when the kernel gets what a plausible bug would give it.
+    params = SamplingParams(temperature=0.6, top_k=3, top_p=0.9)
+    expected = reference_distribution(NUCLEUS_LOGITS, 0.6, 3, 0.9)
+    assert_frequencies_match(fused_frequencies(NUCLEUS_LOGITS, params), expected)
+    with pytest.raises(AssertionError):
+        assert_frequencies_match(fused_frequencies(NUCLEUS_LOGITS, params, mutate), expected)
+
+
+def test_fused_sampler_keeps_greedy_rows_argmax_with_ties_in_a_mixed_batch():
+    fused = fused_sampler()
+    logits = (torch.randn(6, 3000) * 2).to(torch.bfloat16)  # bfloat16: many exact ties, the first one wins
+    logits[1, 2000:2003] = logits[1].max() + 1  # a three-way tie for the top, across a block boundary
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8) for i in range(6)]
+    tokens = fused.sample(logits, params, [None] * 6)
+    assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))
+    assert tokens[1].item() == 2000
+
+
+def test_fused_seeded_row_does_not_depend_on_the_batch_or_the_launch():
+    fused = fused_sampler()
+    from reference.sampling import seed_state
+
+    vocab = 2500  # three blocks of columns: the last one ragged
+    target = torch.randn(vocab)
+    params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=42)
+    alone = [fused.sample(target[None], [params], [seed_state(42, 0, pos)]).item() for pos in range(6)]
+    assert len(set(alone)) >= 4  # the positions draw differently
+    others = [SamplingParams(), SamplingParams(temperature=0), SamplingParams(top_k=3, seed=7)]
+    for position in range(6):
+        batch_size = 2 + position % 3
+        row = position % batch_size
+        logits = torch.randn(batch_size, vocab)
+        logits[row] = target
+        params_batch = [others[(i + position) % 3] for i in range(batch_size)]
+        params_batch[row] = params
+        seeds = [seed_state(p.seed, 0, 99) if p.seed is not None else None for p in params_batch]
+        seeds[row] = seed_state(42, 0, position)
+        for splits in (1, 2):
+            inv_t = torch.tensor([0.0 if p.greedy else 1 / p.temperature for p in params_batch])
+            thresholds = fused._thresholds(logits, params_batch, [not p.greedy for p in params_batch])
+            seed_tensor = torch.tensor([s if s is not None else 5 for s in seeds])
+            tokens = fused.race(logits, inv_t, thresholds, seed_tensor, num_splits=splits)
+            assert tokens[row].item() == alone[position], f"position {position}, row {row}, {splits} splits"
+
+
+def test_fused_unseeded_rows_follow_torch_manual_seed():
+    fused = fused_sampler()
+    logits = torch.randn(4, 700)
+    params = [SamplingParams(temperature=1.0)] * 4
+    torch.manual_seed(3)
+    first = fused.sample(logits, params, [None] * 4)
+    torch.manual_seed(3)
+    assert torch.equal(fused.sample(logits, params, [None] * 4), first)
+
+
+def test_seed_state_is_what_seeded_generator_seeds_with():
+    from reference.sampling import seed_state
+
+    assert seeded_generator(5, 1, 9, "cpu").initial_seed() == seed_state(5, 1, 9)
+    with pytest.raises(ValueError, match="position"):
+        seed_state(5, 1, -1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sampler_on_the_gpu_draws_the_slow_samplers_distribution(dtype):
+    from reference import fused_sampling
+
+    for temperature, top_k, top_p in FUSED_SETTINGS:
+        logits = torch.tensor(NUCLEUS_LOGITS, dtype=dtype)
+        expected = reference_distribution(logits.float().tolist(), temperature, top_k, top_p)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        batch = logits.cuda().expand(NUM_DRAWS, -1).contiguous()
+        tokens = fused_sampling.sample(batch, [params] * NUM_DRAWS, [None] * NUM_DRAWS).cpu()
+        assert_frequencies_match(torch.bincount(tokens, minlength=5).double() / NUM_DRAWS, expected)
+
+
+@pytest.mark.gpu
+def test_fused_sampler_on_the_gpu_matches_the_interpreters_tokens_on_a_real_vocabulary():
+    # Same seeds, same Philox words, same arithmetic up to float rounding: a 152k-column row draws the same token
+    # compiled and interpreted (the interpreter runs in a subprocess: TRITON_INTERPRET is read at import).
+    import subprocess
+    import sys
+
+    from reference import fused_sampling
+    from reference.sampling import seed_state
+
+    logits = torch.randn(3, 151936, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=0.6), SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0)]
+    seeds = [seed_state(1, 0, 5), seed_state(2, 0, 5), None]
+    gpu = fused_sampling.sample(logits.cuda().bfloat16(), params, seeds).tolist()
+    script = (
+        "import os, sys, torch; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from reference import fused_sampling; from reference.triton_compat import patch_interpreter\n"
+        "from reference.sampling import SamplingParams, seed_state; patch_interpreter()\n"
+        "logits = torch.randn(3, 151936, generator=torch.Generator().manual_seed(0)) * 3\n"
+        "params = [SamplingParams(temperature=0.6), SamplingParams(temperature=1.0, top_p=0.9),"
+        " SamplingParams(temperature=0)]\n"
+        "print(fused_sampling.sample(logits.bfloat16(), params, [seed_state(1, 0, 5), seed_state(2, 0, 5), None])"
+        ".tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert eval(done.stdout.strip().splitlines()[-1]) == gpu

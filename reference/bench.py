@@ -137,32 +137,13 @@ def run_engine(engine: "LLMEngine", workload: Workload, use_tqdm: bool = True) -
 
 
 def _warm_up(engine: "LLMEngine", every_step_kind: bool | None = None) -> None:
-    """Throwaway requests, so that one-off costs stay out of the measurement.
+    """Throwaway requests, so that one-off costs stay out of the measurement (reference/warmup.py). An engine on a
+    GPU already ran them at start (engine.warm_up_seconds), so only the CPU or an explicit request runs them here."""
+    from .warmup import warm_up
 
-    On the GPU the largest of them is compiling Triton kernels, once per kind of step: without this, the first
-    full-budget prefill of the run compiled its kernels inside the timed window (an H200 run measured 17,100
-    tok/s cold against 20,600 warm). So on the GPU (or with every_step_kind=True) the warm-up runs each kind the
-    workload will: short prompts that go on to decode, beside a long prompt whose first chunk fills the rest of
-    the token budget (fresh prefill) and whose second chunk runs over its cached first one, next to decode steps
-    (a mixed step). On the CPU nothing is compiled, and one tiny request is enough.
-    """
-    from .sampling import SamplingParams
-
-    if every_step_kind is None:
-        every_step_kind = engine.device.type == "cuda"
-    config = engine.config
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    if every_step_kind:
-        for i in range(3):
-            engine.add_request(f"warmup-short-{i}", [(i + 1) % vocab] * 8, params)
-        budget = config.max_num_batched_tokens
-        length = min(config.max_model_len - params.max_tokens, budget + budget // 2)
-        engine.add_request("warmup-long", [(7 * j + 3) % vocab for j in range(length)], params)
-    else:
-        engine.add_request("warmup", [0] * 8, params)
-    while engine.has_unfinished_requests():
-        engine.step()
+    if every_step_kind is None and getattr(engine, "warm_up_seconds", None) is not None:
+        return
+    warm_up(engine, every_step_kind)
 
 
 # -- the Hugging Face baseline ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ model_runner.py (eager, synchronous: the one to read) or fast_runner.py (async s
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +21,7 @@ import torch
 from .engine_config import EngineConfig
 from .metrics import StepRecord
 from .fast_runner import FastModelRunner
+from .kv.gpu_sizing import fill_gpu_sizes
 from .kv.sizing import gpu_memory_for_kv, make_kv_manager
 from .model_runner import ModelRunner
 from .models import load_model
@@ -31,6 +33,9 @@ from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import PENDING_TOKEN, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .warmup import warm_up
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +82,8 @@ class LLMEngine:
             self.tokenizer = Tokenizer(model_dir)
             self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
             config.fill_defaults(self.device, self.model_config.max_position_embeddings)
+            if self.device.type == "cuda":  # seats and KV capacity from free memory (kv/gpu_sizing.py)
+                fill_gpu_sizes(config, self.model, self.device, self.model_config, self.dtype, self.ranks is None)
             budget = self._kv_memory_budget
             if self.ranks is not None:  # each rank measures its own; all take the smallest
                 budget = partial(self.ranks.smallest_kv_budget, config, self._kv_memory_budget)
@@ -92,6 +99,12 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []  # one record per step while config.log_steps is on
         self._aborted_outputs: list[RequestOutput] = []
+        # On a GPU, compile every kernel a step can need now, so the first generate runs as fast as the second.
+        self.warm_up_seconds: float | None = None
+        if self.device.type == "cuda":
+            self.warm_up_seconds = warm_up(self)
+            self.step_log.clear()
+            logger.info("engine warm-up (every kind of step, kernels compiled) took %.1f s", self.warm_up_seconds)
 
     def _make_runner(self) -> ModelRunner:
         """The plain runner, unless async scheduling is on or CUDA graphs can run (a GPU, enforce_eager off)."""

@@ -17,7 +17,7 @@ class EngineConfig:
     model: str = "smollm2"
     device: str | torch.device | None = None  # None: cuda if available, else cpu
     dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    max_num_seqs: int | None = None  # sequences running at once (None: 8 on CPU, 64 on GPU)
+    max_num_seqs: int | None = None  # sequences running at once (None: 8 on CPU, from memory on GPU)
     max_num_batched_tokens: int | None = None  # token budget per step (None: 512 on CPU, 8192 on GPU)
     max_model_len: int | None = None  # prompt + output tokens per sequence (None: min(model's, 2048 CPU / 4096 GPU))
     block_size: int = 16  # KV slots per block (paged cache only; a power of two)
@@ -74,8 +74,8 @@ class EngineConfig:
         gpu = device.type == "cuda"
         if self.async_scheduling is None:
             self.async_scheduling = gpu and self.tensor_parallel_size == 1
-        if self.max_num_seqs is None:
-            self.max_num_seqs = 64 if gpu else 8
+        if self.max_num_seqs is None and not gpu:  # on a GPU: from its free memory (kv/gpu_sizing.py)
+            self.max_num_seqs = 8
         if self.max_model_len is None:
             self.max_model_len = min(model_max_len, 4096 if gpu else 2048)
         if self.max_num_batched_tokens is None:

@@ -59,7 +59,9 @@ def _race_update(best_key, best_id, logits_ptr, row_offsets, cols, end, inv_temp
     return tl.where(better, key, best_key), tl.where(better, cols, best_id)
 
 
-@triton.jit
+# The sizes that change from step to step are not specialised on (Triton compiles a variant for an int that is 1
+# or a multiple of 16): one compiled kernel per vocabulary, so the engine's warm-up compiles every one a run needs.
+@triton.jit(do_not_specialize=["num_rows", "cols_per_split", "num_splits"])
 def _race_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, keys_ptr, ids_ptr,
                  num_rows, vocab, cols_per_split, num_splits, ROWS: tl.constexpr, QUARTER: tl.constexpr):
     """Program (row block, split): for each of ROWS rows, the best key and its column over the split's columns

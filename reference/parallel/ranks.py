@@ -219,5 +219,7 @@ class TensorParallelRunner:
     def run(self, batch: ScheduledBatch):
         return self.ranks.step(self.runner, batch)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # called only for names this class does not have
+        if name == "runner":
+            raise AttributeError(name)  # (not set yet: no recursion)
         return getattr(self.runner, name)

@@ -94,3 +94,49 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(qwen3_06b):
         assert sum(s.num_preempted for s in llm.engine.step_log) > 0
         assert llm.engine.kv_manager.num_free_blocks == 64
     assert runs[1] == runs[0]
+
+
+def test_seeded_sample_is_the_same_alone_and_in_any_batch_on_the_gpu(qwen3_06b):
+    """DESIGN's contract with the one-pass GPU sampler: a seeded request's tokens depend on its seed alone, not on
+    the batch around it, its row, chunking or CUDA graphs (the noise is keyed by seed, sample and position)."""
+    from reference import LLM, SamplingParams
+
+    path, _, prompts, _ = qwen3_06b
+    seeded = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=MAX_NEW, seed=1234)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=16, max_num_batched_tokens=256,
+              max_model_len=512, num_kv_blocks=1024)
+    alone = [c.token_ids for c in llm.generate([prompts[0]], seeded, use_tqdm=False)[0].outputs]
+    assert alone[0] != alone[1], "the two samples of one request draw differently"
+    others = [SamplingParams(temperature=1.0, max_tokens=MAX_NEW), SamplingParams(temperature=0, max_tokens=MAX_NEW)]
+    for where in (0, 7):
+        batch = prompts[1:12]
+        batch.insert(where, prompts[0])
+        params = [others[i % 2] for i in range(len(batch))]
+        params[where] = seeded
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        assert [c.token_ids for c in outputs[where].outputs] == alone, f"seeded request at row {where}"
+
+
+def test_gpu_defaults_are_sized_from_free_memory_and_the_engine_starts_warm(qwen3_06b):
+    """With only the device and dtype given, max_num_seqs and the KV capacity come from the memory left after a
+    profiling pass (kv/gpu_sizing.py), and the engine has run its warm-up (every kind of step) at start."""
+    from reference import LLM, SamplingParams
+    from reference.kv import kv_bytes_per_token
+    from reference.kv.gpu_sizing import MAX_GPU_SEATS
+
+    path, _, prompts, _ = qwen3_06b
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5)
+    engine, config = llm.engine, llm.engine.config
+    kv_bytes = config.num_kv_blocks * config.block_size * kv_bytes_per_token(engine.model_config, engine.dtype)
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 16 <= config.max_num_seqs <= MAX_GPU_SEATS and config.max_num_seqs % 16 == 0
+    assert kv_bytes <= 0.5 * total  # within the budget given
+    full_seats = config.max_num_seqs * config.max_model_len // config.block_size
+    # The KV cache holds half a max_model_len per seat at least, and no more than every seat at full length.
+    assert config.max_num_seqs * config.max_model_len // 2 <= config.num_kv_blocks * config.block_size
+    assert config.num_kv_blocks <= full_seats
+    assert engine.warm_up_seconds is not None and engine.warm_up_seconds > 0
+    assert engine.step_log == [] and not engine.has_unfinished_requests()
+    outputs = llm.generate(prompts[:4], SamplingParams(temperature=0.6, max_tokens=MAX_NEW, ignore_eos=True),
+                           use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_NEW] * 4

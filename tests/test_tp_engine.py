@@ -3,15 +3,19 @@
 Greedy tokens over 2 and 4 ranks agree with one rank under the written tie rule (tests/exactness.py), on random
 Llama / Qwen2 / Qwen3 checkpoints whose heads split unevenly-looking but legally, and on SmolLM2 (whose 9 query
 heads and 3 KV heads split over 3 ranks only: 2 and 4 raise before any process starts). A worker's failure comes
-back to rank 0 as a clear error and leaves no process behind; so does an interrupted step; closing stops them.
+back to rank 0 as a clear error and leaves no process behind, as does an interrupted step; closing the LLM,
+garbage collection and interpreter exit stop the workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,6 +186,30 @@ def test_a_killed_worker_is_reported_and_an_interrupted_step_stops_the_workers(c
     assert not any(process.is_alive() for process in workers)
     with pytest.raises(RuntimeError, match="workers were stopped \\(KeyboardInterrupt on rank 0\\)"):
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
+
+
+EXIT_WITHOUT_CLOSING = """
+import sys
+from reference import LLM
+llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+print(*[process.pid for process in llm.engine.ranks._workers.processes])
+"""
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_llm_is_garbage_collected_and_at_interpreter_exit(checkpoint_factory):
+    path = checkpoint(checkpoint_factory, "qwen3-4q-1kv")
+    llm = tp_engine(path, 2)
+    workers = worker_processes(llm)
+    del llm
+    gc.collect()
+    assert [process.exitcode for process in workers] == [0]  # asked to stop, and did
+    done = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSING, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    for pid in map(int, done.stdout.split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # no such process: it stopped with its rank 0
 
 
 @pytest.mark.gpu

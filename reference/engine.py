@@ -38,6 +38,22 @@ from .warmup import warm_up
 logger = logging.getLogger(__name__)
 
 
+def record_plan(batch: ScheduledBatch) -> None:
+    """The engine owns sequence state: it writes in what the scheduler decided, before the runner reads it. A
+    preempted sequence has nothing in the cache any more; a scheduled one starts where the plan says (a newly
+    admitted one after the prefix its KV manager found cached). Test doubles of the engine call it too."""
+    for seq in batch.preempted:
+        seq.num_computed_tokens = 0
+    for seq, start in zip(batch.seqs, batch.starts):
+        seq.num_computed_tokens = start
+
+
+def record_computed(batch: ScheduledBatch) -> None:
+    """The batch has run (or is queued on the device, in order): its tokens' K/V count as computed."""
+    for seq, start, num_tokens in zip(batch.seqs, batch.starts, batch.num_tokens):
+        seq.num_computed_tokens = start + num_tokens
+
+
 @dataclass
 class _Sample:
     """The engine's view of one output stream: its sequence, text so far and logprobs."""
@@ -216,6 +232,7 @@ class LLMEngine:
         """
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
+        record_plan(batch)
         started = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
@@ -240,7 +257,7 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[SampledToken]:
         """A synchronous step: run it, record what it computed and append the tokens it sampled."""
         tokens = self.runner.run(batch)
-        self.scheduler.advance(batch)
+        record_computed(batch)
         for token in tokens:
             token.seq.token_ids.append(token.token_id)
             self._after_sampling(token.seq)
@@ -251,7 +268,7 @@ class LLMEngine:
         can be planned now; then wait for the PREVIOUS step's tokens and write them over their placeholders."""
         previous = self.runner.in_flight
         launched = self.runner.launch(batch)
-        self.scheduler.advance(batch)
+        record_computed(batch)
         for seq in launched.seqs:
             seq.token_ids.append(PENDING_TOKEN)
             seq.num_pending_tokens += 1
@@ -268,7 +285,7 @@ class LLMEngine:
         limit it finishes. (Async: steps run in order on the device, so freeing its memory now is safe.)"""
         if seq.num_unborn_siblings:  # its prompt is in the cache now: start the other samples from it
             for sibling in self.requests[seq.request_id].samples[1:]:
-                self.scheduler.fork(seq, sibling.seq)
+                sibling.seq.num_computed_tokens = self.scheduler.fork(seq, sibling.seq)
         if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self.scheduler.finish(seq, "length")
 

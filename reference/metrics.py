@@ -25,7 +25,7 @@ class StepRecord:
 
     @classmethod
     def of(cls, step, start, batch, scheduler, kv_manager) -> "StepRecord":
-        """Taken before the scheduler advances the sequences (so prefill and decode are told apart)."""
+        """Taken before the engine records the step as computed (so prefill and decode are told apart)."""
         return cls(
             step=step, start=start,
             num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,

@@ -11,8 +11,9 @@ Every step has a token budget (max_num_batched_tokens) and a cap on running sequ
    chunked prefill a long prompt takes several steps, possibly beside chunks of other prompts; without it a
    prompt is admitted only when it fits the budget whole.
 
-Finished sequences leave and waiting ones join at every step. The scheduler never runs the model: it returns
-a plan (which sequences, how many tokens each) that the model runner executes, and advance() records that it ran.
+Finished sequences leave and waiting ones join at every step. The scheduler never runs the model, and never
+writes a sequence's num_computed_tokens: it returns a plan (which sequences, from which position, how many tokens
+each, and whom it preempted) that the engine records in the sequences and the model runner executes.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's plan: seqs[i] runs its next num_tokens[i] uncomputed tokens."""
+    """One step's plan: seqs[i] runs num_tokens[i] tokens from position starts[i] on.
+
+    starts[i] is seqs[i].num_computed_tokens, except for a sequence admitted this step whose prompt begins with a
+    prefix its KV manager already caches: it starts after that prefix. Preempted sequences lost their cache. The
+    engine writes both into the sequences (engine.record_plan) before the runner reads them.
+    """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -39,16 +46,18 @@ class ScheduledBatch:
 
     @property
     def num_decode_tokens(self) -> int:
-        """Read before Scheduler.advance records the step."""
+        """Read after the engine recorded the plan and before it records the step as computed."""
         return sum(1 for s in self.seqs if s.is_decoding)
 
     @property
     def num_prefill_tokens(self) -> int:
         return self.total_tokens - self.num_decode_tokens
 
-    def add(self, seq: Sequence, num_tokens: int) -> None:
+    def add(self, seq: Sequence, num_tokens: int, start: int | None = None) -> None:
+        """Plan num_tokens of seq's tokens from `start` (default: its first uncomputed token)."""
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
+        self.starts.append(seq.num_computed_tokens if start is None else start)
 
 
 class Scheduler:
@@ -90,24 +99,28 @@ class Scheduler:
         seq.finish_reason = reason
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        """Recompute preemption: drop seq's cache and queue it at the front; its tokens so far are kept."""
+        """Recompute preemption: drop seq's cache and queue it at the front; its tokens so far are kept (the
+        engine records that none of them is computed any more: batch.preempted)."""
         self.running.remove(seq)
         self.kv.free(seq)
-        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         batch.preempted.append(seq)
 
-    def advance(self, batch: ScheduledBatch) -> None:
-        """The batch has run (or is queued on the device, in order): its tokens' K/V count as computed."""
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += num_tokens
+    def _admit(self, seq: Sequence, num_tokens: int, start: int, batch: ScheduledBatch) -> None:
+        """Move a waiting seq into the running set with its first num_tokens tokens from `start` (its cached prefix)."""
+        self.waiting.remove(seq)
+        self.kv.allocate(seq, num_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        batch.add(seq, num_tokens, start)
 
     # -- the step -------------------------------------------------------------------------------------------------
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Start `child` (another sample of parent's request) from the parent's computed prompt.
+    def fork(self, parent: Sequence, child: Sequence) -> int:
+        """Start `child` (another sample of parent's request) from the parent's computed prompt. Returns how many
+        of its tokens it shares, already computed (the engine records them in the child).
 
         The child shares the KV of all prompt tokens but the last, and recomputes that one to get logits of
         its own; with the paged manager that first write lands in a shared block and triggers copy-on-write.
@@ -115,11 +128,11 @@ class Scheduler:
         """
         shared = parent.num_prompt_tokens - 1
         self.kv.fork(parent, child, shared)
-        child.num_computed_tokens = shared
         child.status = SequenceStatus.RUNNING
         child.waiting_since_step = parent.waiting_since_step
         parent.num_unborn_siblings -= 1
         self.running.append(child)
+        return shared
 
     def _seats(self, seq: Sequence) -> int:
         """Running-set seats a sequence needs: its own plus one per sibling still to be forked from it."""
@@ -152,7 +165,7 @@ class Scheduler:
                     break
             else:
                 self.kv.allocate(seq, num_tokens)
-                batch.add(seq, num_tokens)
+                batch.add(seq, num_tokens, seq.num_computed_tokens)
                 budget -= num_tokens
 
         # 2. Admit waiting sequences with what is left (none while anything was preempted this step: memory is
@@ -164,14 +177,11 @@ class Scheduler:
                 seq = self.waiting[0]
                 if seats_taken + self._seats(seq) > self.max_num_seqs:
                     break
-                num_tokens = self._chunk(seq, budget, self.kv.cached_prefix_len(seq))
+                cached = self.kv.cached_prefix_len(seq)
+                num_tokens = self._chunk(seq, budget, cached)
                 if num_tokens == 0 or not self.kv.can_allocate(seq, num_tokens):
                     break  # keep policy order: do not let later arrivals overtake the head of the queue
-                self.waiting.popleft()
-                self.kv.allocate(seq, num_tokens)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-                batch.add(seq, num_tokens)
+                self._admit(seq, num_tokens, cached, batch)
                 budget -= num_tokens
                 seats_taken += self._seats(seq)
 

@@ -6,10 +6,12 @@ the scheduler gives a sequence a number of its uncomputed tokens to run: a prefi
 token when decoding. After preemption by recompute the cache is dropped, num_computed_tokens goes back to 0,
 and prompt + output so far are prefilled again.
 
-The engine owns this state: the scheduler records what is computed (Scheduler.advance after each step, 0 on
-preemption), runners only read it. With async scheduling (fast_runner.py) a sampled token is appended the moment
-its step is launched, as a placeholder (PENDING_TOKEN) whose value is still on the device: the scheduler can plan
-the next step around it while the GPU works, and the fast runner reads its value from the device.
+The engine owns this state and is the only writer of num_computed_tokens: the scheduler and the KV managers
+report what they decided (ScheduledBatch: each chunk's start, who was preempted; Scheduler.fork: the tokens a
+child shares), the engine records it (engine.record_plan, record_computed), runners only read it. With
+async scheduling (fast_runner.py) a sampled token is appended the moment its step is launched, as a placeholder
+(PENDING_TOKEN) whose value is still on the device: the scheduler can plan the next step around it while the GPU
+works, and the fast runner reads its value from the device.
 `num_pending_tokens` counts the placeholders at the end (always 0 with the plain runner).
 """
 

@@ -103,8 +103,8 @@ def plan_step(running: list[dict[str, Any]], waiting: list[dict[str, Any]], num_
                           chunked_prefill)
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     for entry, is_running in [(e, True) for e in running] + [(e, False) for e in waiting]:
-        seq = Sequence(str(entry["seq_id"]), [0] * entry["num_tokens"], params, seq_id=entry["seq_id"])
-        seq.num_computed_tokens = entry["num_computed"]
+        seq = Sequence(str(entry["seq_id"]), [0] * entry["num_tokens"], params, seq_id=entry["seq_id"],
+                       num_computed_tokens=entry["num_computed"])
         if is_running:
             seq.status = SequenceStatus.RUNNING
             scheduler.running.append(seq)
@@ -161,11 +161,10 @@ class PlanScheduler(Scheduler):
             self._preempt(seq, batch)
         for seq, num_tokens in scheduled:
             if seq.status is SequenceStatus.WAITING:
-                self.waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-            self.kv.allocate(seq, num_tokens)
-            batch.add(seq, num_tokens)
+                self._admit(seq, num_tokens, self.kv.cached_prefix_len(seq), batch)
+            else:
+                self.kv.allocate(seq, num_tokens)
+                batch.add(seq, num_tokens, seq.num_computed_tokens)
         self.step_count += 1
         return batch
 
@@ -198,9 +197,10 @@ class PlanScheduler(Scheduler):
         if sum(n for _, n in scheduled) > state["token_budget"]:
             raise ValueError(f"plan runs {sum(n for _, n in scheduled)} tokens, over the budget "
                              f"{state['token_budget']}")
-        if free < 0 or seats > state["max_num_seqs"]:
-            raise ValueError(f"plan needs {-free} more KV blocks than are free, or {seats} seats of "
-                             f"{state['max_num_seqs']}")
+        if free < 0:
+            raise ValueError(f"plan needs {-free} more KV blocks than are free")
+        if seats > state["max_num_seqs"]:
+            raise ValueError(f"plan leaves {seats} sequences running, over max_num_seqs {state['max_num_seqs']}")
         return scheduled, preempted
 
 

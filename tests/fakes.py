@@ -1,47 +1,27 @@
-"""Test doubles for the scheduler: a paged KV manager with exact bookkeeping and a model runner without a model.
+"""Test doubles for the scheduler: the one fake engine, and a paged KV manager with exact bookkeeping.
 
+- The fake engine (its model runner FakeRunner, `schedule`, the fake model next_token / expected_output) lives in
+  autograder/harness/fake_engine.py, since lab 0.2's grader drives learner code with it too; it is re-exported here.
 - FakePagedKVManager hands out blocks on demand (a sequence holding T tokens owns ceil(T / block_size) blocks)
   and checks its own books on every call, so a scheduler that frees twice, leaks or shares a block fails loudly.
-- FakeRunner plays the model runner's part of the engine contract: it advances num_computed_tokens, writes the
-  computed tokens into a fake cache at the slots the block tables name, and when a sequence has no uncomputed
-  tokens left it "samples" a token that is a hash of the tokens it reads back from that cache. A token lost,
-  duplicated or read from a slot another sequence overwrote therefore changes every later token, and the
-  expected output of a request is the pure function `expected_output(prompt, max_tokens)`.
-- run_steps drives scheduler + runner step by step and records what each step did.
+- run_steps drives schedule + runner step by step and records what each step did.
 
-Nothing here imports torch or loads a model; these fakes only know the scheduler's and KV manager's interfaces.
+Nothing here loads a model; these fakes only know the scheduler's and KV manager's interfaces.
 """
 
 from __future__ import annotations
 
-import zlib
-from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from autograder.harness.fake_engine import FAKE_VOCAB_SIZE, FakeRunner, expected_output, next_token, schedule
+from reference.kv import blocks_for_tokens as blocks_for  # ceil(num_tokens / block_size)
 from reference.kv_manager import KVCacheManager
 from reference.scheduler import ScheduledBatch, Scheduler
 from reference.sequence import Sequence
 
-FAKE_VOCAB_SIZE = 50_000
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold num_tokens tokens: ceil(num_tokens / block_size)."""
-    return -(-num_tokens // block_size)
-
-
-def next_token(token_ids: list[int]) -> int:
-    """The fake model: the next token is a hash of every token before it (so history errors propagate)."""
-    return zlib.crc32(array("q", token_ids).tobytes()) % FAKE_VOCAB_SIZE
-
-
-def expected_output(prompt_token_ids: list[int], max_tokens: int) -> list[int]:
-    """The output an exact engine must produce for this prompt with the fake model (no stop tokens)."""
-    tokens = list(prompt_token_ids)
-    for _ in range(max_tokens):
-        tokens.append(next_token(tokens))
-    return tokens[len(prompt_token_ids):]
+__all__ = ["FAKE_VOCAB_SIZE", "FakePagedKVManager", "FakeRunner", "StepTrace", "blocks_for", "expected_output",
+           "next_token", "run_steps", "schedule"]
 
 
 class FakePagedKVManager(KVCacheManager):
@@ -148,54 +128,6 @@ class StepTrace:
     num_free_blocks: int  # after the step
 
 
-@dataclass
-class FakeRunner:
-    """The model runner's side of the engine contract, with a fake cache instead of tensors.
-
-    For each scheduled (seq, n): the n tokens at positions [num_computed_tokens, num_computed_tokens + n) are
-    written into the slots block_table(seq) names, then num_computed_tokens += n. When that reaches
-    seq.num_tokens, the runner reads the whole sequence back from the cache (asserting every slot still holds
-    this sequence's token) and appends next_token(what it read). A sequence whose output reaches
-    params.max_tokens is finished with scheduler.finish(seq, "length").
-    """
-
-    scheduler: Scheduler
-    cache: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (seq_id, token)
-
-    def _slot(self, seq: Sequence, position: int) -> int:
-        block_size = self.scheduler.kv.block_size
-        table = self.scheduler.kv.block_table(seq)
-        assert position // block_size < len(table), (
-            f"seq {seq.seq_id} position {position} is beyond its {len(table)} blocks of {block_size}")
-        return table[position // block_size] * block_size + position % block_size
-
-    def step(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[Sequence]]:
-        """Run one batch. Returns (sequences that got a token, sequences finished)."""
-        sampled, finished = [], []
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-            start = seq.num_computed_tokens
-            assert 1 <= num_tokens <= seq.num_uncomputed_tokens, (
-                f"seq {seq.seq_id} scheduled {num_tokens} tokens with {seq.num_uncomputed_tokens} uncomputed")
-            for position in range(start, start + num_tokens):
-                self.cache[self._slot(seq, position)] = (seq.seq_id, seq.token_ids[position])
-            seq.num_computed_tokens += num_tokens
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a prefill chunk that does not reach the end samples nothing
-            read = []
-            for position in range(seq.num_tokens):
-                owner, token = self.cache.get(self._slot(seq, position), (None, None))
-                assert owner == seq.seq_id and token == seq.token_ids[position], (
-                    f"seq {seq.seq_id} position {position}: cache holds {token} of seq {owner}, "
-                    f"expected {seq.token_ids[position]}")
-                read.append(token)
-            seq.token_ids.append(next_token(read))
-            sampled.append(seq)
-            if len(seq.output_token_ids) >= seq.params.max_tokens:
-                self.scheduler.finish(seq, "length")
-                finished.append(seq)
-        return sampled, finished
-
-
 StepHook = Callable[[Scheduler, ScheduledBatch], None]
 
 
@@ -219,7 +151,7 @@ def run_steps(
             scheduler.add(seq)
         if not scheduler.has_unfinished() and not arrivals:
             break
-        batch = scheduler.schedule()
+        batch = schedule(scheduler)
         scheduled = [(s.seq_id, n) for s, n in zip(batch.seqs, batch.num_tokens)]
         num_prefill, num_decode = batch.num_prefill_tokens, batch.num_decode_tokens  # before the runner moves them
         if after_schedule is not None:

@@ -35,8 +35,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.manager = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
 
     # -- operations ---------------------------------------------------------------------------------------------
-    def _compute(self, seq: Sequence, num_tokens: int) -> bool:
-        """Allocate and 'run' num_tokens more of seq's tokens, as the scheduler + model runner would."""
+    def _compute(self, seq: Sequence, num_tokens: int, start: int | None = None) -> bool:
+        """Allocate and 'run' num_tokens of seq's tokens from `start` (default: its first uncomputed one; a new
+        sequence's cached prefix length), as the scheduler, model runner and engine would."""
+        start = seq.num_computed_tokens if start is None else start
         if not self.manager.can_allocate(seq, num_tokens):
             return False
         self.manager.allocate(seq, num_tokens)
@@ -46,10 +48,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 if source * size + offset in self.cache:
                     self.cache[destination * size + offset] = self.cache[source * size + offset]
         table = self.manager.block_table(seq)
-        for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + num_tokens):
+        for pos in range(start, start + num_tokens):
             slot = table[pos // self.manager.block_size] * self.manager.block_size + pos % self.manager.block_size
             self.cache[slot] = seq.token_ids[pos]
-        seq.num_computed_tokens += num_tokens
+        seq.num_computed_tokens = start + num_tokens  # the engine's record; the manager never writes it
         return True
 
     @precondition(lambda self: self.manager is not None)
@@ -60,8 +62,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         cached = self.manager.cached_prefix_len(seq)
         assert cached < len(prompt) and cached % self.manager.block_size == 0
         num_tokens = min(len(prompt) - cached, chunk)
-        if self._compute(seq, num_tokens):
-            assert seq.num_computed_tokens == cached + num_tokens
+        if self._compute(seq, num_tokens, start=cached):
+            size = self.manager.block_size
+            assert len(self.manager.block_table(seq)) == -(-(cached + num_tokens) // size), "cached + new blocks"
             self.live.append(seq)
         else:
             assert seq.seq_id not in self.manager.tables, "a refused admission must hold nothing"

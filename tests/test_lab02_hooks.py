@@ -87,7 +87,7 @@ def test_machine_measurements_are_positive_rates(device):
 # -- reference.step_plan: the scheduler's step over plain data, and the hook that runs a plan function ---------------
 import random  # noqa: E402
 
-from fakes import FakePagedKVManager, FakeRunner  # noqa: E402
+from fakes import FakePagedKVManager, FakeRunner, schedule  # noqa: E402
 
 from reference import LLM, LLMEngine, SamplingParams  # noqa: E402
 from reference.scheduler import Scheduler  # noqa: E402
@@ -138,7 +138,7 @@ def replay(scheduler: Scheduler, workload) -> list:
         for seq, (arrival, _, _) in zip(seqs, workload):
             if arrival == step:
                 scheduler.add(seq)
-        batch = scheduler.schedule()
+        batch = schedule(scheduler)
         trace.append(([(s.request_id, n) for s, n in zip(batch.seqs, batch.num_tokens)],
                       [s.request_id for s in batch.preempted]))
         runner.step(batch)

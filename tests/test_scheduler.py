@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, event, example, given, settings, target
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fakes import FAKE_VOCAB_SIZE, FakePagedKVManager, FakeRunner, blocks_for, expected_output, run_steps
+from fakes import (FAKE_VOCAB_SIZE, FakePagedKVManager, FakeRunner, blocks_for, expected_output, run_steps,
+                   schedule)
 from reference.kv_manager import ContiguousKVManager
 from reference.policies import PriorityWithAging
 from reference.sampling import SamplingParams
@@ -40,7 +41,7 @@ def paged(num_blocks: int = 256, block_size: int = 4, *, max_num_seqs: int = 8, 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[list[tuple[str, int]], ScheduledBatch]:
     """Schedule and run one step; returns the plan as (request_id, num_tokens) taken before the runner ran."""
-    batch = scheduler.schedule()
+    batch = schedule(scheduler)
     plan = [(seq.request_id, num_tokens) for seq, num_tokens in zip(batch.seqs, batch.num_tokens)]
     runner.step(batch)
     return plan, batch
@@ -640,7 +641,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
-        batch = self.scheduler.schedule()
+        batch = schedule(self.scheduler)
         assert batch.total_tokens <= self.budget
         assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs)
         check_kv_books(self.scheduler, {s.seq_id: n for s, n in zip(batch.seqs, batch.num_tokens)})

@@ -10,20 +10,21 @@ autograder/labs/lab0_2.py.
 from __future__ import annotations
 
 import copy
-import zlib
 from typing import Any
 
 from reference import costs
 from reference.config import ModelConfig
-from reference.kv import ContiguousKVManager, blocks_for_tokens
+from reference.kv import BlockManager, ContiguousKVManager
 from reference.metrics import percentile
-from reference.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from reference.outputs import RequestMetrics
 from reference.policies import POLICIES
 from reference.sampling import SamplingParams
 from reference.scheduler import Scheduler
 from reference.sequence import Sequence
-from reference.step_plan import plan_step
+from reference.step_plan import PlanScheduler, plan_step
 from reference.workload import serve_arrivals
+
+from .fake_engine import FakeEngine
 
 # Exercise cells may rely on these imports and nothing else from their notebook.
 PREAMBLE = """\
@@ -77,142 +78,59 @@ def _plain_plan(plan: Any) -> dict[str, Any]:
     return {"scheduled": [list(pair) for pair in plan["scheduled"]], "preempted": list(plan["preempted"])}
 
 
-def _simulate_schedule(fn, engine: dict[str, Any], requests: list[dict[str, Any]], max_steps: int = 300) -> list[Any]:
-    """Replay a workload with a fake model (every scheduled token is computed; a sequence that reaches its end gets
-    one new token) on the plain state; one trace entry per step: {"state": what the function was given, "plan":
-    what it returned}, or {"error": ..., "state": ...} and stop. The state lets the feedback say what the step
-    looked like (it is equal on both sides up to the first step whose plan differs)."""
-    block_size = engine["block_size"]
-    free = engine["num_blocks"]
-    seqs: dict[int, dict[str, int]] = {}
-    running: list[int] = []
-    waiting: list[int] = []
+def _replay_plans(fn, engine: dict[str, Any], requests: list[dict[str, Any]], max_steps: int = 300) -> list[Any]:
+    """Replay a workload on the fake engine (fake_engine.py), each step planned by `fn` through the engine's
+    PlanScheduler (which checks the plan and carries it out); one trace entry per step: {"state": what the
+    function was given, "plan": what it returned}, or {"error": ..., "state": ...} and stop. The state lets the
+    feedback say what the step looked like (it is equal on both sides up to the first step whose plan differs)."""
     trace: list[Any] = []
+
+    def plan_fn(**state):
+        trace.append({"state": state})
+        trace[-1]["plan"] = _plain_plan(fn(*copy.deepcopy(state).values()))
+        return trace[-1]["plan"]
+
+    kv = BlockManager(engine["num_blocks"], engine["block_size"], enable_prefix_caching=False)
+    # FCFS over sequences that all arrive at time 0 orders them by seq_id, as the plain state lists them.
+    scheduler = PlanScheduler(plan_fn, kv, engine["max_num_seqs"], engine["token_budget"], "fcfs",
+                              engine["chunked_prefill"])
+    fake = FakeEngine(scheduler)
     for step in range(max_steps):
         for seq_id, request in enumerate(requests):
             if request["arrival_step"] == step:
-                seqs[seq_id] = {"num_tokens": request["prompt_len"], "num_computed": 0,
-                                "prompt_len": request["prompt_len"], "max_tokens": request["max_tokens"]}
-                waiting.append(seq_id)
-        if not running and not waiting and all(r["arrival_step"] < step for r in requests):
+                params = SamplingParams(max_tokens=request["max_tokens"], ignore_eos=True)
+                fake.add_sequence(Sequence(str(seq_id), [0] * request["prompt_len"], params, seq_id=seq_id))
+        if not fake.has_unfinished_requests() and all(r["arrival_step"] < step for r in requests):
             break
-        plain = lambda ids: [{"seq_id": i, "num_tokens": seqs[i]["num_tokens"],  # noqa: E731
-                              "num_computed": seqs[i]["num_computed"]} for i in sorted(ids)]
-        state = {"running": plain(running), "waiting": plain(waiting), "num_free_blocks": free,
-                 "block_size": block_size, "max_num_seqs": engine["max_num_seqs"],
-                 "token_budget": engine["token_budget"], "chunked_prefill": engine["chunked_prefill"]}
         try:
-            plan = _plain_plan(fn(*copy.deepcopy(state).values()))
-            free = _apply_plan(plan, seqs, running, waiting, free, engine)
+            fake.step()
         except NotImplementedError:
             raise
         except Exception as exc:
-            trace.append({"error": f"{type(exc).__name__}: {exc}", "state": state})
+            trace[-1] = {"error": f"{type(exc).__name__}: {exc}", "state": trace[-1]["state"]}
             break
-        trace.append({"state": state, "plan": plan})
     return trace
-
-
-def _apply_plan(plan, seqs, running, waiting, free, engine) -> int:
-    block_size = engine["block_size"]
-    for seq_id in plan["preempted"]:
-        if seq_id not in running:
-            raise ValueError(f"preempted {seq_id!r}, which is not running")
-        free += blocks_for_tokens(seqs[seq_id]["num_computed"], block_size)
-        seqs[seq_id]["num_computed"] = 0
-        running.remove(seq_id)
-        waiting.append(seq_id)
-    total = 0
-    done = set()
-    for seq_id, num_tokens in plan["scheduled"]:
-        if seq_id in done or seq_id in plan["preempted"] or (seq_id not in running and seq_id not in waiting):
-            raise ValueError(f"scheduled {seq_id!r}: unknown, preempted or listed twice")
-        seq = seqs[seq_id]
-        if not 1 <= num_tokens <= seq["num_tokens"] - seq["num_computed"]:
-            raise ValueError(f"scheduled {num_tokens} tokens of {seq_id}, which has "
-                             f"{seq['num_tokens'] - seq['num_computed']} uncomputed")
-        free -= blocks_for_tokens(seq["num_computed"] + num_tokens, block_size) - blocks_for_tokens(seq["num_computed"], block_size)
-        if free < 0:
-            raise ValueError(f"scheduling {seq_id} needs more KV blocks than are free")
-        if seq_id in waiting:
-            waiting.remove(seq_id)
-            running.append(seq_id)
-        done.add(seq_id)
-        total += num_tokens
-        seq["num_computed"] += num_tokens
-    if total > engine["token_budget"] or len(running) > engine["max_num_seqs"]:
-        raise ValueError(f"the plan runs {total} tokens (budget {engine['token_budget']}) with {len(running)} "
-                         f"sequences running (max {engine['max_num_seqs']})")
-    for seq_id in list(running):
-        seq = seqs[seq_id]
-        if seq["num_computed"] == seq["num_tokens"]:  # the whole sequence is computed: the model samples a token
-            seq["num_tokens"] += 1
-            if seq["num_tokens"] - seq["prompt_len"] >= seq["max_tokens"]:
-                free += blocks_for_tokens(seq["num_computed"], block_size)
-                running.remove(seq_id)
-    return free
 
 
 def drive_schedule_step(fn, inputs: dict[str, Any]) -> Any:
     """One step from a given state ("state") -> {"state", "plan"}, or a whole workload replayed step by step
-    ("engine", "requests") -> a list of those (see _simulate_schedule)."""
+    ("engine", "requests") -> a list of those (see _replay_plans)."""
     if "state" in inputs:
         state = dict(inputs["state"])
         return {"state": state, "plan": _plain_plan(fn(*copy.deepcopy(state).values()))}
-    return _simulate_schedule(fn, inputs["engine"], inputs["requests"])
+    return _replay_plans(fn, inputs["engine"], inputs["requests"])
+
 
 def ref_run_to_completion(engine, requests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The engine's serving loop over arrivals: reference.workload.serve_arrivals."""
     return serve_arrivals(engine, requests)
 
 
-class ToyEngine:
-    """An engine-shaped test double: the engine's Scheduler over a contiguous KV manager, a hash for a model.
-
-    It keeps LLMEngine's contract for add_request / step / has_unfinished_requests: step() returns a cumulative
-    RequestOutput for each request that got a token (in batch order), finished=True on the step that ends it.
-    """
-
-    def __init__(self, max_num_seqs: int, token_budget: int) -> None:
-        self.scheduler = Scheduler(ContiguousKVManager(max_num_seqs, 4096), max_num_seqs, token_budget)
-        self.live: dict[str, Sequence] = {}
-        self.num_steps = 0
-        self.idle_steps = 0  # step() calls with nothing to run: a serving loop should not make them
-
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        if not isinstance(params, SamplingParams) or request_id in self.live or not prompt:
-            raise ValueError("add_request(request_id, prompt token ids, SamplingParams): bad or duplicate request")
-        seq = Sequence(request_id, [int(t) for t in prompt], params, arrival_time=float(self.num_steps))
-        self.live[request_id] = seq
-        self.scheduler.add(seq)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.live)
-
-    def step(self) -> list[RequestOutput]:
-        self.idle_steps += not self.live
-        batch = self.scheduler.schedule()
-        self.num_steps += 1
-        outputs = []
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += num_tokens
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue
-            seq.token_ids.append(zlib.crc32(str(seq.token_ids).encode()) % 1000)
-            finished = seq.num_output_tokens >= seq.params.max_tokens
-            if finished:
-                self.scheduler.finish(seq, "length")
-                del self.live[seq.request_id]
-            completion = CompletionOutput(0, "", seq.output_token_ids, "length" if finished else None)
-            outputs.append(RequestOutput(seq.request_id, None, seq.prompt_token_ids, [completion], finished,
-                                         RequestMetrics(arrival_time=0.0)))
-        return outputs
-
-
 def drive_run_to_completion(fn, inputs: dict[str, Any]) -> Any:
     """The loop's results per request, and how often it called step() on an idle engine (0 expected)."""
-    engine = ToyEngine(inputs["engine"]["max_num_seqs"], inputs["engine"]["token_budget"])
+    max_num_seqs = inputs["engine"]["max_num_seqs"]
+    engine = FakeEngine(Scheduler(ContiguousKVManager(max_num_seqs, 4096), max_num_seqs,
+                                  inputs["engine"]["token_budget"]))
     results = fn(engine, [dict(r) for r in inputs["requests"]])
     if not isinstance(results, dict):
         raise ValueError(f"run_to_completion must return a dict, got {type(results).__name__}")

@@ -85,10 +85,9 @@ class BlockManager(KVCacheManager):
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         assert self._blocks_needed(seq, num_new_tokens) <= self.num_free_blocks, "allocate() without can_allocate()"
-        if seq.seq_id not in self.tables:
-            self._admit(seq)
+        start = self._admit(seq) if seq.seq_id not in self.tables else seq.num_computed_tokens
         table = self.tables[seq.seq_id]
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        end = start + num_new_tokens
         if start % self.block_size and self.blocks[table[-1]].ref_count > 1:
             table[-1] = self._copy_on_write(table[-1])
         while len(table) * self.block_size < end:
@@ -159,7 +158,9 @@ class BlockManager(KVCacheManager):
         cow = 1 if seq.num_computed_tokens % self.block_size and self.blocks[table[-1]].ref_count > 1 else 0
         return cow + max(0, blocks_for_tokens(end, self.block_size) - len(table))
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence) -> int:
+        """Give a new sequence the cached blocks of its prefix; returns how many tokens they hold (the scheduler
+        reports that number, cached_prefix_len, and the engine records it in the sequence)."""
         matched = self._match_prefix(seq)
         if self.enable_prefix_caching:
             self.prefix_queried_tokens += seq.num_prompt_tokens
@@ -168,7 +169,7 @@ class BlockManager(KVCacheManager):
             self.share_block(block_id)
         self.tables[seq.seq_id] = matched
         self._names[seq.seq_id] = [self.prefix_cache.hash_of[b] for b in matched]
-        seq.num_computed_tokens = len(matched) * self.block_size
+        return len(matched) * self.block_size
 
     def _copy_on_write(self, block_id: int) -> int:
         new_id = self.allocate_block()

@@ -29,7 +29,8 @@ class KVCacheManager(ABC):
 
     @abstractmethod
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Make room for seq's next num_new_tokens tokens. Call only after can_allocate said yes."""
+        """Make room for seq's next num_new_tokens tokens (a new sequence's: those after cached_prefix_len(seq)).
+        Call only after can_allocate said yes. Managers never write the sequence: the engine records its state."""
 
     @abstractmethod
     def free(self, seq: Sequence) -> None:

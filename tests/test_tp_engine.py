@@ -1,10 +1,10 @@
 """The engine with tensor parallelism (LLM(..., tensor_parallel_size=N)): one process per rank, gloo on the CPU.
 
 Greedy tokens over 2 and 4 ranks agree with one rank under the written tie rule (tests/exactness.py), on random
-Llama / Qwen2 / Qwen3 checkpoints whose heads split unevenly-looking but legally, and on SmolLM2 (whose 9 query
-heads and 3 KV heads split over 3 ranks only: 2 and 4 raise before any process starts). A worker's failure comes
-back to rank 0 as a clear error and leaves no process behind, as does an interrupted step; closing the LLM,
-garbage collection and interpreter exit stop the workers.
+Llama / Qwen2 / Qwen3 checkpoints with awkward GQA ratios and head dims that still split, and on SmolLM2 (whose
+9 query heads and 3 KV heads split over 3 ranks only: 2 and 4 raise before any process starts). A worker's
+failure comes back to rank 0 as a clear error and leaves no process behind, as does an interrupted step;
+closing the LLM, garbage collection and interpreter exit stop the workers.
 """
 
 from __future__ import annotations

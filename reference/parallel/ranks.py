@@ -7,10 +7,10 @@
     ranks.close()                              stop the workers (also at garbage collection and at exit)
 
 The scheduler, the sampler and the detokenizer run here only. Failures: a worker that raises sends its
-traceback to rank 0 and exits, which closes its sockets, so rank 0's next collective fails at once (gloo; NCCL
-notices at its timeout) and the engine raises a RuntimeError naming the rank, with its traceback. A failed or
-interrupted step (Ctrl-C) stops every worker: the ranks may no longer be at the same point of the step, so this
-engine cannot go on, and says so when used again.
+traceback to rank 0 and exits, which closes its sockets, so rank 0's next collective fails at once (gloo; with
+NCCL only after COLLECTIVE_TIMEOUT) and the engine raises a RuntimeError naming the rank, with its traceback.
+A failed or interrupted step (Ctrl-C) stops every worker: the ranks may no longer be at the same point of the
+step, so this engine cannot go on, and says so when used again.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def checked_model(model: str, size: int, device: torch.device) -> str:
     if model.startswith("random:"):
         check_shardable(preset_config(model.removeprefix("random:")), size)
         return model
-    model_dir = resolve_model_dir(model, progress=False)
+    model_dir = resolve_model_dir(model)  # (the first use of SmolLM2 converts it, with a progress bar)
     check_shardable(ModelConfig.from_dir(model_dir), size)
     return str(model_dir)
 

@@ -117,7 +117,7 @@ class Exercise:
 
 @dataclass(frozen=True)
 class Lab:
-    """A lab: its name ("lab0.1"), its folder of learner notebooks, a fixed preamble and its exercises.
+    """A lab: its name ("lab0.1", also the folder of its learner notebooks), a fixed preamble and its exercises.
 
     preamble: the imports every exercise cell may rely on; it is run before an exercise cell wherever the cell
     runs outside its notebook (the command-line check, the grader). Exercise cells must not depend on anything
@@ -128,7 +128,6 @@ class Lab:
     """
 
     name: str
-    folder: str
     preamble: str
     exercises: tuple[Exercise, ...]
     notes: dict[str, str] = field(default_factory=dict)
@@ -148,6 +147,11 @@ class Lab:
             if exercise.name == name:
                 return exercise
         raise ValueError(f"{self.name} has no exercise {name!r}; exercises: {', '.join(self.exercise_names)}")
+
+    @property
+    def folder(self) -> str:
+        """The folder of the learner notebooks (autograder/<folder>/ holds the solution notebooks)."""
+        return self.name
 
     @property
     def exercise_names(self) -> list[str]:

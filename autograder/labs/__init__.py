@@ -2,7 +2,9 @@
 
 `load_lab("lab0.1")` imports autograder.labs.lab0_1 and returns its LAB; a new lab adds a module here and a line
 to LAB_MODULES. What runs beside learner code (the preamble, drivers, references) is in the module of the same
-name in autograder/harness.
+name in autograder/harness (imported there as `harness`); a lab module holds what only the grader's parent sees:
+inputs, seeds and feedback (draw.py draws the random inputs from each case's seed). Exercise signatures are
+frozen once published: the notebooks' skeletons, the self-check cells and the grader all depend on them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from __future__ import annotations
 import importlib
 
 from ..spec import Lab
+
+# The course labs' limit on the resident memory of a grading child: about twice what grading their solutions peaks
+# at in one child with PyPI's CUDA build of torch 2.14 (benchmarks/RESULTS.md): lab 0.1 298 MB, lab 0.2 290 MB,
+# lab 0.3 307 MB with the Triton interpreter; lab 0.4 154 MB with the CPU build of torch 2.13, as lab 0.1.
+LAB_MEMORY_MB = 640
 
 LAB_MODULES = {
     "lab0.1": "autograder.labs.lab0_1",

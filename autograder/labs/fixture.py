@@ -42,4 +42,4 @@ COUNTER = Exercise(
     ),
 )
 
-LAB = Lab(name="fixture", folder="fixture", preamble=PREAMBLE, exercises=(ADD, COUNTER), memory_mb=2048)
+LAB = Lab(name="fixture", preamble=PREAMBLE, exercises=(ADD, COUNTER), memory_mb=2048)

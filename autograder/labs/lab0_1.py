@@ -1,9 +1,4 @@
-"""Lab 0.1 (From text to tensors): its exercises and their test cases.
-
-Exercise signatures below are frozen once published: the notebooks' skeletons, the self-check cells and the
-grader all depend on them. The preamble, the references and the driver run beside learner code, so they live in
-autograder/harness/lab0_1.py; this module holds what only the grader's parent sees: inputs, seeds and feedback.
-"""
+"""Lab 0.1 (From text to tensors): its exercises and their test cases."""
 
 from __future__ import annotations
 
@@ -14,25 +9,10 @@ import torch
 from reference.sampling import _apply_top_k_top_p
 
 from ..compare import Close, Exact, Trace
-from ..harness.lab0_1 import (
-    LAYER_WEIGHT_NAMES,
-    PREAMBLE,
-    ReferenceKVCache,
-    drive_calls,
-    drive_kv_cache,
-    ref_apply_rope,
-    ref_bpe_encode,
-    ref_bpe_merge_step,
-    ref_bpe_train,
-    ref_decoder_layer,
-    ref_gqa_attention,
-    ref_kv_cache_bytes,
-    ref_pack_batch,
-    ref_rms_norm,
-    ref_sample_next_token,
-    ref_swiglu_mlp,
-)
+from ..harness import lab0_1 as harness
 from ..spec import Case, Exercise, Lab
+from . import LAB_MEMORY_MB
+from .draw import choice, integer
 
 NOTEBOOK_1 = "01_tokens_and_embeddings.ipynb"
 NOTEBOOK_2 = "02_decoder_forward.ipynb"
@@ -61,14 +41,14 @@ def _text(generator: torch.Generator, num_words: int) -> str:
 def _merge_inputs(generator: torch.Generator, length: int, alphabet: int) -> dict[str, Any]:
     ids = torch.randint(0, alphabet, (length,), generator=generator).tolist()
     pairs = list(zip(ids, ids[1:]))
-    pair = pairs[int(torch.randint(0, len(pairs), (1,), generator=generator))]
+    pair = choice(generator, pairs)
     return {"ids": ids, "pair": pair, "new_id": 256 + alphabet}
 
 
 BPE_MERGE_STEP = Exercise(
     name="bpe_merge_step", symbol="bpe_merge_step", notebook=NOTEBOOK_1,
     signature="bpe_merge_step(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]",
-    reference=ref_bpe_merge_step, driver=drive_calls,
+    reference=harness.ref_bpe_merge_step, driver=harness.drive_calls,
     cases=(
         Case("one_pair", lambda g: {"ids": [1, 2, 3, 1, 2, 4], "pair": (1, 2), "new_id": 256}, Exact(),
              "merging (1, 2) -> 256 in [1, 2, 3, 1, 2, 4] gives [256, 3, 256, 4]"),
@@ -94,7 +74,7 @@ BPE_MERGE_STEP = Exercise(
 BPE_TRAIN = Exercise(
     name="bpe_train", symbol="bpe_train", notebook=NOTEBOOK_1,
     signature="bpe_train(text: str, num_merges: int) -> list[tuple[int, int]]",
-    reference=ref_bpe_train, uses=("bpe_merge_step",),
+    reference=harness.ref_bpe_train, uses=("bpe_merge_step",),
     cases=(
         Case("classic_example", lambda g: {"text": "aaabdaaabac", "num_merges": 3}, Exact(),
              "'aaabdaaabac' with 3 merges: (97, 97) first (count 4); then (256, 97) and (97, 98) occur twice each, "
@@ -114,14 +94,14 @@ BPE_TRAIN = Exercise(
 
 
 def _encode_inputs(generator: torch.Generator, train_words: int, num_merges: int, text_words: int) -> dict:
-    merges = ref_bpe_train(_text(generator, train_words), num_merges)
+    merges = harness.ref_bpe_train(_text(generator, train_words), num_merges)
     return {"text": _text(generator, text_words) + " zebra ✓", "merges": merges}
 
 
 BPE_ENCODE = Exercise(
     name="bpe_encode", symbol="bpe_encode", notebook=NOTEBOOK_1,
     signature="bpe_encode(text: str, merges: list[tuple[int, int]]) -> list[int]",
-    reference=ref_bpe_encode, uses=("bpe_merge_step",), driver=drive_calls,
+    reference=harness.ref_bpe_encode, uses=("bpe_merge_step",), driver=harness.drive_calls,
     cases=(
         Case("no_merges_gives_bytes", lambda g: {"calls": [{"text": "Hi, 🙂!", "merges": []},
                                                            {"text": "Hi, 🙂!", "merges": [(72, 105)]}]},
@@ -141,7 +121,8 @@ PACK_BATCH = Exercise(
     name="pack_batch", symbol="pack_batch", notebook=NOTEBOOK_1,
     signature="pack_batch(prompts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]  "
               "# input_ids int64 [N], positions int64 [N], cu_seqlens int32 [B + 1]",
-    reference=ref_pack_batch, hides=("reference.attention.metadata.build_metadata",), driver=drive_calls,
+    reference=harness.ref_pack_batch, driver=harness.drive_calls,
+    hides=("reference.attention.metadata.build_metadata",),
     cases=(
         Case("three_prompts", lambda g: {"prompts": [[5, 6, 7], [8], [9, 10]]}, Exact(),
              "[[5, 6, 7], [8], [9, 10]] -> ids [5, 6, 7, 8, 9, 10], positions [0, 1, 2, 0, 0, 1], "
@@ -173,7 +154,7 @@ def _rms_inputs(generator, shape, scale=1.0, eps=1e-6, dtype=torch.float32):
 RMS_NORM = Exercise(
     name="rms_norm", symbol="rms_norm", notebook=NOTEBOOK_2,
     signature="rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor  # x: [..., hidden], weight: [hidden]",
-    reference=ref_rms_norm, hides=("reference.models.llama.RMSNorm",),
+    reference=harness.ref_rms_norm, hides=("reference.models.llama.RMSNorm",),
     cases=(
         Case("float32_rows", lambda g: _rms_inputs(g, (4, 64)), Close(1e-5, 1e-5),
              "a [4, 64] float32 input: each row divided by its root mean square, then scaled by weight", seed=10),
@@ -202,7 +183,8 @@ APPLY_ROPE = Exercise(
     name="apply_rope", symbol="apply_rope", notebook=NOTEBOOK_2,
     signature="apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor  "
               "# x: [num_tokens, heads, head_dim], positions: int64 [num_tokens]",
-    reference=ref_apply_rope, hides=("reference.models.rotary.apply_rotary", "reference.models.rotary.RotaryEmbedding"),
+    reference=harness.ref_apply_rope,
+    hides=("reference.models.rotary.apply_rotary", "reference.models.rotary.RotaryEmbedding"),
     cases=(
         Case("positions_0_to_7", lambda g: _rope_inputs(g, 8, 4, 64, 10000.0), Close(1e-4, 1e-4),
              "8 tokens at positions 0..7, 4 heads of 64 dims, theta 10000 (half-split pairs (i, i + 32))", seed=20),
@@ -230,7 +212,7 @@ GQA_ATTENTION = Exercise(
     name="gqa_attention", symbol="gqa_attention", notebook=NOTEBOOK_2,
     signature="gqa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor  "
               "# q: [q_len, heads, head_dim], k/v: [context_len, kv_heads, head_dim]",
-    reference=ref_gqa_attention, hides=("reference.attention.torch_ref.attend_one_sequence",),
+    reference=harness.ref_gqa_attention, hides=("reference.attention.torch_ref.attend_one_sequence",),
     cases=(
         Case("mha_prefill", lambda g: _attention_inputs(g, 6, 4, 4, 6, 16), Close(1e-5, 1e-4),
              "multi-head attention (4 query heads, 4 KV heads), 6 tokens attending causally; scores are "
@@ -262,7 +244,7 @@ SWIGLU_MLP = Exercise(
     name="swiglu_mlp", symbol="swiglu_mlp", notebook=NOTEBOOK_2,
     signature="swiglu_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor  "
               "# x: [num_tokens, hidden], w_gate/w_up: [intermediate, hidden], w_down: [hidden, intermediate]",
-    reference=ref_swiglu_mlp, hides=("reference.models.llama.MLP",),
+    reference=harness.ref_swiglu_mlp, hides=("reference.models.llama.MLP",),
     cases=(
         Case("four_tokens", lambda g: _mlp_inputs(g, 4, 16, 40), Close(1e-5, 1e-4),
              "4 tokens, hidden 16, intermediate 40: down(silu(gate(x)) * up(x)), weights in nn.Linear layout",
@@ -284,7 +266,7 @@ def _layer_inputs(generator, tokens, hidden, heads, kv_heads, head_dim, intermed
         "mlp.down_proj.weight": (hidden, intermediate),
     }
     weights = {}
-    for name in LAYER_WEIGHT_NAMES:
+    for name in harness.LAYER_WEIGHT_NAMES:
         noise = torch.randn(shapes[name], generator=generator)
         weights[name] = 1 + 0.1 * noise if name.endswith("layernorm.weight") else noise * hidden**-0.5
     return {
@@ -300,7 +282,7 @@ DECODER_LAYER = Exercise(
     name="decoder_layer", symbol="decoder_layer", notebook=NOTEBOOK_2,
     signature="decoder_layer(hidden: Tensor, positions: Tensor, weights: dict[str, Tensor], config: dict) -> Tensor"
               "  # hidden: [num_tokens, hidden_size] of one sequence",
-    reference=ref_decoder_layer, uses=("rms_norm", "apply_rope", "gqa_attention", "swiglu_mlp"),
+    reference=harness.ref_decoder_layer, uses=("rms_norm", "apply_rope", "gqa_attention", "swiglu_mlp"),
     hides=("reference.models.llama.DecoderLayer", "reference.models.llama.Attention"),
     cases=(
         Case("gqa_layer", lambda g: _layer_inputs(g, 6, 64, 4, 2, 16, 96), Close(1e-4, 1e-4),
@@ -325,20 +307,19 @@ DECODER_LAYER = Exercise(
 # ============================================================================================================
 
 
-def _random_config(generator) -> dict[str, Any]:
-    pick = lambda options: options[int(torch.randint(0, len(options), (1,), generator=generator))]  # noqa: E731
-    heads = pick([8, 16, 32, 40, 64])
-    config = {"num_hidden_layers": pick([12, 24, 28, 32, 40, 80]), "num_attention_heads": heads,
-              "hidden_size": heads * pick([64, 128])}
-    if pick([True, False]):
-        config["num_key_value_heads"] = pick([1, 2, 4, 8])
+def _random_config(g) -> dict[str, Any]:
+    heads = choice(g, [8, 16, 32, 40, 64])
+    config = {"num_hidden_layers": choice(g, [12, 24, 28, 32, 40, 80]), "num_attention_heads": heads,
+              "hidden_size": heads * choice(g, [64, 128])}
+    if choice(g, [True, False]):
+        config["num_key_value_heads"] = choice(g, [1, 2, 4, 8])
     return config
 
 
 KV_CACHE_BYTES = Exercise(
     name="kv_cache_bytes", symbol="kv_cache_bytes", notebook=NOTEBOOK_3,
     signature="kv_cache_bytes(config: dict, num_tokens: int, dtype_bytes: int) -> int",
-    reference=ref_kv_cache_bytes, hides=("reference.kv.layout.kv_bytes_per_token",),
+    reference=harness.ref_kv_cache_bytes, hides=("reference.kv.layout.kv_bytes_per_token",),
     cases=(
         Case("smollm2_one_token_float32", lambda g: {"config": {"num_hidden_layers": 30, "num_attention_heads": 9,
                                                                 "num_key_value_heads": 3, "head_dim": 64,
@@ -398,9 +379,9 @@ def _kv_ops_random(g):
     init = {"num_layers": 3, "max_batch": 4, "max_len": 12, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32"}
     ops = []
     for _ in range(40):
-        layer, row = (int(torch.randint(0, n, (1,), generator=g)) for n in (3, 4))
-        start = int(torch.randint(0, 12, (1,), generator=g))
-        count = int(torch.randint(1, 4, (1,), generator=g))
+        layer, row = (integer(g, 0, n) for n in (3, 4))
+        start = integer(g, 0, 12)
+        count = integer(g, 1, 4)
         ops.append(_update(g, layer, row, start, count, 2, 8))  # some overflow on purpose
     return {"init": init, "ops": ops + [{"op": "nbytes"}]}
 
@@ -409,7 +390,8 @@ KV_CACHE = Exercise(
     name="kv_cache", symbol="KVCache", notebook=NOTEBOOK_3,
     signature="class KVCache: __init__(self, num_layers, max_batch, max_len, num_kv_heads, head_dim, "
               "dtype=torch.float32); update(self, layer, row, start, k, v) -> (k_all, v_all); nbytes -> int",
-    reference=ReferenceKVCache, driver=drive_kv_cache, hides=("reference.kv.contiguous.ContiguousKVCache",),
+    reference=harness.ReferenceKVCache, driver=harness.drive_kv_cache,
+    hides=("reference.kv.contiguous.ContiguousKVCache",),
     cases=(
         Case("prefill_then_decode", _kv_ops_prefill_decode,
              Trace(Exact(), ("prefill layer 0", "prefill layer 1", "decode layer 0", "decode layer 1",
@@ -476,7 +458,8 @@ SAMPLE_NEXT_TOKEN = Exercise(
     name="sample_next_token", symbol="sample_next_token", notebook=NOTEBOOK_3,
     signature="sample_next_token(logits: Tensor, temperature: float, top_k: int, top_p: float, uniform: Tensor) "
               "-> Tensor  # logits: float32 [batch, vocab], uniform: float32 [batch] -> int64 [batch]",
-    reference=ref_sample_next_token, hides=("reference.sampling.sample", "reference.sampling._apply_top_k_top_p"),
+    reference=harness.ref_sample_next_token,
+    hides=("reference.sampling.sample", "reference.sampling._apply_top_k_top_p"),
     cases=(
         Case("greedy", lambda g: _sampler_inputs(g, 3, 50, 0.0, -1, 1.0), Exact(),
              "temperature 0 is greedy: the argmax of each row, whatever the draw", seed=80),
@@ -502,16 +485,8 @@ SAMPLE_NEXT_TOKEN = Exercise(
 )
 
 
-LAB = Lab(
-    name="lab0.1",
-    folder="lab0.1",
-    preamble=PREAMBLE,
-    exercises=(
-        BPE_MERGE_STEP, BPE_TRAIN, BPE_ENCODE, PACK_BATCH,
-        RMS_NORM, APPLY_ROPE, GQA_ATTENTION, SWIGLU_MLP, DECODER_LAYER,
-        KV_CACHE_BYTES, KV_CACHE, SAMPLE_NEXT_TOKEN,
-    ),
-    # Grading the solutions peaks at 298 MB of resident memory in one child with PyPI's CUDA build of torch
-    # 2.14 (154 MB with the CPU build; benchmarks/RESULTS.md): about twice that.
-    memory_mb=640,
-)
+LAB = Lab(name="lab0.1", preamble=harness.PREAMBLE, memory_mb=LAB_MEMORY_MB, exercises=(
+    BPE_MERGE_STEP, BPE_TRAIN, BPE_ENCODE, PACK_BATCH,
+    RMS_NORM, APPLY_ROPE, GQA_ATTENTION, SWIGLU_MLP, DECODER_LAYER,
+    KV_CACHE_BYTES, KV_CACHE, SAMPLE_NEXT_TOKEN,
+))

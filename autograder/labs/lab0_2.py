@@ -1,9 +1,4 @@
-"""Lab 0.2 (Prefill vs decode): its exercises and their test cases.
-
-Exercise signatures below are frozen once published: the notebooks' skeletons, the self-check cells and the
-grader all depend on them. The preamble, the references and the drivers run beside learner code, so they live in
-autograder/harness/lab0_2.py; this module holds what only the grader's parent sees: inputs, seeds and feedback.
-"""
+"""Lab 0.2 (Prefill vs decode): its exercises and their test cases."""
 
 from __future__ import annotations
 
@@ -14,19 +9,10 @@ import torch
 
 from ..codec import describe
 from ..compare import Close, Comparison, Exact, Outcome, Trace
-from ..harness.lab0_2 import (
-    PREAMBLE,
-    drive_policy_sort_key,
-    drive_run_to_completion,
-    drive_schedule_step,
-    ref_arithmetic_intensity,
-    ref_flops_per_token,
-    ref_latency_summary,
-    ref_policy_sort_key,
-    ref_run_to_completion,
-    ref_schedule_step,
-)
+from ..harness import lab0_2 as harness
 from ..spec import Case, Exercise, Lab
+from . import LAB_MEMORY_MB
+from .draw import choice, integer
 
 NOTEBOOK_1 = "01_two_phases.ipynb"
 NOTEBOOK_2 = "02_batching.ipynb"
@@ -46,35 +32,32 @@ LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 1100
              "num_attention_heads": 32}  # no head_dim, no num_key_value_heads: the defaults apply
 
 
-def _pick(generator: torch.Generator, options: list) -> Any:
-    return options[int(torch.randint(0, len(options), (1,), generator=generator))]
-
-
 def _random_config(generator: torch.Generator) -> dict[str, Any]:
-    heads = _pick(generator, [4, 8, 12, 16])
-    config = {"vocab_size": _pick(generator, [1000, 32000, 50257]), "num_hidden_layers": _pick(generator, [2, 12, 24]),
-              "num_attention_heads": heads, "hidden_size": heads * _pick(generator, [32, 64]),
-              "intermediate_size": _pick(generator, [512, 1536, 2816])}
-    if _pick(generator, [True, False]):
-        config["num_key_value_heads"] = _pick(generator, [h for h in (1, 2, 4) if heads % h == 0])
-    if _pick(generator, [True, False]):
-        config["head_dim"] = _pick(generator, [32, 64, 128])
+    heads = choice(generator, [4, 8, 12, 16])
+    config = {"vocab_size": choice(generator, [1000, 32000, 50257]),
+              "num_hidden_layers": choice(generator, [2, 12, 24]),
+              "num_attention_heads": heads, "hidden_size": heads * choice(generator, [32, 64]),
+              "intermediate_size": choice(generator, [512, 1536, 2816])}
+    if choice(generator, [True, False]):
+        config["num_key_value_heads"] = choice(generator, [h for h in (1, 2, 4) if heads % h == 0])
+    if choice(generator, [True, False]):
+        config["head_dim"] = choice(generator, [32, 64, 128])
     return config
 
 
 def _random_step(generator: torch.Generator, num_seqs: int) -> tuple[list[int], list[int]]:
     query_lens, context_lens = [], []
     for _ in range(num_seqs):
-        query_len = _pick(generator, [1, 1, 1, 7, 33])
+        query_len = choice(generator, [1, 1, 1, 7, 33])
         query_lens.append(query_len)
-        context_lens.append(query_len + int(torch.randint(0, 300, (1,), generator=generator)))
+        context_lens.append(query_len + integer(generator, 0, 300))
     return query_lens, context_lens
 
 
 FLOPS_PER_TOKEN = Exercise(
     name="flops_per_token", symbol="flops_per_token", notebook=NOTEBOOK_1,
     signature="flops_per_token(config: dict, context_len: int) -> int",
-    reference=ref_flops_per_token,
+    reference=harness.ref_flops_per_token,
     hides=("reference.costs.flops_per_token", "reference.costs.linear_params", "reference.costs.step_flops"),
     cases=(
         Case("smollm2_first_token", lambda g: {"config": SMOLLM2, "context_len": 1}, Exact(),
@@ -89,7 +72,7 @@ FLOPS_PER_TOKEN = Exercise(
              "Llama-2-7B's config has no head_dim and no num_key_value_heads: head_dim = hidden // heads, "
              "KV heads = heads"),
         Case("random_configs", lambda g: {"config": _random_config(g),
-                                          "context_len": int(torch.randint(1, 5000, (1,), generator=g))},
+                                          "context_len": integer(g, 1, 5000)},
              Exact(), "a random Llama-style config and context", visible=False, seed=1),
         Case("none_means_default", lambda g: {"config": {**LLAMA2_7B, "num_key_value_heads": None, "head_dim": None},
                                               "context_len": 300},
@@ -101,7 +84,7 @@ ARITHMETIC_INTENSITY = Exercise(
     name="arithmetic_intensity", symbol="arithmetic_intensity", notebook=NOTEBOOK_1,
     signature="arithmetic_intensity(config: dict, query_lens: list[int], context_lens: list[int], dtype_bytes: int) "
               "-> float",
-    reference=ref_arithmetic_intensity, uses=("flops_per_token",),
+    reference=harness.ref_arithmetic_intensity, uses=("flops_per_token",),
     hides=("reference.costs.arithmetic_intensity", "reference.costs.step_bytes", "reference.kv.layout.kv_bytes_per_token"),
     cases=(
         Case("one_decode_float32", lambda g: {"config": SMOLLM2, "query_lens": [1], "context_lens": [100],
@@ -123,7 +106,7 @@ ARITHMETIC_INTENSITY = Exercise(
              Close(0.0, 1e-9), "a chunked-prefill step: 64 tokens of a prompt whose first 128 are cached already "
                                "(its keys 129..192), beside two decodes"),
         Case("random_steps", lambda g: {"config": _random_config(g), "query_lens": (step := _random_step(g, 6))[0],
-                                        "context_lens": step[1], "dtype_bytes": _pick(g, [1, 2, 4])},
+                                        "context_lens": step[1], "dtype_bytes": choice(g, [1, 2, 4])},
              Close(0.0, 1e-9), "random configs and steps", visible=False, seed=2),
         Case("none_means_default", lambda g: {"config": {**LLAMA2_7B, "num_key_value_heads": None, "head_dim": None},
                                               "query_lens": [1, 1], "context_lens": [100, 900], "dtype_bytes": 2},
@@ -267,9 +250,9 @@ def _state(running, waiting, num_free_blocks, block_size=4, max_num_seqs=4, toke
 def _workload(generator, count, num_blocks, max_num_seqs, token_budget, chunked_prefill=True, block_size=4):
     requests = []
     for _ in range(count):
-        requests.append({"arrival_step": int(torch.randint(0, 8, (1,), generator=generator)),
-                         "prompt_len": int(torch.randint(1, 24, (1,), generator=generator)),
-                         "max_tokens": int(torch.randint(1, 10, (1,), generator=generator))})
+        requests.append({"arrival_step": integer(generator, 0, 8),
+                         "prompt_len": integer(generator, 1, 24),
+                         "max_tokens": integer(generator, 1, 10)})
     requests.sort(key=lambda r: r["arrival_step"])
     return {"engine": {"num_blocks": num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
                        "token_budget": token_budget, "chunked_prefill": chunked_prefill}, "requests": requests}
@@ -284,7 +267,7 @@ SCHEDULE_STEP = Exercise(
     signature="schedule_step(running: list[dict], waiting: list[dict], num_free_blocks: int, block_size: int, "
               "max_num_seqs: int, token_budget: int, chunked_prefill: bool) -> dict  "
               "# {'scheduled': [[seq_id, num_tokens], ...], 'preempted': [seq_id, ...]}",
-    reference=ref_schedule_step, driver=drive_schedule_step, hides=("reference.step_plan.plan_step",),
+    reference=harness.ref_schedule_step, driver=harness.drive_schedule_step, hides=("reference.step_plan.plan_step",),
     cases=(
         Case("decode_first_then_a_chunk", lambda g: _state([(0, 10, 9)], [(1, 30, 0)], 100), Plans(),
              "one sequence decoding, one 30-token prompt waiting, budget 16: the decode runs first (1 token), "
@@ -345,8 +328,8 @@ def _serving(max_num_seqs, token_budget, *specs):
 
 
 def _random_serving(generator, count):
-    specs = sorted((int(torch.randint(0, 30, (1,), generator=generator)), int(torch.randint(1, 40, (1,), generator=generator)),
-                    int(torch.randint(1, 12, (1,), generator=generator))) for _ in range(count))
+    specs = sorted((integer(generator, 0, 30), integer(generator, 1, 40),
+                    integer(generator, 1, 12)) for _ in range(count))
     return _serving(3, 24, *specs)
 
 
@@ -354,7 +337,8 @@ RUN_TO_COMPLETION = Exercise(
     name="run_to_completion", symbol="run_to_completion", notebook=NOTEBOOK_2,
     signature="run_to_completion(engine, requests: list[dict]) -> dict[str, dict]  "
               "# request_id -> {'token_ids': list[int], 'first_token_step': int, 'finish_step': int}",
-    reference=ref_run_to_completion, driver=drive_run_to_completion, hides=("reference.workload.serve_arrivals",),
+    reference=harness.ref_run_to_completion, driver=harness.drive_run_to_completion,
+    hides=("reference.workload.serve_arrivals",),
     cases=(
         Case("all_at_step_zero", lambda g: _serving(4, 64, (0, 5, 3), (0, 8, 1), (0, 3, 4)), Exact(),
              "three requests at step 0 that all fit: one step prefills them all, then they decode and leave "
@@ -386,7 +370,7 @@ def _request_metrics(generator, count, max_tokens_high=40):
     for _ in range(count):
         arrival = float(torch.rand(1, generator=generator)) * 10
         first = arrival + float(torch.rand(1, generator=generator)) * 3
-        tokens = int(torch.randint(1, max_tokens_high, (1,), generator=generator))
+        tokens = integer(generator, 1, max_tokens_high)
         finish = first + (tokens - 1) * float(torch.rand(1, generator=generator)) * 0.2
         metrics.append({"arrival_time": arrival, "first_token_time": first, "finish_time": finish,
                         "num_output_tokens": tokens})
@@ -401,7 +385,7 @@ LATENCY_SUMMARY = Exercise(
     name="latency_summary", symbol="latency_summary", notebook=NOTEBOOK_3,
     signature="latency_summary(metrics: list[dict]) -> dict[str, float]  "
               "# keys ttft_mean, ttft_p50, ttft_p90, tpot_mean, tpot_p50, tpot_p90",
-    reference=ref_latency_summary, hides=("reference.metrics.percentile", "reference.metrics.summarize"),
+    reference=harness.ref_latency_summary, hides=("reference.metrics.percentile", "reference.metrics.summarize"),
     cases=(
         Case("two_requests", lambda g: {"metrics": [_metric(0.0, 0.5, 2.5, 5), _metric(1.0, 1.25, 1.75, 3)]},
              Close(1e-9, 1e-9), "TTFT 0.5 and 0.25 s; TPOT (2.5 - 0.5) / 4 = 0.5 and 0.5 / 2 = 0.25 s; the p50 of "
@@ -434,8 +418,8 @@ _MIXED = [_seq(0, 0.0, 300, 2), _seq(1, 0.5, 12, 1, 4), _seq(2, 0.5, 40, 0, 9), 
 
 
 def _random_order(generator, policy):
-    seqs = [_seq(i, float(torch.randint(0, 5, (1,), generator=generator)), int(torch.randint(1, 60, (1,), generator=generator)),
-                 int(torch.randint(0, 4, (1,), generator=generator)), int(torch.randint(0, 80, (1,), generator=generator)))
+    seqs = [_seq(i, float(integer(generator, 0, 5)), integer(generator, 1, 60),
+                 integer(generator, 0, 4), integer(generator, 0, 80))
             for i in range(12)]
     return {"order": {"policy": policy, "seqs": seqs, "step": 100, "aging_steps": 16}}
 
@@ -443,7 +427,7 @@ def _random_order(generator, policy):
 POLICY_SORT_KEY = Exercise(
     name="policy_sort_key", symbol="policy_sort_key", notebook=NOTEBOOK_3,
     signature="policy_sort_key(policy: str, seq: dict, step: int, aging_steps: int) -> tuple",
-    reference=ref_policy_sort_key, driver=drive_policy_sort_key,
+    reference=harness.ref_policy_sort_key, driver=harness.drive_policy_sort_key,
     hides=("reference.policies.FCFS", "reference.policies.ShortestJobFirst", "reference.policies.PriorityWithAging"),
     cases=(
         Case("fcfs", lambda g: _calls("fcfs", _MIXED, 10), Exact(),
@@ -476,13 +460,6 @@ POLICY_SORT_KEY = Exercise(
 )
 
 
-LAB = Lab(
-    name="lab0.2",
-    folder="lab0.2",
-    preamble=PREAMBLE,
-    exercises=(FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP, LATENCY_SUMMARY,
-               POLICY_SORT_KEY),
-    # Grading the solutions peaks at 290 MB of resident memory in one child with PyPI's CUDA build of torch
-    # 2.14 (154 MB with the CPU build; benchmarks/RESULTS.md): about twice that.
-    memory_mb=640,
-)
+LAB = Lab(name="lab0.2", preamble=harness.PREAMBLE, memory_mb=LAB_MEMORY_MB, exercises=(
+    FLOPS_PER_TOKEN, ARITHMETIC_INTENSITY, RUN_TO_COMPLETION, SCHEDULE_STEP, LATENCY_SUMMARY, POLICY_SORT_KEY,
+))

@@ -1,8 +1,5 @@
 """Lab 0.3 (KV cache & attention): its exercises and their test cases.
 
-Exercise signatures below are frozen once published: the notebooks' skeletons, the self-check cells and the
-grader all depend on them. The preamble, the references and the drivers run beside learner code, so they live in
-autograder/harness/lab0_3.py; this module holds what only the grader's parent sees: inputs, seeds and feedback.
 Like the harness, it must not import triton (see autograder/harness/lab0_3.py): the Triton exercise's expected
 values come from the PyTorch reference.
 """
@@ -17,22 +14,10 @@ import torch
 from reference.attention.torch_ref import paged_attention as _paged_attention
 
 from ..compare import Close, Exact, Trace
-from ..harness.lab0_3 import (
-    PREAMBLE,
-    ReferenceBlockAllocator,
-    ReferencePrefixCache,
-    drive_block_allocator,
-    drive_block_hashes,
-    drive_paged_decode_triton,
-    drive_prefix_cache,
-    drive_slot_mapping,
-    ref_block_hashes,
-    ref_paged_attention_torch,
-    ref_paged_decode_triton,
-    ref_sdpa_attention,
-    ref_slot_mapping,
-)
+from ..harness import lab0_3 as harness
 from ..spec import Case, Exercise, Lab
+from . import LAB_MEMORY_MB
+from .draw import choice, integer
 
 NOTEBOOK_1 = "01_paged_memory.ipynb"
 NOTEBOOK_2 = "02_prefix_sharing.ipynb"
@@ -52,7 +37,7 @@ def _slot_call(block_table, positions, block_size) -> dict[str, Any]:
 def _random_slot_calls(g: torch.Generator) -> dict[str, Any]:
     calls = []
     for block_size in (1, 4, 16, 32):
-        num_blocks = int(torch.randint(1, 9, (1,), generator=g))
+        num_blocks = integer(g, 1, 9)
         table = torch.randperm(64, generator=g)[:num_blocks].tolist()
         positions = torch.randint(0, num_blocks * block_size, (20,), generator=g)
         positions[torch.rand(20, generator=g) < 0.2] = -1
@@ -64,7 +49,7 @@ SLOT_MAPPING = Exercise(
     name="slot_mapping", symbol="slot_mapping", notebook=NOTEBOOK_1,
     signature="slot_mapping(block_table: list[int], positions: Tensor, block_size: int) -> Tensor  "
               "# positions: int64 [n] (-1 = padding) -> int64 [n]",
-    reference=ref_slot_mapping, driver=drive_slot_mapping,
+    reference=harness.ref_slot_mapping, driver=harness.drive_slot_mapping,
     hides=("reference.kv.layout.slot_mapping",),
     cases=(
         Case("one_sequence", lambda g: {"calls": [_slot_call([7, 2, 9], list(range(10)), 4)]},
@@ -137,9 +122,9 @@ def _random_allocator_ops(g: torch.Generator) -> dict[str, Any]:
     kinds = ("allocate", "allocate", "free", "free", "share", "ref_count", "num_free")
     ops = []
     for _ in range(120):
-        kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=g))]
+        kind = choice(g, kinds)
         ops.append({"op": kind} if kind in ("allocate", "num_free")
-                   else {"op": kind, "block": int(torch.randint(0, 8, (1,), generator=g))})
+                   else {"op": kind, "block": integer(g, 0, 8)})
     return {"num_blocks": 6, "ops": ops}
 
 
@@ -147,7 +132,7 @@ BLOCK_ALLOCATOR = Exercise(
     name="block_allocator", symbol="BlockAllocator", notebook=NOTEBOOK_1,
     signature="class BlockAllocator: __init__(self, num_blocks); allocate() -> int; share(block_id) -> int; "
               "free(block_id) -> bool; ref_count(block_id) -> int; num_free -> int",
-    reference=ReferenceBlockAllocator, driver=drive_block_allocator,
+    reference=harness.ReferenceBlockAllocator, driver=harness.drive_block_allocator,
     hides=("reference.kv.block_manager.BlockManager",),
     cases=(
         Case("free_queue_order", lambda g: {"num_blocks": 4, "ops": _FIFO_OPS}, Trace(Exact(), _allocator_names(4, _FIFO_OPS)),
@@ -178,7 +163,7 @@ _SYSTEM = [1, 415, 2683, 314, 253, 5356, 11173, 30, 2]  # a made-up system promp
 def _shared_prompts(g: torch.Generator) -> dict[str, Any]:
     lists = []
     for _ in range(6):
-        suffix = torch.randint(0, 5, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
+        suffix = torch.randint(0, 5, (integer(g, 0, 12),), generator=g).tolist()
         lists.append(_SYSTEM + suffix)
     return {"token_lists": lists, "block_size": 4}
 
@@ -189,7 +174,7 @@ _HASH_NAMES = ("; the check numbers distinct hashes 0, 1, 2, ... in order of fir
 BLOCK_HASHES = Exercise(
     name="block_hashes", symbol="block_hashes", notebook=NOTEBOOK_2,
     signature="block_hashes(token_ids: list[int], block_size: int) -> list[int]  # one int per FULL block",
-    reference=ref_block_hashes, driver=drive_block_hashes,
+    reference=harness.ref_block_hashes, driver=harness.drive_block_hashes,
     hides=("reference.kv.prefix_cache.block_hashes",),
     cases=(
         Case("full_blocks_only", lambda g: {"token_lists": [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7]],
@@ -244,7 +229,7 @@ def _cache_names(block_size: int, ops: list[dict[str, Any]], labels: tuple[str, 
         names.append(f"{label} (registered before it: {held or 'nothing'})")
         if op["op"] == "insert":
             hashes = {h for h, _, _ in registered.values()}
-            for j, (h, block) in enumerate(zip(ref_block_hashes(op["tokens"], block_size), op["blocks"])):
+            for j, (h, block) in enumerate(zip(harness.ref_block_hashes(op["tokens"], block_size), op["blocks"])):
                 if h not in hashes and block not in registered:
                     registered[block] = (h, tuple(op["tokens"][j * block_size : (j + 1) * block_size]), j * block_size)
                     hashes.add(h)
@@ -271,8 +256,8 @@ _COLLISION_OPS = [_insert([-1, 10, 11, -2, 12, 13], [0, 1]), _lookup([-2, 10, 11
 def _random_cache_ops(g: torch.Generator) -> dict[str, Any]:
     ops, next_block = [], 0
     for _ in range(60):
-        kind = int(torch.randint(0, 3, (1,), generator=g))
-        tokens = torch.randint(0, 2, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist()
+        kind = integer(g, 0, 3)
+        tokens = torch.randint(0, 2, (integer(g, 1, 14),), generator=g).tolist()
         if kind == 0:
             blocks = list(range(next_block, next_block + len(tokens) // 3 + 1))
             next_block += len(blocks)
@@ -280,7 +265,7 @@ def _random_cache_ops(g: torch.Generator) -> dict[str, Any]:
         elif kind == 1:
             ops.append(_lookup(tokens))
         else:
-            ops.append(_evict(int(torch.randint(0, max(1, next_block), (1,), generator=g))))
+            ops.append(_evict(integer(g, 0, max(1, next_block))))
     return {"block_size": 3, "ops": ops}
 
 
@@ -288,7 +273,7 @@ PREFIX_CACHE = Exercise(
     name="prefix_cache", symbol="PrefixCache", notebook=NOTEBOOK_2,
     signature="class PrefixCache: __init__(self, block_size); insert(token_ids, block_ids) -> int; "
               "lookup(token_ids) -> list[int]; evict(block_id) -> bool",
-    reference=ReferencePrefixCache, driver=drive_prefix_cache, uses=("block_hashes",),
+    reference=harness.ReferencePrefixCache, driver=harness.drive_prefix_cache, uses=("block_hashes",),
     hides=("reference.kv.prefix_cache.PrefixCache",),
     cases=(
         Case("hits_stop_at_the_first_miss", lambda g: {"block_size": 4, "ops": _HIT_OPS},
@@ -363,7 +348,7 @@ PAGED_ATTENTION_TORCH = Exercise(
     name="paged_attention_torch", symbol="paged_attention_torch", notebook=NOTEBOOK_3,
     signature="paged_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> Tensor  "
               "# q: [num_tokens, heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]",
-    reference=ref_paged_attention_torch,
+    reference=harness.ref_paged_attention_torch,
     hides=("reference.attention.torch_ref.paged_attention", "reference.attention.torch_ref.gather_context"),
     cases=(
         Case("decode_batch", lambda g: _paged_inputs(g, [1, 1, 1], [5, 1, 12], 4, 4, 16, 4), Close(1e-5, 1e-5),
@@ -408,7 +393,7 @@ PAGED_DECODE_TRITON = Exercise(
     name="paged_decode_triton", symbol="paged_decode_triton", notebook=NOTEBOOK_3,
     signature="paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale) -> Tensor  "
               "# q: [batch, heads, head_dim] -> [batch, heads, head_dim]; a Triton kernel inside",
-    reference=ref_paged_decode_triton, driver=drive_paged_decode_triton,
+    reference=harness.ref_paged_decode_triton, driver=harness.drive_paged_decode_triton,
     hides=("reference.attention.triton_ops.paged_decode_attention",),
     cases=(
         Case("one_sequence_one_block", lambda g: _decode_inputs(g, [3], 2, 2, 16, 4), Close(1e-4, 1e-4),
@@ -444,7 +429,7 @@ SDPA_ATTENTION = Exercise(
     name="sdpa_attention", symbol="sdpa_attention", notebook=NOTEBOOK_3,
     signature="sdpa_attention(q, k, v, scale) -> Tensor  # q: [seq, heads, head_dim], k, v: [seq, kv_heads, "
               "head_dim] -> [seq, heads, head_dim], causal, through F.scaled_dot_product_attention",
-    reference=ref_sdpa_attention,
+    reference=harness.ref_sdpa_attention,
     hides=("reference.attention.sdpa.fresh_prefill_attention",),
     cases=(
         Case("multi_head", lambda g: _sdpa_inputs(g, 7, 4, 4, 16), Close(1e-5, 1e-5),
@@ -463,16 +448,8 @@ SDPA_ATTENTION = Exercise(
 )
 
 
-LAB = Lab(
-    name="lab0.3",
-    folder="lab0.3",
-    preamble=PREAMBLE,
-    exercises=(
-        SLOT_MAPPING, BLOCK_ALLOCATOR,
-        BLOCK_HASHES, PREFIX_CACHE,
-        PAGED_ATTENTION_TORCH, PAGED_DECODE_TRITON, SDPA_ATTENTION,
-    ),
-    # Grading the solutions peaks at 307 MB of resident memory in one child with PyPI's CUDA build of torch
-    # 2.14, the Triton interpreter included (199 MB with the CPU build; benchmarks/RESULTS.md): about twice that.
-    memory_mb=640,
-)
+LAB = Lab(name="lab0.3", preamble=harness.PREAMBLE, memory_mb=LAB_MEMORY_MB, exercises=(
+    SLOT_MAPPING, BLOCK_ALLOCATOR,
+    BLOCK_HASHES, PREFIX_CACHE,
+    PAGED_ATTENTION_TORCH, PAGED_DECODE_TRITON, SDPA_ATTENTION,
+))

@@ -99,6 +99,8 @@ class LLMEngine:
             self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
             config.fill_defaults(self.device, self.model_config.max_position_embeddings)
             if self.device.type == "cuda":  # seats and KV capacity from free memory (kv/gpu_sizing.py)
+                if self.ranks is not None and config.max_num_seqs is None:  # its profiling pass needs every rank
+                    self.ranks.join_profiling_pass(config)
                 fill_gpu_sizes(config, self.model, self.device, self.model_config, self.dtype, self.ranks is None)
             budget = self._kv_memory_budget
             if self.ranks is not None:  # each rank measures its own; all take the smallest

@@ -2,6 +2,7 @@
 
     ranks = EngineRanks.start(model, size, device, dtype, seed)  check the model splits, spawn ranks 1..N-1
     ranks.tp                                   rank 0's place, for load_model(tp=...)
+    ranks.join_profiling_pass(config)          (GPU) the workers join rank 0's profiling forward pass
     ranks.smallest_kv_budget(config, budget)   every rank measures its KV memory; the smallest wins
     ranks.runner(plain_runner, config)         the runner the engine steps (TensorParallelRunner)
     ranks.close()                              stop the workers (also at garbage collection and at exit)
@@ -29,12 +30,13 @@ import torch.multiprocessing as mp
 
 from ..config import ModelConfig
 from ..engine_config import EngineConfig
+from ..kv.gpu_sizing import MAX_GPU_SEATS
 from ..model_runner import ModelRunner, StepInputs
 from ..models.loader import resolve_model_dir
 from ..models.presets import preset_config
 from ..scheduler import ScheduledBatch
 from .plan import check_shardable
-from .worker import MeasureKVBudget, RankSetup, Start, Step, join_group, worker_main
+from .worker import MeasureKVBudget, Profile, RankSetup, Start, Step, join_group, worker_main
 
 STARTUP_TIMEOUT = 300  # seconds a worker may take to start Python and torch before it joins
 STOP_TIMEOUT = 30  # seconds a worker may take to stop when asked, before it is killed
@@ -168,6 +170,14 @@ class EngineRanks:
                 raise RuntimeError(failure) from error
             raise
         self._workers.in_step = False
+
+    def join_profiling_pass(self, config: EngineConfig) -> None:
+        """On a GPU, kv/gpu_sizing.py sizes the seats from a forward pass at the full token budget (sampling
+        MAX_GPU_SEATS rows when max_num_seqs is not given); its collectives need every rank, so the workers run
+        the same pass alongside rank 0's."""
+        with self._together():
+            self._control.send(Profile(dataclasses.replace(_portable(config),
+                                                           max_num_seqs=config.max_num_seqs or MAX_GPU_SEATS)))
 
     def smallest_kv_budget(self, config: EngineConfig, own_budget) -> int:
         """Every rank measures the bytes its KV cache may take (own_budget() here); the smallest is everyone's."""

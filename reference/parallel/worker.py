@@ -6,6 +6,7 @@ tells it. Rank 0's messages come by torch.distributed broadcast over a second gr
 control group: they are small Python objects, and a worker may wait for the next one as long as the engine sits
 idle, so this group's timeout is long while the model's own collectives keep a short one.
 
+    Profile(config)                         join rank 0's profiling pass on a GPU (for its collectives)
     MeasureKVBudget(config)                 measure this rank's KV memory budget; all ranks take the smallest
     Start(config, num_blocks, block_size)   build the plain runner (model_runner.py) with that KV cache
     Step(block_copies, inputs)              run this rank's share of one step's forward pass
@@ -56,6 +57,11 @@ class RankSetup:
     @property
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+@dataclass
+class Profile:
+    config: EngineConfig  # as rank 0's profiling pass sees it (kv/gpu_sizing.py sizes the seats from that pass)
 
 
 @dataclass
@@ -146,7 +152,9 @@ def serve(model: torch.nn.Module, control: Control, dtype: torch.dtype) -> None:
     """Do what rank 0 says until it says stop."""
     runner = None
     while (message := control.receive()) is not None:
-        if isinstance(message, MeasureKVBudget):
+        if isinstance(message, Profile):
+            gpu_memory_for_kv(model, control.device, message.config)  # the same forward pass, the same collectives
+        elif isinstance(message, MeasureKVBudget):
             control.smallest(rank_kv_budget(model, control.device, message.config))
         elif isinstance(message, Start):
             runner = ModelRunner(model, KVShape(message.num_blocks, message.block_size), dtype,

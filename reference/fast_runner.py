@@ -12,6 +12,8 @@ On the CPU everything has run by the time launch() returns; the bookkeeping is t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .attention import build_metadata
@@ -72,16 +74,30 @@ class FastModelRunner(ModelRunner):
             if len(inputs.sampling) == len(inputs.query_lens):
                 return logits
             # A 1-token prefill chunk short of its prompt's end ran too (its K/V is written) but samples nothing.
-            return logits[torch.tensor(inputs.sampling, device=self.device)] if inputs.sampling else None
+            return logits[self._upload(torch.tensor(inputs.sampling))] if inputs.sampling else None
+        # Built on the host, then copied without waiting for the step in flight (see _upload).
         positions, metadata = build_metadata(inputs.query_lens, inputs.context_lens, inputs.block_tables,
-                                             self.kv.block_size, self.device)
-        ids = torch.tensor(inputs.input_ids, device=self.device)
+                                             self.kv.block_size, "cpu")
+        positions, ids = self._upload(positions), self._upload(torch.tensor(inputs.input_ids))
+        metadata = dataclasses.replace(metadata, **{
+            name: self._upload(getattr(metadata, name))
+            for name in ("cu_seqlens_q", "context_lens", "slot_mapping", "block_tables")
+            if getattr(metadata, name) is not None})
         if pending_rows is not None:
-            fill_pending(ids, torch.tensor(pending_rows, device=self.device), previous_ids)
+            fill_pending(ids, self._upload(torch.tensor(pending_rows)), previous_ids)
         hidden = self.model(ids, positions, metadata, self.kv_caches)
         if not inputs.sampling:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])
+        return self.model.compute_logits(hidden[self._upload(torch.tensor(inputs.last_token_rows()))])
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied asynchronously from pinned memory. A copy from ordinary (pageable)
+        memory makes the host wait until the GPU has finished the step in flight, which stalls async scheduling:
+        the next step could not be planned while a prefill runs. (torch's pinned-memory cache hands a staging
+        buffer out again only once the copy reading it has finished.)"""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _pending_outputs(self, seqs: list[Sequence], previous: "LaunchedStep | None") -> torch.Tensor | None:
         """For penalties: each sampling sequence's output token still on the device (-1: none), or None when no

@@ -125,9 +125,9 @@ def _thresholds(logits: torch.Tensor, params: list[SamplingParams], sampled: lis
     cut = [i for i, (p, s) in enumerate(zip(params, sampled)) if s and (0 < p.top_k < vocab or p.top_p < 1)]
     if not cut:
         return thresholds
-    rows = torch.tensor(cut, device=logits.device)
+    rows = _to_device(np.array(cut, np.int64), logits.device)
     raw = logits[rows].float()
-    temperatures = torch.tensor([params[i].temperature for i in cut], device=logits.device)
+    temperatures = _to_device(np.array([params[i].temperature for i in cut], np.float32), logits.device)
     scaled = raw / temperatures[:, None]
     kept = scaled >= filter_thresholds(scaled, [params[i].top_k for i in cut], [params[i].top_p for i in cut])[:, None]
     thresholds[rows] = raw.masked_fill(~kept, float("inf")).amin(dim=-1)

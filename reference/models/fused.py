@@ -26,39 +26,55 @@ def _rounded(x, dtype: tl.constexpr):
     return x.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
 
 
+# Launch shape: a program handles ROWS rows of a [rows, BLOCK] tile, ROWS = ROW_ELEMENTS // BLOCK. One row per
+# program is right for a hidden-size row (1024 elements), but Qwen3's q/k norms and RoPE work on 128-element head
+# rows: 8192 tokens x 24 heads made 196k programs of 128 elements each per kernel, most of each program's time
+# spent starting up. The arithmetic of an element does not depend on ROWS.
+ROW_ELEMENTS = 1024
+
+
+def _rows_per_program(block: int) -> int:
+    return max(1, ROW_ELEMENTS // block)
+
+
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(x_ptr + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1)[:, None] / n_cols + eps)
     dtype = out_ptr.dtype.element_ty
     normed = _rounded(x * inv_rms, dtype)  # torch: x.to(dtype) before the weight
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, _rounded(normed * weight, dtype).to(dtype), mask=mask)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * n_cols + cols, _rounded(normed * weight, dtype).to(dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., dim] (any float dtype), weight: [dim] of x's dtype -> [..., dim], normalised over the last dim."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_program: int | None = None) -> torch.Tensor:
+    """x: [..., dim] (any float dtype), weight: [dim] of x's dtype -> [..., dim], normalised over the last dim.
+    rows_per_program: the launch shape (None: ROW_ELEMENTS per program); it does not change the result's math."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()
     out = torch.empty_like(x)
+    block = triton.next_power_of_2(x.shape[1])
+    rows = rows_per_program or _rows_per_program(block)
     if x.shape[0]:
-        _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]))
+        _rms_norm_kernel[(triton.cdiv(x.shape[0], rows),)](x, weight, out, x.shape[0], x.shape[1], eps,
+                                                           ROWS=rows, BLOCK=block)
     return out.view(shape)
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half, BLOCK: tl.constexpr):
-    """One (token, head) row: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code.
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, num_heads, half, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """ROWS (token, head) rows: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code.
     half = head_dim / 2; BLOCK is the next power of two (a Triton block's size must be one), masked down."""
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # row = token * num_heads + head
+    token = rows // num_heads
     dtype = out_ptr.dtype.element_ty
-    base = (token * num_heads + head) * 2 * half
-    cols = tl.arange(0, BLOCK)
-    mask = cols < half
+    base = rows * 2 * half
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < half)
     x1 = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + base + half + cols, mask=mask, other=0.0).to(tl.float32)
     # Both halves of a row rotate by the same angles; the tables are float32, cast to x's dtype as torch does.
@@ -70,9 +86,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half, BLOCK: tl.
     tl.store(out_ptr + base + half + cols, out2.to(dtype), mask=mask)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 rows_per_program: int | None = None) -> torch.Tensor:
     """x: [num_tokens, heads, head_dim] (head_dim even); cos, sin: float32 [num_tokens, 1, head_dim] -> rotated x
-    (new tensor)."""
+    (new tensor). rows_per_program: (token, head) rows per program (None: ROW_ELEMENTS per program)."""
     num_tokens, num_heads, head_dim = x.shape
     if head_dim % 2:
         raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {head_dim}")
@@ -80,8 +97,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     out = torch.empty_like(x)
     if num_tokens:
         half = head_dim // 2
-        _rotary_kernel[(num_tokens, num_heads)](x, cos.contiguous(), sin.contiguous(), out, num_heads, half,
-                                                BLOCK=triton.next_power_of_2(half))
+        block = triton.next_power_of_2(half)
+        rows = rows_per_program or _rows_per_program(2 * block)
+        n_rows = num_tokens * num_heads
+        _rotary_kernel[(triton.cdiv(n_rows, rows),)](x, cos.contiguous(), sin.contiguous(), out, n_rows, num_heads,
+                                                     half, ROWS=rows, BLOCK=block)
     return out
 
 

@@ -360,6 +360,9 @@ def test_compute_logprobs_rejects_bad_num_top(num_top):
 # `sample`, noise that depends on a row's seed alone, greedy rows untouched.
 
 
+FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, else the interpreter (conftest)
+
+
 def fused_sampler():
     pytest.importorskip("triton")
     from reference import fused_sampling
@@ -373,16 +376,16 @@ def fused_frequencies(logits: list[float], params: SamplingParams, mutate=None) 
     """Empirical frequencies of NUM_DRAWS draws of the fused sampler from one row (NUM_DRAWS unseeded rows).
     mutate(inv_temperatures, thresholds) may break the kernel's inputs, to show the test would notice."""
     fused = fused_sampler()
-    batch = torch.tensor(logits).expand(NUM_DRAWS, -1).contiguous()
+    batch = torch.tensor(logits, device=FUSED_DEVICE).expand(NUM_DRAWS, -1).contiguous()
     if mutate is None:
         tokens = fused.sample(batch, [params] * NUM_DRAWS, [None] * NUM_DRAWS)
     else:
-        inv_temperatures = torch.full((NUM_DRAWS,), 1 / params.temperature)
+        inv_temperatures = torch.full((NUM_DRAWS,), 1 / params.temperature, device=FUSED_DEVICE)
         thresholds = fused._thresholds(batch, [params] * NUM_DRAWS, [True] * NUM_DRAWS)
         inv_temperatures, thresholds = mutate(inv_temperatures, thresholds)
-        seeds = torch.from_numpy(fused._unseeded_row_seeds(NUM_DRAWS))
+        seeds = torch.from_numpy(fused._unseeded_row_seeds(NUM_DRAWS)).to(FUSED_DEVICE)
         tokens = fused.race(batch, inv_temperatures, thresholds, seeds)
-    return torch.bincount(tokens, minlength=len(logits)).double() / NUM_DRAWS
+    return torch.bincount(tokens.cpu(), minlength=len(logits)).double() / NUM_DRAWS
 
 
 FUSED_SETTINGS = [  # (temperature, top_k, top_p) on NUCLEUS_LOGITS; each case's kept set is named
@@ -417,11 +420,11 @@ def test_the_distribution_test_catches_a_wrong_fused_sampler(mistake, mutate):
 
 def test_fused_sampler_keeps_greedy_rows_argmax_with_ties_in_a_mixed_batch():
     fused = fused_sampler()
-    logits = (torch.randn(6, 3000) * 2).to(torch.bfloat16)  # bfloat16: many exact ties, the first one wins
+    logits = (torch.randn(6, 3000) * 2).to(FUSED_DEVICE, torch.bfloat16)  # bfloat16: many exact ties, the first wins
     logits[1, 2000:2003] = logits[1].max() + 1  # a three-way tie for the top, across a block boundary
     params = [SamplingParams(temperature=0.0 if i % 2 else 0.8) for i in range(6)]
     tokens = fused.sample(logits, params, [None] * 6)
-    assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))
+    assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))  # torch.argmax: the first of tied maxima
     assert tokens[1].item() == 2000
 
 
@@ -430,7 +433,7 @@ def test_fused_seeded_row_does_not_depend_on_the_batch_or_the_launch():
     from reference.sampling import seed_state
 
     vocab = 2500  # three blocks of columns: the last one ragged
-    target = torch.randn(vocab)
+    target = torch.randn(vocab, device=FUSED_DEVICE)
     params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=42)
     alone = [fused.sample(target[None], [params], [seed_state(42, 0, pos)]).item() for pos in range(6)]
     assert len(set(alone)) >= 4  # the positions draw differently
@@ -438,23 +441,23 @@ def test_fused_seeded_row_does_not_depend_on_the_batch_or_the_launch():
     for position in range(6):
         batch_size = 2 + position % 3
         row = position % batch_size
-        logits = torch.randn(batch_size, vocab)
+        logits = torch.randn(batch_size, vocab, device=FUSED_DEVICE)
         logits[row] = target
         params_batch = [others[(i + position) % 3] for i in range(batch_size)]
         params_batch[row] = params
         seeds = [seed_state(p.seed, 0, 99) if p.seed is not None else None for p in params_batch]
         seeds[row] = seed_state(42, 0, position)
         for splits in (1, 2):
-            inv_t = torch.tensor([0.0 if p.greedy else 1 / p.temperature for p in params_batch])
+            inv_t = torch.tensor([0.0 if p.greedy else 1 / p.temperature for p in params_batch], device=FUSED_DEVICE)
             thresholds = fused._thresholds(logits, params_batch, [not p.greedy for p in params_batch])
-            seed_tensor = torch.tensor([s if s is not None else 5 for s in seeds])
+            seed_tensor = torch.tensor([s if s is not None else 5 for s in seeds], device=FUSED_DEVICE)
             tokens = fused.race(logits, inv_t, thresholds, seed_tensor, num_splits=splits)
             assert tokens[row].item() == alone[position], f"position {position}, row {row}, {splits} splits"
 
 
 def test_fused_unseeded_rows_follow_torch_manual_seed():
     fused = fused_sampler()
-    logits = torch.randn(4, 700)
+    logits = torch.randn(4, 700, device=FUSED_DEVICE)
     params = [SamplingParams(temperature=1.0)] * 4
     torch.manual_seed(3)
     first = fused.sample(logits, params, [None] * 4)

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -210,6 +211,34 @@ def test_workers_stop_when_the_llm_is_garbage_collected_and_at_interpreter_exit(
     for pid in map(int, done.stdout.split()):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # no such process: it stopped with its rank 0
+
+
+GENERATE_UNTIL_INTERRUPTED = """
+import sys
+from reference import LLM, SamplingParams
+llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+print(*[process.pid for process in llm.engine.ranks._workers.processes], flush=True)
+while True:
+    llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_rank_0_and_its_workers(checkpoint_factory):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the workers ignore it, rank 0
+    raises KeyboardInterrupt and stops them."""
+    path = checkpoint(checkpoint_factory, "qwen3-4q-1kv")
+    child = subprocess.Popen([sys.executable, "-c", GENERATE_UNTIL_INTERRUPTED, str(path)], start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    time.sleep(2)  # generating
+    os.killpg(child.pid, signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert workers and "KeyboardInterrupt" in stderr
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 @pytest.mark.gpu

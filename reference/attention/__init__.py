@@ -2,11 +2,13 @@
 
 Backends (attention_backend=...):
 - "torch": plain PyTorch (torch_ref.py), any device. The reference every other backend is tested against.
+- "padded": each step's decodes, and its prefill chunks, as one padded batch through torch's SDPA (padded.py):
+  a few large operations per layer instead of a Python loop over sequences. Any device; made for the CPU.
 - "triton": the paged Triton kernels (triton_ops.py) for everything: store, decode, chunked prefill.
 - "flash": torch's SDPA (FlashAttention kernels) for fresh prefills, the Triton kernels for the rest.
 - "flash-attn": the `flash-attn` package for everything (when installed; needs block_size % 256 == 0).
 - "auto": on a CUDA GPU "flash-attn" when it is installed and the block size suits it, else "flash" when
-  Triton is available; "torch" otherwise.
+  Triton is available, else "torch"; on the CPU "padded".
 triton_ops is imported only when a Triton backend is built, so `import reference` never imports triton.
 """
 
@@ -17,12 +19,13 @@ import importlib.util
 import torch
 
 from .metadata import AttentionMetadata, build_metadata
+from .padded import PaddedAttentionBackend
 from .sdpa import fresh_prefill_attention
 from .torch_ref import TorchAttentionBackend
 
 from .flash_attn_pkg import PAGE_MULTIPLE, flash_attn_installed
 
-BACKENDS = ("auto", "torch", "triton", "flash", "flash-attn")
+BACKENDS = ("auto", "torch", "padded", "triton", "flash", "flash-attn")
 
 
 def triton_available() -> bool:
@@ -53,7 +56,7 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int = 16) 
         raise ValueError(f"attention_backend={name!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
         if device.type != "cuda":
-            return "torch"
+            return "padded"
         if flash_attn_installed() and triton_available() and block_size % PAGE_MULTIPLE == 0:
             return "flash-attn"
         return "flash" if triton_available() else "torch"
@@ -75,6 +78,8 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu", block_si
     name = resolve_backend_name(name, torch.device(device), block_size)
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "padded":
+        return PaddedAttentionBackend()
     if name == "flash-attn":
         from .flash_attn_pkg import FlashAttnPackageBackend
 
@@ -84,4 +89,5 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu", block_si
     return TritonAttentionBackend() if name == "triton" else FlashPrefillBackend(TritonAttentionBackend())
 
 
-__all__ = ["AttentionMetadata", "build_metadata", "TorchAttentionBackend", "get_backend", "resolve_backend_name"]
+__all__ = ["AttentionMetadata", "build_metadata", "TorchAttentionBackend", "PaddedAttentionBackend", "get_backend",
+           "resolve_backend_name"]

@@ -1,0 +1,93 @@
+"""The CPU's padded attention backend (attention/padded.py) equals its slow twin, torch_ref, on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference.attention import build_metadata, get_backend
+from reference.attention.padded import PaddedAttentionBackend
+from reference.attention.torch_ref import TorchAttentionBackend
+from reference.kv.layout import blocks_for_tokens
+
+TOLERANCE = dict(atol=1e-5, rtol=1e-5)  # float32; the two paths sum in different orders
+
+
+def random_step(query_lens, context_lens, heads, kv_heads, head_dim, block_size, seed=0):
+    """Random q/k/v for one step, caches holding random earlier K/V, and shuffled block tables."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = [blocks_for_tokens(n, block_size) for n in context_lens]
+    num_blocks = sum(needed) + 3  # a few blocks nobody owns
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    block_tables, used = [], 0
+    for n in needed:
+        block_tables.append(order[used:used + n])
+        used += n
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=generator) for _ in range(2))
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, heads, head_dim, generator=generator)
+    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
+    _, metadata = build_metadata(query_lens, context_lens, block_tables, block_size, "cpu")
+    return q, k, v, k_cache, v_cache, metadata
+
+
+def both(query_lens, context_lens, heads, kv_heads, head_dim, block_size, seed=0):
+    q, k, v, k_cache, v_cache, metadata = random_step(query_lens, context_lens, heads, kv_heads, head_dim,
+                                                      block_size, seed)
+    scale = head_dim**-0.5
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    expected = TorchAttentionBackend().forward(q, k, v, *ref_caches, metadata, scale)
+    got = PaddedAttentionBackend().forward(q, k, v, k_cache, v_cache, metadata, scale)
+    return got, expected, (k_cache, v_cache), ref_caches
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1), (9, 3)])  # MHA, GQA, MQA, SmolLM2's
+@pytest.mark.parametrize("head_dim", [64, 17])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_mixed_step_equals_torch_ref(heads, kv_heads, head_dim, block_size):
+    # decodes, a fresh prefill, chunks over a cached prefix (one ending mid-block), a one-token context
+    query_lens = [1, 1, 23, 5, 1, 16, 1]
+    context_lens = [9, 40, 23, 37, 1, 16 + block_size * 2 + 3, 17]
+    got, expected, caches, ref_caches = both(query_lens, context_lens, heads, kv_heads, head_dim, block_size)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+    for cache, ref_cache in zip(caches, ref_caches):
+        assert torch.equal(cache, ref_cache)  # the new K/V went to the same slots
+
+
+@pytest.mark.parametrize("query_lens,context_lens", [
+    ([1] * 12, [3, 70, 1, 16, 17, 33, 5, 9, 64, 2, 40, 31]),  # decodes only
+    ([50], [50]),  # one fresh prompt
+    ([7, 30, 2], [100, 30, 2]),  # prefills only, one over a long cached prefix
+])
+def test_decode_only_and_prefill_only_steps(query_lens, context_lens):
+    got, expected, _, _ = both(query_lens, context_lens, 9, 3, 64, 16, seed=1)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_batches(seed):
+    generator = torch.Generator().manual_seed(100 + seed)
+    batch = int(torch.randint(1, 20, (), generator=generator))
+    query_lens = [int(x) if x > 0 else 1 for x in torch.randint(-8, 40, (batch,), generator=generator)]
+    context_lens = [n + int(torch.randint(0, 60, (), generator=generator)) for n in query_lens]
+    got, expected, _, _ = both(query_lens, context_lens, 6, 2, 32, 8, seed=seed)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+def test_the_plan_is_built_once_per_step():
+    q, k, v, k_cache, v_cache, metadata = random_step([1, 3], [5, 3], 4, 2, 16, 4)
+    backend = PaddedAttentionBackend()
+    backend.forward(q, k, v, k_cache, v_cache, metadata, 0.25)
+    plan = backend._plan_of[1]
+    backend.forward(q, k, v, k_cache, v_cache, metadata, 0.25)  # the next layer of the same step
+    assert backend._plan_of[1] is plan
+    _, next_metadata = build_metadata([1, 1], [6, 4], [[0, 1], [2]], 4, "cpu")
+    backend.forward(q[:2], k[:2], v[:2], k_cache, v_cache, next_metadata, 0.25)
+    assert backend._plan_of[1] is not plan and [g.batch for g in backend._plan_of[1].groups] == [2]
+
+
+def test_auto_picks_padded_on_the_cpu_and_torch_stays_available():
+    assert get_backend("auto", "cpu").name == "padded"
+    assert get_backend("torch", "cpu").name == "torch"
+    assert get_backend("padded", "cpu").name == "padded"

@@ -17,6 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fakes import (FAKE_VOCAB_SIZE, FakePagedKVManager, FakeRunner, blocks_for, expected_output, run_steps,
                    schedule)
+from reference.engine import record_computed, record_plan
+from reference.kv import BlockManager
 from reference.kv_manager import ContiguousKVManager
 from reference.policies import PriorityWithAging
 from reference.sampling import SamplingParams
@@ -315,6 +317,33 @@ def test_a_sequence_with_no_one_left_to_evict_preempts_itself():
     assert list(scheduler.waiting) == [b] and scheduler.running == [a]
     run_steps(scheduler, runner, max_steps=50)
     assert b.output_token_ids == expected_output(b.prompt_token_ids, 4)
+
+
+def test_the_scheduler_reports_computed_tokens_and_only_the_engine_records_them():
+    # A prefix hit: B's first block holds A's first 4 tokens, so B's chunk starts at 4 (ScheduledBatch.starts).
+    kv = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    a = Sequence("A", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4))
+    scheduler.add(a)
+    batch = scheduler.schedule()
+    record_plan(batch)
+    record_computed(batch)
+    b = Sequence("B", [1, 2, 3, 4, 9, 9], SamplingParams(max_tokens=4))
+    scheduler.add(b)
+    batch = scheduler.schedule()
+    assert (batch.seqs, batch.starts, batch.num_tokens, b.num_computed_tokens) == ([b], [4], [2], 0)
+    record_plan(batch)
+    assert b.num_computed_tokens == 4
+    # A preemption: the victim keeps its count until the engine records the plan.
+    scheduler, runner, kv = paged(num_blocks=5, block_size=4)
+    c, d = make_seq("C", 8, 4, arrival=0), make_seq("D", 8, 4, arrival=1)
+    scheduler.add(c)
+    scheduler.add(d)
+    step(scheduler, runner)
+    batch = scheduler.schedule()
+    assert (batch.preempted, d.num_computed_tokens) == ([d], 8)
+    record_plan(batch)
+    assert d.num_computed_tokens == 0
 
 
 # -- finish / abort -----------------------------------------------------------------------------------------------

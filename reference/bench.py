@@ -367,17 +367,21 @@ def describe_engine(engine: "LLMEngine", model: str) -> dict:
         "enable_chunked_prefill": config.enable_chunked_prefill, "kv_cache": config.kv_cache,
         "attention_backend": engine.runner.attention_backend.name,
         "cuda_graphs": engine.runner.decode_graphs is not None, "fused_kernels": engine.runner.fused_kernels,
-        "async_scheduling": config.async_scheduling,
+        "async_scheduling": config.async_scheduling, "tensor_parallel_size": config.tensor_parallel_size,
     }
 
 
 def engine_line(c: dict) -> str:
     """describe_engine's settings in one line."""
-    return (f"{c['model']} on {c['device']} {c['dtype']}, max_num_seqs {c['max_num_seqs']}, max_num_batched_tokens "
+    line = (f"{c['model']} on {c['device']} {c['dtype']}, max_num_seqs {c['max_num_seqs']}, max_num_batched_tokens "
             f"{c['max_num_batched_tokens']}, max_model_len {c['max_model_len']}, {c['scheduling_policy']}, "
             f"{c['kv_cache']} KV cache, {c['attention_backend']} attention, "
             f"{'CUDA graphs' if c['cuda_graphs'] else 'eager'}{', fused kernels' if c['fused_kernels'] else ''}"
             f"{', async scheduling' if c['async_scheduling'] else ''}")
+    tp = c.get("tensor_parallel_size", 1)
+    if tp > 1:  # engine.model_config is rank 0's share of the heads: the floor's weight and KV bytes are per rank
+        line += f", tensor parallel over {tp} ranks (weights, KV and the floor per rank)"
+    return line
 
 
 def run_bench(args: argparse.Namespace) -> dict:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from reference.bench import add_bench_arguments, run_bench, run_engine, run_hf_baseline
+from reference.bench import add_bench_arguments, engine_line, run_bench, run_engine, run_hf_baseline
 from reference.workload import PRESETS, REAL_QUESTIONS, make_workload, parse_range, parse_rate, workload_options
 
 VOCAB = 512  # the tiny checkpoints' vocabulary
@@ -222,7 +222,10 @@ def test_run_bench_prints_the_table_and_writes_json(tiny_path, tmp_path, capsys)
         assert expected in printed
     assert json.loads(json_path.read_text()) == report
     assert report["results"]["output_tokens"] == 15
-    assert report["engine"]["max_num_seqs"] == 2
+    assert report["engine"]["max_num_seqs"] == 2 and report["engine"]["tensor_parallel_size"] == 1
+    assert "tensor parallel" not in printed
+    assert engine_line({**report["engine"], "tensor_parallel_size": 2}).endswith(
+        ", tensor parallel over 2 ranks (weights, KV and the floor per rank)")
     hf = report["hf_baseline"]
     assert hf["num_requests"] == 3 and hf["useful_output_tokens"] == 9 and hf["generated_tokens"] == 9
     assert hf["ours_over_hf_output_throughput"] == pytest.approx(

@@ -53,11 +53,11 @@ class ScheduledBatch:
     def num_prefill_tokens(self) -> int:
         return self.total_tokens - self.num_decode_tokens
 
-    def add(self, seq: Sequence, num_tokens: int, start: int | None = None) -> None:
-        """Plan num_tokens of seq's tokens from `start` (default: its first uncomputed token)."""
+    def add(self, seq: Sequence, num_tokens: int, start: int) -> None:
+        """Plan num_tokens of seq's tokens from position `start` on."""
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
-        self.starts.append(seq.num_computed_tokens if start is None else start)
+        self.starts.append(start)
 
 
 class Scheduler:

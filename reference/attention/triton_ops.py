@@ -115,10 +115,7 @@ def store_kvcache(
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Neither kernel specialises on the block table's width or the number of splits, which change from step to step
-# (Triton compiles a variant for an int that is 1 or a multiple of 16): the engine's warm-up then compiles every
-# variant a run needs, instead of the first generate compiling one in the middle of a prefill.
-@triton.jit(do_not_specialize=["stride_table_seq", "num_splits"])
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
@@ -328,7 +325,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["stride_table_seq"])  # see _paged_decode_kernel
+@triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr, out_ptr,
     qk_scale, block_size,

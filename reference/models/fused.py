@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 ROW_ELEMENTS = 1024
 
 
-@triton.jit(do_not_specialize=["n_rows"])  # one compiled variant whatever the step's token count
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, num_heads, half, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr):
     """ROWS (token, head) rows: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounding like the torch code.

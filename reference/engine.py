@@ -27,7 +27,7 @@ from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .parallel.ranks import EngineRanks
-from .runtime import resolve_device, resolve_dtype
+from .runtime import CpuThreads, resolve_device, resolve_dtype
 from .sampled_tokens import SampledToken
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -97,7 +97,7 @@ class LLMEngine:
             self.model_config = self.model.config  # with tensor parallelism: this rank's share of the heads
             self.tokenizer = Tokenizer(model_dir)
             self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
-            config.fill_defaults(self.device, self.model_config.max_position_embeddings)
+            config.fill_defaults(self.device, self.model_config, self.dtype.itemsize)
             if self.device.type == "cuda":  # seats and KV capacity from free memory (kv/gpu_sizing.py)
                 if self.ranks is not None and config.max_num_seqs is None:  # its profiling pass needs every rank
                     self.ranks.join_profiling_pass(config)
@@ -117,6 +117,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []  # one record per step while config.log_steps is on
         self._aborted_outputs: list[RequestOutput] = []
+        # On the CPU, torch's threads follow the cores other programs leave free (runtime.CpuThreads says why).
+        self.cpu_threads = CpuThreads(config.cpu_threads) if self.device.type == "cpu" else None
         # On a GPU, compile every kernel a step can need now, so the first generate runs as fast as the second.
         self.warm_up_seconds: float | None = None
         if self.device.type == "cuda":
@@ -233,6 +235,8 @@ class LLMEngine:
         token (EOS, a stop string) has already been scheduled once more: that extra token is dropped.
         """
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        if self.cpu_threads is not None:
+            self.cpu_threads.adjust()
         batch = self.scheduler.schedule()
         record_plan(batch)
         started = time.monotonic()

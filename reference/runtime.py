@@ -1,6 +1,10 @@
-"""Device and dtype choices shared by the CLI, the generation loop and the engine."""
+"""Device, dtype and CPU thread choices shared by the CLI, the generation loop and the engine."""
 
 from __future__ import annotations
+
+import math
+import os
+import time
 
 import torch
 
@@ -31,3 +35,57 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+class CpuThreads:
+    """How many threads torch's CPU ops use: the cores other programs leave free, rechecked as their load changes.
+
+    Why: torch splits each op across its threads and waits for the slowest. When another program keeps a core
+    busy, the thread that shares it is descheduled for whole time slices and every op waits for it: on the
+    project's 2-core VM, with other work running, two threads made steps 4-10x slower than one (and up to 25x
+    while OpenMP's idle threads spin, see `reference/__init__.py`). So before a step, at most once a second,
+    this reads how busy the machine's cores were since the last look (/proc/stat, minus this process's own
+    time) and uses as many threads as cores were left free (at least one), never more than torch had when the
+    engine started (so torch.set_num_threads or OMP_NUM_THREADS set beforehand is a ceiling). A user setting
+    (EngineConfig.cpu_threads) is used as it is. Where /proc/stat does not exist (macOS, Windows), the count
+    stays as it was.
+    """
+
+    RECHECK_S = 1.0
+
+    def __init__(self, setting: int | None = None) -> None:
+        self.setting = setting
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = min(cores, torch.get_num_threads())
+        self.last = _cpu_sample()
+        self.threads = setting or self.cores
+        if setting is not None or self.last is not None:
+            torch.set_num_threads(self.threads)
+
+    def adjust(self) -> int:
+        """Set torch's thread count for the next step; returns it."""
+        if self.setting is not None or self.last is None:
+            return self.threads
+        now = _cpu_sample()
+        wall = now[0] - self.last[0]
+        if wall >= self.RECHECK_S:
+            others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / wall  # cores busy elsewhere
+            threads = max(1, min(self.cores, math.floor(self.cores - others + 0.5)))
+            if threads != self.threads:
+                torch.set_num_threads(threads)
+                self.threads = threads
+            self.last = now
+        return self.threads
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU-seconds all programs have run, CPU-seconds this process has run), or None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal ...: busy is everything but idle and iowait
+    busy = sum(int(x) for x in fields[:8]) - int(fields[3]) - int(fields[4])
+    return time.monotonic(), busy / ticks, time.process_time()

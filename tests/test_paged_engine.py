@@ -141,7 +141,7 @@ def test_backend_choice_is_reported_and_checked(monkeypatch):
     from reference import attention
     from reference.attention import resolve_backend_name
 
-    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend_name("auto", torch.device("cpu")) == "padded"  # the batched CPU path (attention/padded.py)
     monkeypatch.setattr(attention, "triton_available", lambda: True)
     assert resolve_backend_name("auto", torch.device("cuda")) == "flash"
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)

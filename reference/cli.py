@@ -1,6 +1,7 @@
 """`python -m reference ...`: generate, chat, bench and serve from the command line.
 
 User errors (a bad flag value, a missing model) print one line on stderr and exit with status 2; no traceback.
+Parsing the flags and checking the engine's options import no torch, so --help and flag errors answer at once.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine_config import EngineConfig
 from .flags import add_engine_flags, add_model_flags, add_sampling_flags, engine_options
 
 
@@ -101,6 +103,8 @@ def run_chat(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # Bad engine flag values are refused here, before torch loads (seconds) and the model does.
+        EngineConfig.from_kwargs(str(args.model or "smollm2"), **engine_options(args, exclude=("seed",)))
         if args.command == "bench":
             from .bench import run_bench
 

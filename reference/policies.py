@@ -7,7 +7,10 @@ preempts the running sequence with the LARGEST key. Ties fall back to arrival or
 
 from __future__ import annotations
 
-from .sequence import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the type hints only: the CLI's flags import this module and must not load torch
+    from .sequence import Sequence
 
 
 class SchedulingPolicy:

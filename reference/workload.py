@@ -24,9 +24,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .sampling import SamplingParams
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # sampling imports torch, which `python -m reference --help` must not load
+    from .sampling import SamplingParams
     from .tokenizer import Tokenizer
 
 # Workload options a preset may set; the user's flags override them, and these fill whatever is still unset.
@@ -110,6 +109,8 @@ class Workload:
         return [len(p) for p in self.prompt_token_ids]
 
     def sampling_params(self, index: int) -> SamplingParams:
+        from .sampling import SamplingParams
+
         # Greedy needs no seed; sampled requests get one each, so a seed reproduces the run's tokens.
         seed = None if self.temperature == 0 else self.seed + index
         return SamplingParams(temperature=self.temperature, max_tokens=self.output_lens[index],
@@ -209,6 +210,8 @@ def serve_arrivals(engine, requests: list[dict[str, Any]]) -> dict[str, dict[str
     Returns {request_id: {"token_ids": the output token ids, "first_token_step": the clock of the step that gave
         its first output token, "finish_step": the clock of the step that finished it}}.
     """
+    from .sampling import SamplingParams
+
     results: dict[str, dict[str, Any]] = {}
     pending = list(requests)
     clock = 0

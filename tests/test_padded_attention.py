@@ -91,3 +91,13 @@ def test_auto_picks_padded_on_the_cpu_and_torch_stays_available():
     assert get_backend("auto", "cpu").name == "padded"
     assert get_backend("torch", "cpu").name == "torch"
     assert get_backend("padded", "cpu").name == "padded"
+
+
+def test_padding_slots_are_skipped_like_torch_ref():
+    q, k, v, k_cache, v_cache, metadata = random_step([1, 4, 1], [6, 9, 3], 6, 2, 16, 4, seed=3)
+    metadata.slot_mapping[2] = -1  # a padding token: its K/V must not be written anywhere
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    expected = TorchAttentionBackend().forward(q, k, v, *ref_caches, metadata, 0.25)
+    got = PaddedAttentionBackend().forward(q, k, v, k_cache, v_cache, metadata, 0.25)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+    assert torch.equal(k_cache, ref_caches[0]) and torch.equal(v_cache, ref_caches[1])

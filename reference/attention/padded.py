@@ -38,7 +38,7 @@ class PaddedGroup:
     padded_index: torch.Tensor  # int64 [tokens]: where that query sits in the flattened [batch x max_query] grid
     batch: int
     max_query: int
-    block_tables: torch.Tensor  # int64 [batch, blocks]: enough blocks for the longest context (-1 entries -> 0)
+    blocks: torch.Tensor  # int64 [batch x blocks]: block tables cut to the longest context, flat (-1 entries -> 0)
     mask: torch.Tensor  # bool [batch, 1, share x max_query, context]: True = may attend
 
     @classmethod
@@ -61,7 +61,7 @@ class PaddedGroup:
         # a decode's one row broadcasts over them as it is.
         mask = mask[:, None].expand(-1, share, -1, -1).reshape(len(seqs), 1, share * max_query, -1) \
             if max_query > 1 else mask[:, None]
-        return cls(torch.tensor(rows), torch.tensor(padded_index), len(seqs), max_query, tables,
+        return cls(torch.tensor(rows), torch.tensor(padded_index), len(seqs), max_query, tables.flatten(),
                    mask.to(metadata.block_tables.device))
 
 
@@ -73,8 +73,10 @@ def padded_group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     heads, head_dim = q.shape[1:]
     kv_heads = k_cache.shape[2]
     share = heads // kv_heads  # query heads per KV head (GQA)
-    # K, V: [batch, blocks, block_size, kv_heads, d] -> [batch, kv_heads, context, d]
-    k, v = (cache[group.block_tables].flatten(1, 2).transpose(1, 2) for cache in (k_cache, v_cache))
+    # K, V: [batch x blocks, block_size, kv_heads, d] -> [batch, kv_heads, context, d]. (index_select on a flat list
+    # of blocks copies whole blocks; indexing with the 2-D table measured 1.7x slower for the same copy.)
+    k, v = (cache.index_select(0, group.blocks).view(group.batch, -1, kv_heads, head_dim)
+            .transpose(1, 2) for cache in (k_cache, v_cache))
     if group.max_query == 1:  # decodes: nothing to pad, and [batch, heads, d] is already [batch, kv_heads, share, d]
         queries = q[group.rows].view(group.batch, kv_heads, share, head_dim)
         out = F.scaled_dot_product_attention(queries, k, v, attn_mask=group.mask, scale=scale)

@@ -54,6 +54,12 @@ def record_computed(batch: ScheduledBatch) -> None:
         seq.num_computed_tokens = start + num_tokens
 
 
+def best_completions(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """best_of's answer: the n completions with the highest cumulative_logprob, best first, each keeping its own
+    index; on a tie the lower index first (the input is in index order and the sort is stable)."""
+    return sorted(completions, key=lambda c: -c.cumulative_logprob)[:n]
+
+
 @dataclass
 class _Sample:
     """The engine's view of one output stream: its sequence, text so far and logprobs."""
@@ -61,7 +67,8 @@ class _Sample:
     seq: Sequence
     detokenizer: IncrementalDetokenizer | None
     text: str = ""
-    logprobs: list[tuple[float, dict[int, float]]] | None = None
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # only when the request asked for them
+    cumulative_logprob: float | None = None  # the sum of its tokens' logprobs, whenever they are computed
     delivered: int = 0  # output tokens that reached the host and were checked
 
 
@@ -164,10 +171,12 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        if params.n > self.config.max_num_seqs:
-            # All n samples run side by side once forked; more than max_num_seqs could never be scheduled.
-            raise ValueError(f"n={params.n} samples need {params.n} sequence seats but max_num_seqs is "
-                             f"{self.config.max_num_seqs}; lower n or raise max_num_seqs")
+        num_samples = params.num_samples  # best_of of them when it ranks samples, else n
+        if num_samples > self.config.max_num_seqs:
+            # All samples run side by side once forked; more than max_num_seqs could never be scheduled.
+            name = "best_of" if params.ranks_samples else "n"
+            raise ValueError(f"{name}={num_samples} samples need {num_samples} sequence seats but max_num_seqs is "
+                             f"{self.config.max_num_seqs}; lower {name} or raise max_num_seqs")
         vocab = self.model_config.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary [0, {vocab})")
@@ -181,13 +190,14 @@ class LLMEngine:
         now = time.monotonic()
         request = _Request(request_id, prompt_text, prompt_ids, params,
                            metrics=RequestMetrics(arrival_time=now, num_prompt_tokens=len(prompt_ids)))
-        for index in range(params.n):
+        for index in range(num_samples):
             seq = Sequence(request_id, prompt_ids, params, sample_index=index, priority=priority, arrival_time=now)
             detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer.available else None
-            request.samples.append(_Sample(seq, detok, logprobs=[] if params.logprobs is not None else None))
+            request.samples.append(_Sample(seq, detok, logprobs=[] if params.logprobs is not None else None,
+                                           cumulative_logprob=0.0 if params.needs_logprobs else None))
         self.requests[request_id] = request
         # Only sample 0 prefills the prompt; the others are forked from it once it has (see _after_sampling).
-        request.samples[0].seq.num_unborn_siblings = params.n - 1
+        request.samples[0].seq.num_unborn_siblings = num_samples - 1
         self.scheduler.add(request.samples[0].seq)
 
     def _prompt_token_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -228,6 +238,9 @@ class LLMEngine:
 
         only_finished=True returns only the requests that finished (or were aborted): a caller that does not
         stream saves building an output per running request per step, which adds up at hundreds of requests.
+        A best_of request shows, at every step, the n samples with the highest cumulative logprob so far (a
+        sample may leave or join them, its CompletionOutput.index says which it is); the finished output's n are
+        the best of all best_of samples.
 
         With async scheduling (the default on a GPU) the step launches this step's work on the device and then
         reads the tokens of the PREVIOUS step, so the host's planning and bookkeeping overlap the device's work
@@ -315,6 +328,8 @@ class LLMEngine:
                 request.metrics.first_token_time = now
         if sample.logprobs is not None:
             sample.logprobs.append((token.logprob, token.top_logprobs or {}))
+        if sample.cumulative_logprob is not None:
+            sample.cumulative_logprob += token.logprob
         sample.delivered += 1
         may_stop = sample.delivered >= params.min_tokens  # before that, nothing ends it but max_tokens
         stop = may_stop and (token.token_id in params.stop_token_ids or (
@@ -362,10 +377,12 @@ class LLMEngine:
                 index=i, text=s.text, token_ids=s.seq.output_token_ids,
                 # A sample stopped for length before its last token arrived is not finished for the caller yet.
                 finish_reason=None if s.seq.num_pending_tokens else s.seq.finish_reason,
-                logprobs=None if s.logprobs is None else list(s.logprobs),
+                logprobs=None if s.logprobs is None else list(s.logprobs), cumulative_logprob=s.cumulative_logprob,
             )
             for i, s in enumerate(request.samples)
         ]
+        if request.params.ranks_samples:  # while the request runs: the best n so far
+            completions = best_completions(completions, request.params.n)
         # The prompt's ids are shared, not copied: nothing changes them after add_request.
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              request.finished, metrics)

@@ -1,4 +1,5 @@
-"""What the engine hands back: RequestOutput (one per request) holding a CompletionOutput per sample."""
+"""What the engine hands back: RequestOutput (one per request) holding a CompletionOutput per sample
+(with SamplingParams.best_of: the n samples of best_of with the highest cumulative logprob)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ class RequestMetrics:
 
 @dataclass
 class CompletionOutput:
-    index: int  # which of the request's n samples
+    index: int  # which of the request's samples (with best_of: of its best_of samples, so it may exceed n - 1)
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort", or None while running
     # Per output token: (logprob of the chosen token, {token_id: logprob} of the top tokens); None if not asked.
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    # The sum of the chosen tokens' logprobs (what best_of ranks by); None when no logprobs were computed.
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:

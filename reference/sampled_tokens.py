@@ -49,11 +49,14 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: fro
                                [s.output_token_ids for s in seqs],
                                [stop + s.params.stop_token_ids for stop, s in zip(stops, seqs)], pending)
     token_ids = _sample(logits, seqs)
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    # best_of ranks samples by these same logprobs, so they are computed for it even when nobody shows them. They
+    # are of the logits after penalties and logit_bias but before temperature, top-k and top-p: the model's own
+    # distribution as the request shaped it, so ranking does not favour a sample for what temperature did.
+    rows = [i for i, p in enumerate(params) if p.needs_logprobs]
     if not rows:
         return token_ids, StepLogprobs([])
     index = torch.tensor(rows, device=logits.device)
-    num_top = max(params[i].logprobs for i in rows)
+    num_top = max(params[i].logprobs or 0 for i in rows)
     return token_ids, StepLogprobs(rows, compute_logprobs(logits[index], token_ids[index], num_top or None))
 
 

@@ -60,6 +60,9 @@ class SamplingParams:
     repetition_penalty: > 0; 1 is none. Tokens already in the prompt or output: logit / r if positive, * r if not.
     frequency_penalty, presence_penalty: in [-2, 2]; a token's logit loses frequency_penalty per time it was
         generated and presence_penalty once if it was (penalties.py applies all five, before temperature).
+    best_of: None (= n) or an integer >= n: generate best_of samples and return the n with the highest
+        cumulative logprob (the sum of the logprobs `logprobs` reports for a sample's tokens). With temperature 0
+        every sample is the same argmax, so it is allowed but only n run (ranking equal samples keeps the first n).
     """
 
     n: int = 1
@@ -77,6 +80,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    best_of: int | None = None
 
     # The dataclass __init__ would reject a misspelt keyword with a TypeError; __new__ sees the same arguments
     # first, so it can turn that into a ValueError that names the valid fields without rewriting __init__.
@@ -97,6 +101,10 @@ class SamplingParams:
             if not _is_int(value) or value < minimum:
                 raise _invalid(name, value, f"an integer >= {minimum}")
             setattr(self, name, int(value))
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or self.best_of < self.n:
+                raise _invalid("best_of", self.best_of, f"None or an integer >= n={self.n}")
+            self.best_of = int(self.best_of)
 
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise _invalid("temperature", self.temperature, "a finite number >= 0 (0 means greedy)")
@@ -171,6 +179,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when temperature is 0: the next token is the argmax of the logits."""
         return self.temperature == 0
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples the engine runs: best_of (None = n), or n when greedy (the rest would repeat them)."""
+        return self.n if self.best_of is None or self.greedy else self.best_of
+
+    @property
+    def ranks_samples(self) -> bool:
+        """More samples run than are returned: the engine keeps the n with the highest cumulative logprob."""
+        return self.num_samples > self.n
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """The sampled tokens' logprobs are computed: asked for, or needed to rank best_of samples."""
+        return self.logprobs is not None or self.ranks_samples
 
 
 def sample(

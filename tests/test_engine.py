@@ -13,6 +13,8 @@ import torch
 
 from exactness import assert_greedy_agree, hf_greedy, hf_next_token_logits
 from reference import LLM, SamplingParams
+from reference.engine import best_completions
+from reference.outputs import CompletionOutput
 
 NUM_PROMPTS = 24
 MAX_NEW = 24
@@ -111,6 +113,70 @@ def test_n_samples_are_distinct_and_reproducible(tiny):
     assert [c.index for c in first.outputs] == [0, 1, 2]
     assert samples == [c.token_ids for c in again.outputs]
     assert len({tuple(s) for s in samples}) == 3
+
+
+def test_best_of_returns_the_n_samples_with_the_highest_cumulative_logprob(tiny):
+    path, hf, prompts, _ = tiny
+    llm = LLM(str(path), device="cpu", max_model_len=128)
+    # Temperature 1.5: ranking by the sampled (scaled) distribution instead of the model's would change the sums.
+    # Seed 3's four samples rank 3, 1, 2, 0: neither the first two nor the worst two.
+    common = dict(temperature=1.5, max_tokens=12, seed=3)
+    four = llm.generate([prompts[0]], SamplingParams(n=4, logprobs=0, **common), use_tqdm=False)[0].outputs
+    sums = [sum(logprob for logprob, _ in c.logprobs) for c in four]
+    for c, total in zip(four, sums):
+        assert c.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    ranking = sorted(range(4), key=lambda i: -sums[i])
+    assert ranking[:2] == [3, 1], "the seed no longer tells a right ranking from a wrong one"
+
+    best = llm.generate([prompts[0]], SamplingParams(n=2, best_of=4, **common), use_tqdm=False)[0]
+    assert [c.index for c in best.outputs] == [3, 1]
+    for c in best.outputs:  # each sample is exactly what it was when all four were returned
+        assert c.token_ids == four[c.index].token_ids and c.text == four[c.index].text
+        assert c.finish_reason == four[c.index].finish_reason
+        assert c.cumulative_logprob == pytest.approx(sums[c.index], abs=1e-4)
+        assert c.logprobs is None, "logprobs were computed for ranking, not asked for"
+    assert best.metrics.num_output_tokens == sum(len(c.token_ids) for c in four), "every sample's tokens count"
+    winner = best.outputs[0].token_ids
+    with torch.no_grad():  # ranked by the model's own distribution (before temperature), teacher-forced
+        logits = hf(torch.tensor([prompts[0] + winner])).logits[0].float()
+    model_logprobs = torch.log_softmax(logits, dim=-1)[len(prompts[0]) - 1 : -1]
+    model_sum = model_logprobs.gather(-1, torch.tensor(winner)[:, None]).sum().item()
+    assert best.outputs[0].cumulative_logprob == pytest.approx(model_sum, abs=1e-3)
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.kv_manager.num_blocks
+
+    streamed = list(llm.stream(prompts[0], SamplingParams(n=2, best_of=4, **common)))
+    assert all(len(out.outputs) == 2 for out in streamed), "while it runs: the best two so far"
+    assert [(c.index, c.token_ids) for c in streamed[-1].outputs] == [(c.index, c.token_ids) for c in best.outputs]
+
+    greedy_best = llm.generate([prompts[0]], greedy(6, n=2, best_of=4), use_tqdm=False)[0]
+    greedy_two = llm.generate([prompts[0]], greedy(6, n=2), use_tqdm=False)[0]
+    assert [(c.index, c.token_ids) for c in greedy_best.outputs] == [(c.index, c.token_ids) for c in greedy_two.outputs]
+    assert greedy_best.metrics.num_output_tokens == 12, "greedy runs n samples: the other two would repeat them"
+
+
+def test_best_completions_are_the_highest_cumulative_logprobs_lower_index_first_on_ties():
+    cumulative = [-5.0, -2.0, -7.0, -2.0, -1.0]
+    completions = [CompletionOutput(i, "", [i], "length", cumulative_logprob=c) for i, c in enumerate(cumulative)]
+    assert [c.index for c in best_completions(completions, 3)] == [4, 1, 3]
+    assert [c.index for c in best_completions(completions, 1)] == [4]
+
+
+def test_best_of_seats_and_abort_free_every_sample(tiny):
+    path, _, prompts, _ = tiny
+    small = LLM(str(path), device="cpu", max_num_seqs=3, max_model_len=128)
+    with pytest.raises(ValueError, match="best_of=4 samples need 4 sequence seats but max_num_seqs is 3"):
+        small.generate([prompts[0]], SamplingParams(n=1, best_of=4), use_tqdm=False)
+    assert not small.engine.requests
+    engine = small.engine
+    engine.add_request("r", prompts[0], SamplingParams(n=1, best_of=3, temperature=1.0, max_tokens=40, seed=1))
+    while not all(s.seq.num_output_tokens >= 3 for s in engine.requests["r"].samples):
+        engine.step()
+    kv = engine.kv_manager
+    assert kv.num_free_blocks < kv.num_blocks and len(engine.scheduler.running) == 3
+    engine.abort("r")
+    assert kv.num_free_blocks == kv.num_blocks, "the blocks of all three samples are back"
+    final = engine.step()[0]
+    assert final.finished and len(final.outputs) == 1 and final.outputs[0].finish_reason == "abort"
 
 
 @pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])

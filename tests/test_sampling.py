@@ -63,6 +63,11 @@ INVALID = [
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
     ({"stop_token_ids": [True]}, "stop_token_ids"),
     ({"ignore_eos": 1}, "ignore_eos"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"best_of": 0}, "best_of"),
+    ({"best_of": 2.0}, "best_of"),
+    ({"best_of": "2"}, "best_of"),
+    ({"best_of": True}, "best_of"),
     ({"temprature": 0.5}, "temprature"),
 ]
 
@@ -90,6 +95,7 @@ def test_defaults_are_the_public_contract():
         ("n", 1), ("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("max_tokens", 16), ("stop", None),
         ("stop_token_ids", None), ("ignore_eos", False), ("seed", None), ("logprobs", None), ("min_tokens", 0),
         ("logit_bias", None), ("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+        ("best_of", None),
     ]
     assert params.stop == [] and params.stop_token_ids == [] and not params.greedy
 
@@ -115,6 +121,17 @@ def test_stop_and_stop_token_ids_are_normalised_to_lists():
 def test_greedy_means_temperature_zero():
     assert SamplingParams(temperature=0).greedy
     assert not SamplingParams(temperature=1e-3).greedy
+
+
+def test_best_of_runs_best_of_samples_except_when_greedy():
+    assert SamplingParams(n=2).num_samples == 2 and not SamplingParams(n=2).needs_logprobs
+    ranked = SamplingParams(n=2, best_of=5)
+    assert ranked.num_samples == 5 and ranked.ranks_samples and ranked.needs_logprobs and ranked.logprobs is None
+    assert not SamplingParams(n=2, best_of=2).ranks_samples
+    greedy = SamplingParams(n=2, best_of=5, temperature=0)  # every sample would be the same argmax
+    assert greedy.best_of == 5 and greedy.num_samples == 2 and not greedy.needs_logprobs
+    with pytest.raises(ValueError, match=r"best_of must be None or an integer >= n=3"):
+        SamplingParams(n=3, best_of=2)
 
 
 def test_copy_and_replace_still_work_and_replace_validates():

@@ -41,14 +41,15 @@ class CpuThreads:
     """How many threads torch's CPU ops use: the cores other programs leave free, rechecked as their load changes.
 
     Why: torch splits each op across its threads and waits for the slowest. When another program keeps a core
-    busy, the thread that shares it is descheduled for whole time slices and every op waits for it: on the
-    project's 2-core VM, with other work running, two threads made steps 4-10x slower than one (and up to 25x
-    while OpenMP's idle threads spin, see `reference/__init__.py`). So before a step, at most once a second,
-    this reads how busy the machine's cores were since the last look (/proc/stat, minus this process's own
-    time) and uses as many threads as cores were left free (at least one), never more than torch had when the
-    engine started (so torch.set_num_threads or OMP_NUM_THREADS set beforehand is a ceiling). A user setting
-    (EngineConfig.cpu_threads) is used as it is. Where /proc/stat does not exist (macOS, Windows), the count
-    stays as it was.
+    busy, the thread that shares it is descheduled for whole time slices and every op waits for it. On the
+    project's 2-core VM beside two busy programs, two threads with OpenMP's idle threads spinning made steps 25x
+    slower than one; with them sleeping (OMP_WAIT_POLICY=PASSIVE, set by `import reference` when it can) two
+    threads still gave 0.38x the quiet speed against 0.40-0.47x for one (benchmarks/RESULTS.md, "The engine on a
+    CPU against transformers"). So before a step, at most once a second, this reads how busy the machine's cores were since the
+    last look (/proc/stat, minus this process's own time) and uses as many threads as cores were left free (at
+    least one), never more than torch had when the engine started (torch.set_num_threads or OMP_NUM_THREADS set
+    beforehand is a ceiling). A user setting (EngineConfig.cpu_threads) is used as it is. Off Linux (no
+    /proc/stat) the count stays as it was.
     """
 
     RECHECK_S = 1.0

@@ -81,3 +81,4 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+

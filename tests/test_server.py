@@ -308,6 +308,22 @@ def test_n2_seeded_samples_equal_llm_generate(client, llm):
 
 
 @pytest.mark.slow
+def test_best_of_answer_equals_llm_generate_and_bills_every_sample(client, llm):
+    prompt = "My favourite animal is"
+    params = SamplingParams(n=2, best_of=4, temperature=0.9, seed=11, max_tokens=12)
+    expected = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert [c.index for c in expected.outputs] != [0, 1], "the best are the first two samples (pick another seed)"
+    reply = client.completions.create(model=MODEL, prompt=prompt, n=2, best_of=4, temperature=0.9, seed=11,
+                                      max_tokens=12, extra_body={"return_token_ids": True})
+    assert [c.index for c in reply.choices] == [0, 1]  # the API numbers its choices; the engine's index is ours
+    assert [(c.text, c.token_ids, c.finish_reason) for c in reply.choices] == [
+        (c.text, c.token_ids, c.finish_reason) for c in expected.outputs]
+    assert reply.usage.completion_tokens == expected.metrics.num_output_tokens > sum(
+        len(c.token_ids) for c in expected.outputs), "all four samples were generated, so all are billed"
+    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+@pytest.mark.slow
 def test_stop_sequence_cuts_the_text_streamed_or_not(client, llm):
     prompt = "Here is a list of fruits: apple, banana,"
     full = llm.generate(prompt, greedy(32, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
@@ -445,7 +461,9 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
     ("completions", {"prompt": LONG_PROMPT}, 400, "prompt", "600 tokens"),
     ("completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
-    ("completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of == n"),
+    ("completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of", "cannot be streamed"),
+    ("completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of", "best_of must be None or an integer >= n=2"),
+    ("completions", {"prompt": "x", "best_of": 9}, 400, "best_of", "max_num_seqs"),
     ("chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ("chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
      "response_format", "not supported"),

@@ -253,9 +253,10 @@ class _Server:
     async def generate(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = body.sampling_params()
-        if params.n > self.max_num_seqs:  # the engine would never find seats for all n samples at once
-            raise APIError(400, f"invalid n={params.n}: this server runs at most {self.max_num_seqs} sequences at "
-                                "once (max_num_seqs), so n must not exceed that", param="n")
+        if params.num_samples > self.max_num_seqs:  # the engine would never find seats for all samples at once
+            name = "best_of" if params.ranks_samples else "n"
+            raise APIError(400, f"invalid {name}={params.num_samples}: this server runs at most {self.max_num_seqs} "
+                                f"sequences at once (max_num_seqs), so {name} must not exceed that", param=name)
         if isinstance(body, CompletionRequest):
             prompt, messages, fmt_class = body.prompt_input(), None, CompletionFormat
         else:
@@ -284,10 +285,10 @@ class _Server:
             assert isinstance(first, Accepted), first
             fmt = self._format(fmt_class, request_id, body.return_token_ids, params.n)
             if not body.stream:
-                choices = await self._collect(waiter, params.n)
+                choices, num_output_tokens = await self._collect(waiter, params.n)
                 settled = True
                 self.metrics.count("success")
-                return JSONResponse(fmt.response(choices, first.num_prompt_tokens))
+                return JSONResponse(fmt.response(choices, first.num_prompt_tokens, num_output_tokens))
             outcome: dict[str, str] = {}
             events = self._events(waiter, fmt, body.include_usage, outcome)
             response = _EventStream(events, lambda: self._end_stream(request_id, outcome))
@@ -314,7 +315,8 @@ class _Server:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
 
-    async def _collect(self, waiter: _Waiter, n: int) -> list[ChoiceState]:
+    async def _collect(self, waiter: _Waiter, n: int) -> tuple[list[ChoiceState], int]:
+        """The n choices of a non-streamed request and the tokens generated for it (all samples of best_of)."""
         choices = [ChoiceState() for _ in range(n)]
         while True:
             event = await waiter.next()
@@ -324,7 +326,7 @@ class _Server:
             for delta in event.choices:
                 choices[delta.index].add(delta)
             if event.finished:
-                return choices
+                return choices, event.num_output_tokens
 
     async def _events(self, waiter: _Waiter, fmt: CompletionFormat, include_usage: bool,
                       outcome: dict[str, str]) -> AsyncIterator[str]:

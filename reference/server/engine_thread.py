@@ -70,7 +70,7 @@ class Update:
     choices: list[ChoiceDelta]  # only the choices that progressed
     finished: bool  # every choice is done; this is the request's last event
     num_prompt_tokens: int
-    num_output_tokens: int  # all choices together, so far
+    num_output_tokens: int  # all samples together, so far (best_of's samples that will not be chosen included)
     metrics: RequestMetrics
 
 
@@ -143,6 +143,7 @@ class _Live:
     sent_chars: list[int]
     sent_tokens: list[int]
     done: list[bool]
+    num_output_tokens: int = 0  # tokens generated for it so far, all samples (best_of's included)
 
 
 def held_back_length(text: str, stops: list[str]) -> int:
@@ -302,9 +303,10 @@ class EngineThread:
             live = self._live.get(out.request_id)
             if live is None:  # aborted: nobody is waiting for it
                 continue
-            update = self._update(live, out)
-            new_tokens += sum(len(c.token_ids) for c in update.choices)
-            live.submission.stream.put(update)
+            new_tokens += out.metrics.num_output_tokens - live.num_output_tokens
+            live.num_output_tokens = out.metrics.num_output_tokens
+            if out.finished or not live.submission.params.ranks_samples:  # best_of: only the final n are the answer
+                live.submission.stream.put(self._update(live, out))
             if out.finished:
                 del self._live[out.request_id]
                 if self.metrics is not None:
@@ -317,8 +319,7 @@ class EngineThread:
     def _update(self, live: _Live, out: RequestOutput) -> Update:
         stops = live.submission.params.stop
         choices = []
-        for completion in out.outputs:
-            i = completion.index
+        for i, completion in enumerate(out.outputs):  # i: the choice (best_of's samples keep their own .index)
             if live.done[i]:
                 continue
             finished = completion.finish_reason is not None
@@ -331,8 +332,7 @@ class EngineThread:
             choices.append(ChoiceDelta(i, text[live.sent_chars[i]:end], new_ids,
                                        self._new_logprobs(completion, live.sent_tokens[i]), completion.finish_reason))
             live.sent_chars[i], live.sent_tokens[i], live.done[i] = end, len(completion.token_ids), finished
-        num_output_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return Update(choices, out.finished, live.num_prompt_tokens, num_output_tokens, out.metrics)
+        return Update(choices, out.finished, live.num_prompt_tokens, out.metrics.num_output_tokens, out.metrics)
 
     def _new_logprobs(self, completion: CompletionOutput, start: int) -> list[TokenLogprob] | None:
         if completion.logprobs is None:

@@ -4,7 +4,9 @@ Request bodies are checked for types here (pydantic, strict: "max_tokens": "5" o
 values by `SamplingParams`, the one place that knows what a valid temperature or top_p is; its ValueError is
 turned into a 400 that names the API's field. Fields the engine does not have are ignored, except those whose
 non-default value would change the answer, which are refused with a 400 naming them: echo, several prompts,
-best_of above n (vLLM's V1 engine refuses it too), suffix, tools / tool_choice / functions, response_format.
+suffix, tools / tool_choice / functions, response_format. best_of (>= n) runs best_of samples and answers the n
+with the highest cumulative logprob; like OpenAI, it cannot be streamed when above n, and usage counts the
+tokens of all best_of samples (they were all generated).
 
 Extensions beyond OpenAI's API (vLLM has the same names): top_k, ignore_eos, stop_token_ids, min_tokens,
 repetition_penalty, and return_token_ids, which adds each choice's (or chunk's) generated `token_ids`.
@@ -104,9 +106,9 @@ class _GenerationBody(BaseModel):
             if getattr(self, name) not in (None, "", [], "none"):
                 raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
         n = 1 if self.n is None else self.n
-        if self.best_of is not None and self.best_of != n:
-            raise APIError(400, f"best_of={self.best_of} is not supported (only best_of == n); ask for n samples "
-                                "and pick among them yourself", param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > n:  # the best are known only at the end
+            raise APIError(400, f"best_of={self.best_of} above n={n} cannot be streamed: set stream to false or "
+                                "leave best_of out", param="best_of")
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -136,6 +138,7 @@ class _GenerationBody(BaseModel):
                 logprobs=logprobs, min_tokens=min_tokens, logit_bias=self._logit_bias(),
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                best_of=self.best_of,
             )
         except ValueError as exc:
             raise sampling_error(exc, api_names or {}) from None
@@ -290,10 +293,10 @@ class CompletionFormat:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {**self._head(), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def response(self, choices: list[ChoiceState], prompt_tokens: int) -> dict:
+    def response(self, choices: list[ChoiceState], prompt_tokens: int, completion_tokens: int) -> dict:
+        """completion_tokens: every token generated, best_of's samples that were not chosen included."""
         body = [self._choice(i, c.text, c.token_ids, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]
-        return {**self._head(), "choices": body,
-                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+        return {**self._head(), "choices": body, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -339,7 +342,7 @@ class ChatFormat(CompletionFormat):
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {**self._chunk_head(), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def response(self, choices: list[ChoiceState], prompt_tokens: int) -> dict:
+    def response(self, choices: list[ChoiceState], prompt_tokens: int, completion_tokens: int) -> dict:
         body = []
         for i, c in enumerate(choices):
             choice = {"index": i, "message": {"role": "assistant", "content": c.text},
@@ -347,5 +350,4 @@ class ChatFormat(CompletionFormat):
             if self.return_token_ids:
                 choice["token_ids"] = c.token_ids
             body.append(choice)
-        return {**self._head(), "choices": body,
-                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+        return {**self._head(), "choices": body, "usage": usage(prompt_tokens, completion_tokens)}

@@ -22,9 +22,10 @@ KV_CACHE_KINDS = ("paged", "contiguous")
 
 # The CPU's token budget caps the work of one step. A CPU has little compute to spare beyond reading the weights
 # once, so past a few dozen tokens a step's time grows with every token it runs, and a step full of a long
-# prompt's chunk is a gap in every other stream. About 32 GFLOP a step is ~0.3 s on a 2-core laptop (~100
-# GFLOP/s): streams keep getting ~3 tokens a second while a long prompt is prefilled, and batches already run at
-# the CPU's full speed well below that. A bigger budget buys a long prompt's first token sooner, nothing more.
+# prompt's chunk is a gap in every other stream. About 32 GFLOP a step (128 tokens of SmolLM2) kept other streams'
+# longest gap at 0.9 s while a 2,047-token prompt was prefilled on a 2-core VM (2.8 s at 512 tokens, 10.8 s at
+# 2,048), and that prompt's first token came no later: the CPU does the same work in smaller steps.
+# (benchmarks/cpu_long_prompt_gap.py; RESULTS.md, "The engine on a CPU against transformers".)
 CPU_STEP_FLOPS = 32e9
 CPU_BUDGET_LIMITS = (16, 2048)  # the budget is at least enough for 16 decodes, at most a long prompt in one step
 # The paged cache gives a sequence blocks only as it grows, so seats are counted for sequences a quarter of

@@ -19,8 +19,11 @@ HELP = {
     "model": "'smollm2' (default), 'random:<architecture>', a checkpoint directory or a hub id",
     "device": "cpu, cuda or cuda:N (default: cuda if available)",
     "dtype": "float32, float16 or bfloat16 (default: fp32 CPU, bf16 GPU)",
-    "max_num_seqs": "sequences running at once (default 8 CPU, 64 GPU)",
-    "max_num_batched_tokens": "token budget per step (default 512 CPU, 8192 GPU)",
+    "max_num_seqs": "sequences running at once (default: from the KV memory; CPU: the KV budget at a quarter of "
+                    "max_model_len a seat, at most the token budget, 45 for SmolLM2)",
+    "max_num_batched_tokens": "token budget per step (default 8192 GPU; CPU: ~32 GFLOP a step, 128 for SmolLM2: "
+                              "lower keeps streams steadier while a long prompt is prefilled, higher gives that "
+                              "prompt its first token sooner)",
     "max_model_len": "prompt + output tokens per sequence (default: the model's, at most 2048 CPU / 4096 GPU)",
     "block_size": "KV slots per block, a power of two",
     "num_kv_blocks": "KV cache capacity in blocks (default: from memory)",

@@ -73,7 +73,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's cumulative RequestOutput after every step that advanced it; the last is finished."""
+        """Yield the request's cumulative RequestOutput after every step that advanced it; the last is finished.
+        With best_of above n, each output holds the n best samples so far (LLMEngine.step says more)."""
         request_id = f"stream-{next(self._ids)}"
         self.engine.add_request(request_id, prompt, sampling_params)
         try:

@@ -140,3 +140,23 @@ def test_gpu_defaults_are_sized_from_free_memory_and_the_engine_starts_warm(qwen
     outputs = llm.generate(prompts[:4], SamplingParams(temperature=0.6, max_tokens=MAX_NEW, ignore_eos=True),
                            use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_NEW] * 4
+
+
+def test_best_of_on_the_gpu_keeps_the_samples_with_the_highest_cumulative_logprob(qwen3_06b):
+    """best_of through the fast runner (CUDA graphs, the one-pass sampler, async scheduling): the n kept samples
+    are the best of the best_of drawn, each exactly as drawn, ranked by the logprobs that logprobs=0 reports."""
+    from reference import LLM, SamplingParams
+
+    path, _, prompts, _ = qwen3_06b
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=16, max_num_batched_tokens=256,
+              max_model_len=512, num_kv_blocks=1024)
+    common = dict(temperature=1.0, max_tokens=MAX_NEW, seed=7, ignore_eos=True)
+    four = llm.generate([prompts[0]], SamplingParams(n=4, logprobs=0, **common), use_tqdm=False)[0].outputs
+    sums = [sum(logprob for logprob, _ in c.logprobs) for c in four]
+    assert len({tuple(c.token_ids) for c in four}) > 1, "the samples must differ for the ranking to mean anything"
+    best = llm.generate([prompts[0]], SamplingParams(n=2, best_of=4, **common), use_tqdm=False)[0].outputs
+    assert [c.index for c in best] == sorted(range(4), key=lambda i: (-sums[i], i))[:2]
+    for c in best:
+        assert c.token_ids == four[c.index].token_ids and c.logprobs is None
+        assert c.cumulative_logprob == pytest.approx(sums[c.index], abs=1e-3)
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.kv_manager.num_blocks

@@ -146,7 +146,9 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, num_heads, half, RO
     _rotate_rows(x_ptr, cos_ptr, sin_ptr, out_ptr, tl.program_id(0), n_rows, num_heads, half, ROWS, BLOCK)
 
 
-@triton.jit
+# num_tokens changes every step; it only bounds the row mask, so one compiled variant serves every step size
+# (Triton would otherwise compile one for 1, one for multiples of 16 and one for the rest: see warmup.py).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_tokens, num_q_heads,
                       num_kv_heads, half, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """_rotary_kernel over q and then k in one launch: the first programs take q's rows, the rest k's."""

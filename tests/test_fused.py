@@ -1,6 +1,9 @@
 """The fused Triton kernels against their torch twins (llama.py / rotary.py): on CPU in the Triton interpreter
 (float32, float16), on the GPU in bfloat16, to within one unit in the last place of the output dtype (RoPE
-exactly, in the interpreter). tests/test_gpu.py checks the whole engine, fused kernels on, against transformers."""
+exactly, in the interpreter). The second round's kernels (add + RMSNorm, q/k-norm + RoPE, RoPE of q and k in one
+launch) must give exactly the bits of the kernels they replace, composed: in the interpreter, compiled on the GPU
+(the `gpu` test), and through a whole model's forward pass. tests/test_gpu.py checks the whole engine, fused
+kernels on, against transformers."""
 
 from __future__ import annotations
 

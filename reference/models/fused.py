@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the decoder's elementwise work: RMSNorm, RoPE, and SiLU-and-multiply.
+"""Fused Triton kernels for the decoder's elementwise work: residual add + RMSNorm, RoPE, and SiLU-and-multiply.
 
 Why: in a decode step each of these is a handful of tiny torch kernels (RMSNorm alone is upcast, square, mean,
 rsqrt, multiply, downcast, multiply). At a few microseconds each, times 28 layers, they cost as much GPU time
@@ -6,10 +6,12 @@ as the weight matrices. One kernel per operation reads each input once and write
 
 Second round (fewer launches per layer, 5 instead of 10 small ones): the residual add with the RMSNorm after it
 (add_rms_norm), and Qwen3's q/k-norm with RoPE for q and k (qk_norm_rotary; apply_rotary_qk without the norm).
-Each is bit for bit the kernels it replaces, composed: the same per-row code through shared helpers
-(_inverse_rms, _normed, _rotated), one norm row per program, and the add rounded as torch rounds it. That is
-what keeps tests/test_gpu.py's bf16 agreement with transformers unchanged (a different float32 sum order is
-enough to break it, see the RMSNorm note below RoPE's launch shape).
+Each must give the bits of the kernels it replaces, composed: the same per-row code through shared helpers
+(_inverse_rms, _normed, _rotated), one norm row per program, the normed q/k rounded to the dtype before the
+rotation as if stored, and the add computed in float32 then rounded to nearest even, as torch's add of two
+bf16 / fp16 tensors is. That keeps tests/test_gpu.py's bf16 agreement with transformers unchanged (a different
+float32 sum order is enough to break it, see the RMSNorm note below RoPE's launch shape). tests/test_fused.py
+checks the equality in the interpreter and, compiled, on a GPU (its `gpu` test).
 
 Exactness: each kernel rounds where the torch twin in llama.py / rotary.py rounds (for example RoPE multiplies
 and adds in the tensor's dtype, as Hugging Face does). In the Triton interpreter RoPE is then bit-identical to

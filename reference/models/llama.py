@@ -181,6 +181,7 @@ class DecoderModel(nn.Module):
         return self.norm(hidden)
 
     def forward_fused(self, hidden, rope, metadata, kv_caches: KVCaches) -> torch.Tensor:
+        """forward's layer loop in DecoderLayer.forward_fused's form; the final norm does the last residual add."""
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer.forward_fused(hidden, residual, rope, metadata,

@@ -176,30 +176,50 @@ MODEL_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", MODEL_CONFIGS)
-def test_fused_forward_equals_one_kernel_per_op_and_the_torch_forward(checkpoint_factory, monkeypatch, name):
-    """Float32, random checkpoints: the fused layers (add + norm, q/k-norm + RoPE) give the bits of the path they
-    replace, and stay within float32 rounding of the plain torch forward (the slow twin)."""
+def three_forwards(model, monkeypatch, lengths):
+    """The model's hidden states of one packed batch (no cache): plain torch, fused, and fused as before this round.
+    Leaves the model on the old path."""
     from reference.attention import build_metadata
-    from reference.models import load_model
 
-    family, overrides = MODEL_CONFIGS[name]
-    model, _ = load_model(checkpoint_factory(family, **overrides), device=DEVICE, progress=False)
-    lengths = [9, 1, 14]
-    tokens = torch.randint(0, model.config.vocab_size, (sum(lengths),)).to(DEVICE)
-    positions, metadata = build_metadata(lengths, None, None, None, DEVICE)
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, model.config.vocab_size, (sum(lengths),)).to(device)
+    positions, metadata = build_metadata(lengths, None, None, None, device)
 
     def forward():
         with torch.inference_mode():
-            return model.compute_logits(model(tokens, positions, metadata))
+            return model(tokens, positions, metadata)
 
     plain = forward()
     model.use_fused_kernels(True)
     fused_forward = forward()
     one_kernel_per_op_path(model, monkeypatch)
-    before = forward()
+    return plain, fused_forward, forward()
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_fused_forward_equals_one_kernel_per_op_and_the_torch_forward(checkpoint_factory, monkeypatch, name):
+    """Float32, random checkpoints: the fused layers (add + norm, q/k-norm + RoPE) give the bits of the path they
+    replace, and stay within float32 rounding of the plain torch forward (the slow twin)."""
+    from reference.models import load_model
+
+    family, overrides = MODEL_CONFIGS[name]
+    model, _ = load_model(checkpoint_factory(family, **overrides), device=DEVICE, progress=False)
+    plain, fused_forward, before = three_forwards(model, monkeypatch, [9, 1, 14])
     assert torch.equal(fused_forward, before)
     torch.testing.assert_close(fused_forward, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_bf16_fused_forward_gives_the_bits_of_one_kernel_per_op_on_the_gpu(checkpoint_factory, monkeypatch):
+    """The whole decoder compiled on the card in bfloat16, Qwen3-0.6B's layer shapes (4 layers): the hidden states
+    of the fused forward are bit for bit those of the path before this round (what tests/test_gpu.py relies on)."""
+    from reference.models import load_model
+
+    shapes = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, num_hidden_layers=4)
+    model, _ = load_model(checkpoint_factory("qwen3", **shapes), device="cuda", dtype=torch.bfloat16, progress=False)
+    _, fused_forward, before = three_forwards(model, monkeypatch, [300, 1, 77, 1, 1, 16])
+    assert torch.equal(fused_forward, before)
 
 
 @pytest.mark.gpu

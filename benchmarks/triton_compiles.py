@@ -147,7 +147,8 @@ def main() -> int:
             save_random_checkpoint(path, torch.bfloat16)
             start = time.perf_counter()
             llm = LLM(path, device="cuda", dtype="bfloat16")
-            print(f"engine start {time.perf_counter() - start:.1f} s, warm-up {llm.engine.warm_up_seconds:.2f} s")
+            warm_up = llm.engine.warm_up_seconds or 0.0
+            print(f"engine start {time.perf_counter() - start:.1f} s, of which warm-up {warm_up:.2f} s")
             at_start = cache_entries(CACHE_DIR)
             print(f"\n{len(at_start)} kernels compiled by engine start (graph capture + warm-up):")
             print("\n".join(f"  {line}" for line in sorted(at_start.values())))

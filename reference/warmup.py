@@ -19,6 +19,8 @@ workload still compiles after the warm-up):
   count is a multiple of 16 (the intermediate sizes of the models we run are), and decode batches run in CUDA graphs,
   captured for every batch size at start. Everything else (head counts, strides of the hidden states, the
   vocabulary, the cache's block size) is fixed for a model.
+Each width class costs one compilation of the paged prefill kernel on a cold Triton cache (none once cached), the
+price of a first `generate` as fast as the second; benchmarks/triton_compiles.py prints the warm-up's seconds.
 """
 
 from __future__ import annotations

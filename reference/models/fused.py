@@ -90,7 +90,7 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_co
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next RMSNorm in one kernel (one read of each input instead of three):
+    """The residual add and the next RMSNorm in one kernel (one launch, and the sum is not read back):
     x, residual: [..., dim] of one dtype -> (residual + x, rms_norm(residual + x)), both new tensors."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()

@@ -8,6 +8,19 @@ and without a top-k / top-p cut, so the sampler compiles too) beside long prompt
 budget (fresh prefill) and one whose next chunk runs over its cached first one, next to decode steps (a mixed
 step). Decode steps' CUDA graphs are captured before this, when the runner is built. On the CPU nothing
 is compiled, and one tiny request is enough.
+
+Kind of step is not all: Triton compiles a kernel again for each class of its integer arguments (an int that is 1,
+one divisible by 16, any other), and a variant first met inside a timed `generate` costs it up to a second. The
+arguments that change from step to step, read from the launches (benchmarks/triton_compiles.py lists what a
+workload still compiles after the warm-up):
+- the paged prefill kernel's block-table row stride, the blocks of the longest sequence in a prefill or mixed
+  step: the mixed steps of `_warm_up_block_table_widths` make it 1, 3 and 16 blocks, one step each;
+- token counts: RoPE and the sampler do not specialise on them (do_not_specialize), SiLU-and-multiply's element
+  count is a multiple of 16 (the intermediate sizes of the models we run are), and decode batches run in CUDA graphs,
+  captured for every batch size at start. Everything else (head counts, strides of the hidden states, the
+  vocabulary, the cache's block size) is fixed for a model.
+Each width class costs one compilation of the paged prefill kernel on a cold Triton cache (none once cached), the
+price of a first `generate` as fast as the second; benchmarks/triton_compiles.py prints the warm-up's seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import time
 from .sampling import SamplingParams
 
 WARM_UP_PREFIX = "warmup"
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
 def warm_up(engine, every_step_kind: bool | None = None) -> float:
@@ -27,23 +41,52 @@ def warm_up(engine, every_step_kind: bool | None = None) -> float:
     start = time.perf_counter()
     if every_step_kind is None:
         every_step_kind = engine.device.type == "cuda"
-    config = engine.config
-    vocab = engine.model_config.vocab_size
-    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     if every_step_kind:
-        shorts = [greedy, SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True, seed=0),
-                  SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=4, ignore_eos=True)]
-        for i, params in enumerate(shorts):
-            engine.add_request(f"{WARM_UP_PREFIX}-short-{i}", [(i + 1) % vocab] * 8, params)
-        # Long prompts of 1.5 budgets in all (several when max_model_len is short), so that one is cut at the
-        # budget's end and its next chunk runs over the cached part: the paged prefill kernel's step kind.
-        budget = config.max_num_batched_tokens
-        length = min(config.max_model_len - greedy.max_tokens, budget + budget // 2)
-        for i in range(-(-(budget + budget // 2) // length)):
-            name = f"{WARM_UP_PREFIX}-long" + (f"-{i}" if i else "")
-            engine.add_request(name, [(7 * j + 3 + i) % vocab for j in range(length)], greedy)
+        _warm_up_step_kinds(engine)
+        _warm_up_block_table_widths(engine)
     else:
-        engine.add_request(WARM_UP_PREFIX, [0] * 8, greedy)
+        engine.add_request(WARM_UP_PREFIX, [0] * 8, GREEDY)
+        _finish(engine)
+    return time.perf_counter() - start
+
+
+def _warm_up_step_kinds(engine) -> None:
+    """Decode (greedy and sampled), a full-budget fresh prefill, a chunk over cached context, a mixed step."""
+    config, vocab = engine.config, engine.model_config.vocab_size
+    shorts = [GREEDY, SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True, seed=0),
+              SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=4, ignore_eos=True)]
+    for i, params in enumerate(shorts):
+        engine.add_request(f"{WARM_UP_PREFIX}-short-{i}", [(i + 1) % vocab] * 8, params)
+    # Long prompts of 1.5 budgets in all (several when max_model_len is short), so that one is cut at the
+    # budget's end and its next chunk runs over the cached part: the paged prefill kernel's step kind.
+    budget = config.max_num_batched_tokens
+    length = min(config.max_model_len - GREEDY.max_tokens, budget + budget // 2)
+    for i in range(-(-(budget + budget // 2) // length)):
+        name = f"{WARM_UP_PREFIX}-long" + (f"-{i}" if i else "")
+        engine.add_request(name, [(7 * j + 3 + i) % vocab for j in range(length)], GREEDY)
+    _finish(engine)
+
+
+def _warm_up_block_table_widths(engine) -> None:
+    """Mixed steps (a decoding sequence beside a new prompt: the paged prefill kernel) whose block tables are 1
+    block wide, 3 (neither 1 nor a multiple of 16) and 16: one compiled variant each of that kernel's row stride.
+    A step schedules the requests added before it, so each prompt joins the anchor's decode in its own step."""
+    config, vocab = engine.config, engine.model_config.vocab_size
+    block = config.block_size
+    # The anchor's context stays within one block while the three prompts join (3 tokens + one per step).
+    anchor = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request(f"{WARM_UP_PREFIX}-anchor", [5 % vocab, 6 % vocab], anchor)
+    engine.step()
+    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for blocks, length in ((1, 2), (3, 2 * block + 1), (16, 16 * block)):
+        if length + one_token.max_tokens > config.max_model_len or length > config.max_num_batched_tokens:
+            continue  # a short max_model_len: the long prompts above reach this width class, or none does
+        engine.add_request(f"{WARM_UP_PREFIX}-width-{blocks}", [(11 * j + blocks) % vocab for j in range(length)],
+                           one_token)
+        engine.step()
+    _finish(engine)
+
+
+def _finish(engine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
-    return time.perf_counter() - start

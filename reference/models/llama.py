@@ -3,6 +3,9 @@
     token ids -> Embedding -> N x DecoderLayer -> RMSNorm -> LM head -> logits
     DecoderLayer: x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))
 
+With fused kernels (use_fused_kernels, on the GPU) the same sums run in another form: each residual add is done
+by the RMSNorm that follows it, in one kernel (DecoderLayer.forward_fused).
+
 The model works on a packed batch: `input_ids` and `positions` are flat [num_tokens] vectors holding the new
 tokens of every sequence in this step, one after another. Where one sequence ends and the next begins, and
 where the KV cache lives, is in the AttentionMetadata the model runner built; the model does not know about
@@ -36,7 +39,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]] | None
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face does) for stability."""
 
-    fused = False  # True: one Triton kernel on the GPU (fused.py) instead of the torch code below
+    fused = False  # True: one Triton kernel (fused.py) instead of the torch code below
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -44,18 +47,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
+        if self.fused:
             return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, self(residual + x)): the fused path's residual add, done by the norm after it (one kernel
+        reads x and the residual once instead of an add kernel and a norm kernel reading the sum again)."""
+        if self.fused:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = residual + x
+        return residual, self(residual)
+
 
 class Attention(nn.Module):
     """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
 
-    fused = False  # True: RoPE as one Triton kernel on the GPU
+    fused = False  # True: q/k-norm and RoPE of q and k as one Triton kernel
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -85,20 +96,29 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        rotate = fused.apply_rotary if self.fused and q.is_cuda else apply_rotary
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.fused:
+            q, k = self.fused_norm_and_rotate(q, k, rope)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def fused_norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q/k-norms (Qwen3) and RoPE of q and k in one kernel launch, bit for bit the one-kernel-each path."""
+        cos, sin = rope
+        if self.qk_norm:
+            return fused.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        return fused.apply_rotary_qk(q, k, cos, sin)
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    fused = False  # True: silu(gate) * up as one Triton kernel on the GPU
+    fused = False  # True: silu(gate) * up as one Triton kernel
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -109,7 +129,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.fused and x.is_cuda:
+        if self.fused:
             return self.down_proj(fused.silu_and_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
@@ -126,9 +146,23 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, metadata, kv_cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def forward_fused(self, hidden, residual, rope, metadata, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward as the fused kernels run it (vLLM's form): each residual add is left to the RMSNorm after it,
+        which adds and normalises in one kernel. Takes and returns (the last branch's output, the residual stream
+        without it); residual None: hidden is the embedding, nothing to add yet. Same values as forward."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
+        attention = self.self_attn(normed, rope, metadata, kv_cache)
+        residual, normed = self.post_attention_layernorm.add_and_norm(attention, residual)
+        return self.mlp(normed), residual
+
 
 class DecoderModel(nn.Module):
     """Embedding, the stack of decoder layers and the final norm (Hugging Face's `model.` prefix)."""
+
+    fused = False  # True: the layers pass (output, residual) on, for the fused add + RMSNorm kernel
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -140,9 +174,19 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, metadata, kv_caches: KVCaches) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions)
+        if self.fused:
+            return self.forward_fused(hidden, rope, metadata, kv_caches)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, rope, metadata, None if kv_caches is None else kv_caches[i])
         return self.norm(hidden)
+
+    def forward_fused(self, hidden, rope, metadata, kv_caches: KVCaches) -> torch.Tensor:
+        """forward's layer loop in DecoderLayer.forward_fused's form; the final norm does the last residual add."""
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer.forward_fused(hidden, residual, rope, metadata,
+                                                   None if kv_caches is None else kv_caches[i])
+        return self.norm.add_and_norm(hidden, residual)[1]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -179,14 +223,15 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
-        """Run RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels when on the GPU (see fused.py)."""
+        """Run the residual add + RMSNorm, q/k-norm + RoPE and SiLU-and-multiply as fused Triton kernels (see
+        fused.py). The model must be on the GPU, or on the CPU with Triton's interpreter (TRITON_INTERPRET=1)."""
         global fused
         if enabled and fused is None:
             if not fused_available():
                 raise ValueError("fused kernels need Triton, which is not installed (it is Linux-only)")
             from . import fused
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
+            if isinstance(module, (RMSNorm, Attention, MLP, DecoderModel)):
                 module.fused = enabled
 
     def set_attention_backend(self, backend) -> None:

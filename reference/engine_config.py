@@ -50,7 +50,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    fused_kernels: bool = True  # on the GPU: add + RMSNorm, q/k-norm + RoPE, SiLU-and-multiply as Triton kernels
+    fused_kernels: bool = True  # on the GPU: add + RMSNorm, RMSNorm, RoPE, SiLU-and-multiply as Triton kernels
     async_scheduling: bool | None = None  # plan step N+1 while step N runs (None: on the GPU only)
     enable_chunked_prefill: bool = True
     scheduling_policy: str | SchedulingPolicy = "fcfs"

@@ -34,7 +34,7 @@ HELP = {
     "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
     "attention_backend": "auto, torch, padded, triton, flash or flash-attn (auto: padded on the CPU)",
     "enforce_eager": "no CUDA graphs (to measure what they bring)",
-    "fused_kernels": "residual add + RMSNorm, q/k-norm + RoPE and SiLU-and-multiply as fused Triton kernels (GPU)",
+    "fused_kernels": "residual add + RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (GPU)",
     "async_scheduling": "plan each step while the previous one runs (default: on the GPU only)",
     "enable_chunked_prefill": "split long prompts across steps",
     "scheduling_policy": "who runs first: fcfs, sjf or priority",

@@ -1,7 +1,7 @@
 """The fused Triton kernels against their torch twins (llama.py / rotary.py): on CPU in the Triton interpreter
 (float32, float16), on the GPU in bfloat16, to within one unit in the last place of the output dtype (RoPE
-exactly, in the interpreter). The second round's kernels (add + RMSNorm, q/k-norm + RoPE, RoPE of q and k in one
-launch) must give exactly the bits of the kernels they replace, composed: in the interpreter, compiled on the GPU
+exactly, in the interpreter). The second round's kernel (residual add + RMSNorm) must give exactly the bits of the
+kernels it replaces, composed: in the interpreter, compiled on the GPU
 (the `gpu` test), and through a whole model's forward pass. tests/test_gpu.py checks the whole engine, fused
 kernels on, against transformers."""
 
@@ -87,18 +87,6 @@ def test_rotary_rows_per_program_changes_the_launch_not_the_result(rows_per_prog
 # The second round of fusion: each new kernel must give the bits of the kernels it replaces, composed (that is
 # what keeps tests/test_gpu.py's agreement with transformers), and stay close to the torch code.
 
-def composed_qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, sin):
-    """What qk_norm_rotary replaces: a norm kernel and a RoPE kernel for each of q and k."""
-    return (fused.apply_rotary(fused.rms_norm(q, q_weight, eps), cos, sin),
-            fused.apply_rotary(fused.rms_norm(k, k_weight, eps), cos, sin))
-
-
-def random_angles(num_tokens, head_dim, generator):
-    angles = torch.rand(num_tokens, 1, head_dim // 2, generator=generator) * 100
-    angles = torch.cat((angles, angles), dim=-1).to(DEVICE)
-    return angles.cos(), angles.sin()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 96), (3, 4, 64), (0, 128), (7, 100), (9, 1024), (3, 576)])
 def test_add_rms_norm_is_the_add_then_the_rms_norm_kernel(dtype, shape):
@@ -114,57 +102,10 @@ def test_add_rms_norm_is_the_add_then_the_rms_norm_kernel(dtype, shape):
         torch.testing.assert_close(normed, norm(residual + x), rtol=ONE_ULP[dtype], atol=ONE_ULP[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-# head_dim 40: half of 20, not a power of two (Qwen3 models in tests/test_model_logits.py use it).
-@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(4, 2, 64), (16, 8, 128), (5, 1, 40), (6, 6, 96)])
-def test_qk_norm_rotary_is_the_norm_then_the_rotary_kernel(dtype, q_heads, kv_heads, head_dim):
-    generator = torch.Generator().manual_seed(5)
-    num_tokens = 6
-    q = (torch.randn(num_tokens, q_heads, head_dim, generator=generator) * 3).to(DEVICE, dtype)
-    k = (torch.randn(num_tokens, kv_heads, head_dim, generator=generator) * 3).to(DEVICE, dtype)
-    q_norm, k_norm = RMSNorm(head_dim, 1e-6).to(DEVICE, dtype), RMSNorm(head_dim, 1e-6).to(DEVICE, dtype)
-    cos, sin = random_angles(num_tokens, head_dim, generator)
-    with torch.no_grad():
-        q_norm.weight.copy_(torch.randn(head_dim, generator=generator))
-        k_norm.weight.copy_(torch.randn(head_dim, generator=generator))
-        got = fused.qk_norm_rotary(q, k, q_norm.weight, k_norm.weight, 1e-6, cos, sin)
-        expected = composed_qk_norm_rotary(q, k, q_norm.weight, k_norm.weight, 1e-6, cos, sin)
-        torch_code = apply_rotary(q_norm(q), cos, sin), apply_rotary(k_norm(k), cos, sin)
-    for new, old, slow in zip(got, expected, torch_code):
-        assert new.shape == old.shape and new.dtype == dtype
-        assert torch.equal(new, old)
-        # The torch twin's norm may differ by a unit, and RoPE's sum can amplify that to a few units of the inputs.
-        torch.testing.assert_close(new, slow, rtol=4 * ONE_ULP[dtype], atol=4 * ONE_ULP[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows_per_program", [None, 1, 16])
-@pytest.mark.parametrize("num_tokens, q_heads, kv_heads, head_dim", [(6, 4, 2, 64), (13, 9, 3, 24), (1, 16, 8, 128)])
-def test_rotary_qk_is_two_rotary_launches(dtype, rows_per_program, num_tokens, q_heads, kv_heads, head_dim):
-    generator = torch.Generator().manual_seed(6)
-    q = torch.randn(num_tokens, q_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    k = torch.randn(num_tokens, kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    cos, sin = random_angles(num_tokens, head_dim, generator)
-    q_out, k_out = fused.apply_rotary_qk(q, k, cos, sin, rows_per_program=rows_per_program)
-    assert torch.equal(q_out, fused.apply_rotary(q, cos, sin))
-    assert torch.equal(k_out, fused.apply_rotary(k, cos, sin))
-
-
-def test_new_fused_kernels_reject_an_odd_head_dim():
-    x = torch.zeros(1, 1, 25, device=DEVICE)
-    with pytest.raises(ValueError, match="head_dim must be even"):
-        fused.apply_rotary_qk(x, x, x, x)
-    with pytest.raises(ValueError, match="head_dim must be even"):
-        fused.qk_norm_rotary(x, x, x[0, 0], x[0, 0], 1e-6, x, x)
-
-
-def one_kernel_per_op_path(model, monkeypatch):
-    """Switch a fused model back to the path before this round of fusion: torch's residual add, then one norm
-    kernel and one RoPE kernel per tensor (the new functions replaced by the old kernels composed)."""
+def one_kernel_per_op_path(model):
+    """Switch a fused model back to the path before this round of fusion: torch's residual add, then the norm
+    kernel."""
     model.model.fused = False
-    monkeypatch.setattr(fused, "qk_norm_rotary", composed_qk_norm_rotary)
-    monkeypatch.setattr(fused, "apply_rotary_qk", lambda q, k, cos, sin: (fused.apply_rotary(q, cos, sin),
-                                                                         fused.apply_rotary(k, cos, sin)))
 
 
 # Qwen3 (q/k-norm), Qwen3 with a head_dim whose half is not a power of two, Llama (RoPE only) with Llama 3 scaling.
@@ -176,7 +117,7 @@ MODEL_CONFIGS = {
 }
 
 
-def three_forwards(model, monkeypatch, lengths):
+def three_forwards(model, lengths):
     """The model's hidden states of one packed batch (no cache): plain torch, fused, and fused as before this round.
     Leaves the model on the old path."""
     from reference.attention import build_metadata
@@ -192,25 +133,25 @@ def three_forwards(model, monkeypatch, lengths):
     plain = forward()
     model.use_fused_kernels(True)
     fused_forward = forward()
-    one_kernel_per_op_path(model, monkeypatch)
+    one_kernel_per_op_path(model)
     return plain, fused_forward, forward()
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
-def test_fused_forward_equals_one_kernel_per_op_and_the_torch_forward(checkpoint_factory, monkeypatch, name):
-    """Float32, random checkpoints: the fused layers (add + norm, q/k-norm + RoPE) give the bits of the path they
+def test_fused_forward_equals_one_kernel_per_op_and_the_torch_forward(checkpoint_factory, name):
+    """Float32, random checkpoints: the fused layers (add + norm) give the bits of the path they
     replace, and stay within float32 rounding of the plain torch forward (the slow twin)."""
     from reference.models import load_model
 
     family, overrides = MODEL_CONFIGS[name]
     model, _ = load_model(checkpoint_factory(family, **overrides), device=DEVICE, progress=False)
-    plain, fused_forward, before = three_forwards(model, monkeypatch, [9, 1, 14])
+    plain, fused_forward, before = three_forwards(model, [9, 1, 14])
     assert torch.equal(fused_forward, before)
     torch.testing.assert_close(fused_forward, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
-def test_bf16_fused_forward_gives_the_bits_of_one_kernel_per_op_on_the_gpu(checkpoint_factory, monkeypatch):
+def test_bf16_fused_forward_gives_the_bits_of_one_kernel_per_op_on_the_gpu(checkpoint_factory):
     """The whole decoder compiled on the card in bfloat16, Qwen3-0.6B's layer shapes (4 layers): the hidden states
     of the fused forward are bit for bit those of the path before this round (what tests/test_gpu.py relies on)."""
     from reference.models import load_model
@@ -218,7 +159,7 @@ def test_bf16_fused_forward_gives_the_bits_of_one_kernel_per_op_on_the_gpu(check
     shapes = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
                   head_dim=128, num_hidden_layers=4)
     model, _ = load_model(checkpoint_factory("qwen3", **shapes), device="cuda", dtype=torch.bfloat16, progress=False)
-    _, fused_forward, before = three_forwards(model, monkeypatch, [300, 1, 77, 1, 1, 16])
+    _, fused_forward, before = three_forwards(model, [300, 1, 77, 1, 1, 16])
     assert torch.equal(fused_forward, before)
 
 
@@ -227,26 +168,12 @@ def test_bf16_fused_forward_gives_the_bits_of_one_kernel_per_op_on_the_gpu(check
 @pytest.mark.parametrize("num_tokens", [1, 13, 256, 8192])  # a decode token, odd and CUDA-graph batches, a prefill
 def test_new_kernels_give_the_old_kernels_bits_compiled_on_the_gpu(dtype, num_tokens):
     """Compiled code may round or sum differently from the interpreter: bit equality on the card, in Qwen3-0.6B's
-    shapes (hidden 1024, 16 q heads and 8 kv heads of 128), real RoPE tables, residuals of growing size."""
-    from reference.models.presets import preset_config
-    from reference.models.rotary import RotaryEmbedding
-
+    hidden size, with residuals of growing size."""
     generator = torch.Generator().manual_seed(7)
-    hidden, heads, kv_heads, head_dim = 1024, 16, 8, 128
+    hidden = 1024
     x = torch.randn(num_tokens, hidden, generator=generator).to("cuda", dtype)
     residual = (torch.randn(num_tokens, hidden, generator=generator) * 30).to("cuda", dtype)
     weight = torch.rand(hidden, generator=generator).to("cuda", dtype) + 0.5
     total, normed = fused.add_rms_norm(x, residual, weight, 1e-6)
     assert torch.equal(total, residual + x)
     assert torch.equal(normed, fused.rms_norm(residual + x, weight, 1e-6))
-
-    rotary = RotaryEmbedding(preset_config("qwen3-0.6b"))
-    cos, sin = rotary.cos_sin(torch.randint(0, 4096, (num_tokens,), generator=generator).cuda())
-    q = (torch.randn(num_tokens, heads, head_dim, generator=generator) * 4).to("cuda", dtype)
-    k = (torch.randn(num_tokens, kv_heads, head_dim, generator=generator) * 4).to("cuda", dtype)
-    q_weight, k_weight = (torch.rand(2, head_dim, generator=generator) + 0.5).to("cuda", dtype)
-    got = fused.qk_norm_rotary(q, k, q_weight, k_weight, 1e-6, cos, sin)
-    expected = composed_qk_norm_rotary(q, k, q_weight, k_weight, 1e-6, cos, sin)
-    assert all(torch.equal(new, old) for new, old in zip(got, expected))
-    q_out, k_out = fused.apply_rotary_qk(q, k, cos, sin)
-    assert torch.equal(q_out, fused.apply_rotary(q, cos, sin)) and torch.equal(k_out, fused.apply_rotary(k, cos, sin))

@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
 
-    fused = False  # True: q/k-norm and RoPE of q and k as one Triton kernel
+    fused = False  # True: RoPE as one Triton kernel
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -96,23 +96,14 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.fused:
-            q, k = self.fused_norm_and_rotate(q, k, rope)
-        else:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        rotate = fused.apply_rotary if self.fused else apply_rotary
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
-
-    def fused_norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """The q/k-norms (Qwen3) and RoPE of q and k in one kernel launch, bit for bit the one-kernel-each path."""
-        cos, sin = rope
-        if self.qk_norm:
-            return fused.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
-        return fused.apply_rotary_qk(q, k, cos, sin)
 
 
 class MLP(nn.Module):
@@ -223,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
-        """Run the residual add + RMSNorm, q/k-norm + RoPE and SiLU-and-multiply as fused Triton kernels (see
+        """Run the residual add + RMSNorm, RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (see
         fused.py). The model must be on the GPU, or on the CPU with Triton's interpreter (TRITON_INTERPRET=1)."""
         global fused
         if enabled and fused is None:

@@ -1,4 +1,4 @@
-"""Attention through FlashAttention 4 (PyPI `flash-attn-4`, imported as `flash_attn.cute`): attention_backend="flash-attn".
+"""attention_backend="flash-attn": FlashAttention 4 (PyPI `flash-attn-4`, imported as `flash_attn.cute`).
 
 Why FlashAttention 4 and not 2: its wheels are pure Python (kernels written in NVIDIA's CuTe DSL and compiled on
 first use), so `pip install flash-attn-4` takes seconds, while FlashAttention 2 is compiled from source for hours.
@@ -72,9 +72,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of packed new tokens over each sequence's cached context, new tokens already stored.
 
     q: [num_tokens, heads, head_dim] packed by cu_seqlens_q (int32 [batch + 1]); caches: [num_blocks, block_size,
-    kv_heads, head_dim]; page_table: int32 [batch, max_blocks] with NO -1 (entries past a sequence's blocks may be
-    any real block: they are loaded, then masked); context_lens: int32 [batch] (tokens in the cache including this
-    step's); max_query_len: the longest sequence's new tokens (a host int). Returns [num_tokens, heads, head_dim].
+    kv_heads, head_dim]; page_table: int32 [batch, max_blocks], a real block id in every entry (those past a
+    sequence's blocks are not used for its result, but -1 is no page); context_lens: int32 [batch] (tokens in the
+    cache including this step's); max_query_len: the longest sequence's new tokens (a host int).
+    Returns [num_tokens, heads, head_dim].
     """
     from flash_attn.cute import flash_attn_varlen_func
 

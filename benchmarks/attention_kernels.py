@@ -11,6 +11,10 @@
 4. A sweep of the decode kernel's tile configuration (TILE_N, num_warps, num_stages) at batch 256 x 1024.
 5. Prefill (causal, fresh prompts and a chunk over a cached prefix) next to SDPA's causal path, and with
    --prefill-sweep a few prefill tile configurations.
+Where FlashAttention 4 runs (`flash-attn-4` installed, a Hopper or datacenter Blackwell GPU), it is checked too and
+gets rows in the decode and prefill tables, on the same paged data as our kernels: what the engine's
+attention_backend="flash-attn" calls. Its decode rows are timed as CUDA-graph replays, as the engine runs decode
+steps (its Python wrapper costs more host time per call than the kernel takes at small shapes), and once eager.
 
 Times are CUDA-event medians over many iterations after a warm-up. Prints tables; copy them into
 benchmarks/RESULTS.md with the card, date and command.
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from reference.attention import torch_ref  # noqa: E402
+from reference.attention import flash_attn_pkg, torch_ref  # noqa: E402
 from reference.attention import triton_ops  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
@@ -95,6 +99,67 @@ def run_sdpa(context, q, k, v, causal):
     manager, backend = context
     with manager(backend):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def flash_attn_usable() -> bool:
+    """FlashAttention 4 is installed and reads a paged cache on this card (flash_attn_pkg.unusable_reason)."""
+    return flash_attn_pkg.unusable_reason(torch.device("cuda"), DTYPE) is None
+
+
+def flash_attn_fn(q, k_cache, v_cache, block_tables, context_lens, q_len: int):
+    """A call of FlashAttention 4 over the paged cache for `q_len` new tokens per sequence (the engine's flash-attn
+    backend without its store); block_tables hold no -1 here, so they are the page table as they are."""
+    cu = torch.arange(0, block_tables.shape[0] + 1, device="cuda", dtype=torch.int32) * q_len
+    return lambda: flash_attn_pkg.paged_attention(q, k_cache, v_cache, block_tables, cu, context_lens, q_len,
+                                                  HEAD_DIM**-0.5)
+
+
+def graphed(fn):
+    """fn recorded in a CUDA graph (after a warm-up call that compiles it): returns the replay. Raises what
+    capture raises, e.g. for a kernel that synchronises with the host."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def check_flash_attn() -> None:
+    """FlashAttention 4 against torch_ref: decode and a mixed prefill, block sizes 16, 128 (one key tile) and 256."""
+    print("== correctness of flash-attn-4 against torch_ref (bf16, relative error) ==")
+    scale = HEAD_DIM**-0.5
+    for block_size in (16, 128, 256):
+        torch.manual_seed(0)
+        q, k_cache, v_cache, block_tables, _ = paged_data(8, 1500, block_size)
+        context_lens = torch.tensor([1, 15, 16, 17, 300, 999, 1024, 1500], dtype=torch.int32, device="cuda")
+        cu = torch.arange(9, dtype=torch.int32, device="cuda")
+        expected = torch_ref.paged_attention(q, k_cache, v_cache, block_tables, cu, context_lens, scale)
+        decode = relative_error(flash_attn_fn(q, k_cache, v_cache, block_tables, context_lens, 1)(), expected)
+        query_lens = [1, 15, 16, 17, 300, 200, 1024, 500]
+        cu = torch.tensor([0] + query_lens, device="cuda").cumsum(0).to(torch.int32)
+        qp = torch.randn(int(cu[-1]), HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        expected = torch_ref.paged_attention(qp, k_cache, v_cache, block_tables, cu, context_lens, scale)
+        out = flash_attn_pkg.paged_attention(qp, k_cache, v_cache, block_tables, cu, context_lens, 1024, scale)
+        prefill = relative_error(out, expected)
+        print(f"flash-attn-4 block_size {block_size:3d}: decode {decode:.2e}, prefill {prefill:.2e}")
+        if max(decode, prefill) > 1e-2:
+            raise SystemExit(f"flash-attn-4 relative error above 1e-2 at block_size {block_size}")
+
+
+def flash_attn_decode_rows(data, copy_gbps: float, batch: int, context_len: int, block_size: int) -> list[tuple]:
+    """FlashAttention 4's decode rows for one shape: as a CUDA-graph replay (how the engine runs decode), and eager."""
+    fn = flash_attn_fn(*data, q_len=1)
+    rows = []
+    for name, timed in (("graph", lambda: graphed(fn)), ("eager", lambda: fn)):
+        try:
+            ms = time_ms(timed())
+        except Exception as error:  # noqa: BLE001 - report a capture failure, keep the other rows
+            print(f"  flash-attn-4 bs={block_size} {name}: failed ({type(error).__name__}: {str(error)[:120]})")
+            continue
+        gbps = decode_bytes(batch, context_len) / (ms * 1e-3) / 1e9
+        rows.append((f"flash-attn-4 bs={block_size}, {name}", batch, context_len, "-", ms, gbps, gbps / copy_gbps))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,6 +232,9 @@ def bench_decode(copy_gbps: float, shapes) -> list[tuple]:
         ms = time_ms(fn)
         gbps = decode_bytes(batch, context_len) / (ms * 1e-3) / 1e9
         rows.append((f"triton paged bs={block_size}", batch, context_len, splits, ms, gbps, gbps / copy_gbps))
+        if flash_attn_usable():
+            rows += flash_attn_decode_rows((q, k_cache, v_cache, block_tables, context_lens), copy_gbps, batch,
+                                           context_len, block_size)
         if splits > 1:  # what the splits buy: the same kernel with one program per (sequence, kv_head)
             ms = time_ms(lambda: triton_ops.paged_decode_attention(
                 q, k_cache, v_cache, block_tables, context_lens, scale, out=out, num_splits=1))
@@ -265,6 +333,9 @@ def bench_prefill() -> list[tuple]:
         ms = time_ms(lambda: triton_ops.paged_prefill_attention(
             q, k_cache, v_cache, block_tables, cu, context_lens, scale, out=out, max_query_len=q_len))
         rows.append(("triton paged bs=16", batch, q_len, context_len, ms, flops / (ms * 1e-3) / 1e12))
+        if flash_attn_usable():  # its causal mask is bottom-right aligned: chunks over a prefix too
+            ms = time_ms(flash_attn_fn(q, k_cache, v_cache, block_tables, context_lens, q_len))
+            rows.append(("flash-attn-4 paged bs=16", batch, q_len, context_len, ms, flops / (ms * 1e-3) / 1e12))
         if q_len == context_len:  # SDPA's causal mask is top-left aligned: compare only fresh prompts
             k = contiguous_kv(k_cache, block_tables, context_len)
             v = contiguous_kv(v_cache, block_tables, context_len)
@@ -277,7 +348,7 @@ def bench_prefill() -> list[tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only batch 256 x 1024")
+    parser.add_argument("--quick", action="store_true", help="only batch 256 x 1024, block sizes 16 and 256")
     parser.add_argument("--no-sweep", action="store_true", help="skip the decode tile-configuration sweep")
     parser.add_argument("--prefill-sweep", action="store_true", help="also sweep prefill tile configurations")
     args = parser.parse_args()
@@ -287,12 +358,17 @@ def main() -> None:
 
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     check_correctness()
+    if flash_attn_usable():
+        check_flash_attn()
+    else:
+        print(f"flash-attn-4: no rows (attention_backend='flash-attn' "
+              f"{flash_attn_pkg.unusable_reason(torch.device('cuda'), DTYPE)})")
     copy_gbps = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
 
     shapes = [(256, 1024, 16), (256, 1024, 256)]
     if not args.quick:
-        shapes += [(256, 4096, 16), (256, 4096, 256), (16, 4096, 16), (4, 8192, 16)]
+        shapes += [(256, 1024, 128), (256, 4096, 16), (256, 4096, 256), (16, 4096, 16), (4, 8192, 16)]
     rows = bench_decode(copy_gbps, shapes)
     print("\n== decode (one query token per sequence), bf16, 16 q heads / 8 kv heads / head_dim 128 ==")
     print(f"| {'kernel':<28} | batch | context | splits |     ms |   GB/s | of copy |")

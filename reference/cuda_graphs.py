@@ -46,6 +46,7 @@ class DecodeGraphs:
                 cu_seqlens_q=cu_seqlens[: size + 1], query_lens=[1] * size,
                 context_lens=self.context_lens[:size], context_lens_host=[max_model_len] * size,
                 slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                page_table=self.block_tables[:size],  # holds no -1: zeros, real ids and stale real ids
             )
 
             def forward(size=size, metadata=metadata):

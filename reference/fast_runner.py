@@ -32,8 +32,9 @@ class FastModelRunner(ModelRunner):
                  max_num_seqs: int = 1, max_model_len: int = 1, eos_token_ids: frozenset[int] = frozenset()) -> None:
         super().__init__(model, kv_manager, dtype, attention_backend=attention_backend, fused_kernels=fused_kernels,
                          eos_token_ids=eos_token_ids)
-        # CUDA graphs need kernels that read everything from device memory: not the torch reference.
-        if self.device.type == "cuda" and not enforce_eager and self.attention_backend.name != "torch":
+        # CUDA graphs need kernels that read everything from device memory (not the torch reference): each
+        # backend says whether its forward pass can be recorded (supports_cuda_graphs); if not, decode runs eager.
+        if self.device.type == "cuda" and not enforce_eager and self.attention_backend.supports_cuda_graphs:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, kv_manager.block_size, max_num_seqs, max_model_len)
         self.in_flight: LaunchedStep | None = None  # the last step launched: where its tokens are on the device
 
@@ -81,7 +82,7 @@ class FastModelRunner(ModelRunner):
         positions, ids = self._upload(positions), self._upload(torch.tensor(inputs.input_ids))
         metadata = dataclasses.replace(metadata, **{
             name: self._upload(getattr(metadata, name))
-            for name in ("cu_seqlens_q", "context_lens", "slot_mapping", "block_tables")
+            for name in ("cu_seqlens_q", "context_lens", "slot_mapping", "block_tables", "page_table")
             if getattr(metadata, name) is not None})
         if pending_rows is not None:
             fill_pending(ids, self._upload(torch.tensor(pending_rows)), previous_ids)

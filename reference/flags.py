@@ -32,7 +32,8 @@ HELP = {
     "cpu_threads": "torch threads on the CPU (default: the cores other programs leave free, rechecked every second)",
     "kv_cache": "paged (blocks on demand) or contiguous (a max_model_len row per sequence)",
     "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
-    "attention_backend": "auto, torch, padded, triton, flash or flash-attn (auto: padded on the CPU)",
+    "attention_backend": "auto, torch, padded, triton, flash or flash-attn (auto: padded on the CPU, flash on a GPU; "
+                         "flash-attn: FlashAttention 4, pip install -e '.[flash]', Hopper / datacenter Blackwell)",
     "enforce_eager": "no CUDA graphs (to measure what they bring)",
     "fused_kernels": "residual add + RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (GPU)",
     "async_scheduling": "plan each step while the previous one runs (default: on the GPU only)",

@@ -63,7 +63,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids  # the tokens min_tokens keeps out (with each request's stop tokens)
         self.kv = kv_manager
         self.device = next(model.parameters()).device
-        self.attention_backend = get_backend(attention_backend, self.device, kv_manager.block_size)
+        self.attention_backend = get_backend(attention_backend, self.device, kv_manager.block_size, dtype)
         model.set_attention_backend(self.attention_backend)
         # Fused elementwise kernels (Triton) on the GPU; set before any CUDA graph records the forward pass.
         self.fused_kernels = fused_kernels and self.device.type == "cuda" and fused_available()

@@ -30,6 +30,9 @@ def test_positions_and_slots_follow_the_definition():
         assert metadata.cu_seqlens_q.tolist() == [sum(query_lens[:i]) for i in range(batch + 1)]
         assert metadata.block_tables.dtype == torch.int32 and metadata.block_tables.shape[0] == batch
         assert all(row[len(t):] == [-1] * (len(row) - len(t)) for row, t in zip(metadata.block_tables.tolist(), tables))
+        # the page table for kernels that read past a sequence's blocks: the same, with block 0 for each -1
+        assert metadata.page_table.dtype == torch.int32
+        assert metadata.page_table.tolist() == [[max(b, 0) for b in row] for row in metadata.block_tables.tolist()]
 
 
 def test_without_cache_positions_restart_at_zero():

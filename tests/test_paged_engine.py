@@ -114,16 +114,6 @@ def test_too_small_cache_is_a_clear_error(tiny):
         LLM(str(path), device="cpu", max_model_len=128, block_size=8, num_kv_blocks=4)
 
 
-@pytest.mark.gpu
-def test_flash_attn_package_backend_gives_the_same_tokens(tiny):
-    pytest.importorskip("flash_attn")
-    path, _, prompts, _ = tiny
-    params = SamplingParams(temperature=0, max_tokens=8)
-    common = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=512, block_size=256, num_kv_blocks=16)
-    torch_run = run(LLM(str(path), attention_backend="torch", **common), prompts[:6], params)
-    assert run(LLM(str(path), attention_backend="flash-attn", **common), prompts[:6], params) == torch_run
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is chosen only where there is no GPU; "
                     "tests/test_gpu.py runs the Triton backend on the GPU")
 def test_triton_backend_gives_the_same_tokens_in_the_interpreter(tiny):
@@ -144,14 +134,6 @@ def test_backend_choice_is_reported_and_checked(monkeypatch):
     assert resolve_backend_name("auto", torch.device("cpu")) == "padded"  # the batched CPU path (attention/padded.py)
     monkeypatch.setattr(attention, "triton_available", lambda: True)
     assert resolve_backend_name("auto", torch.device("cuda")) == "flash"
-    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
-    assert resolve_backend_name("auto", torch.device("cuda"), block_size=256) == "flash-attn"
-    assert resolve_backend_name("auto", torch.device("cuda"), block_size=16) == "flash"  # pages too small
-    with pytest.raises(ValueError, match="multiple of 256"):
-        resolve_backend_name("flash-attn", torch.device("cuda"), block_size=16)
-    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
-    with pytest.raises(ValueError, match="needs the flash-attn package"):
-        resolve_backend_name("flash-attn", torch.device("cuda"), block_size=256)
     monkeypatch.setattr(attention, "triton_available", lambda: False)
     assert resolve_backend_name("auto", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="needs the triton package"):

@@ -6,9 +6,12 @@ Backends (attention_backend=...):
   a few large operations per layer instead of a Python loop over sequences. Any device; made for the CPU.
 - "triton": the paged Triton kernels (triton_ops.py) for everything: store, decode, chunked prefill.
 - "flash": torch's SDPA (FlashAttention kernels) for fresh prefills, the Triton kernels for the rest.
-- "flash-attn": the `flash-attn` package for everything (when installed; needs block_size % 256 == 0).
-- "auto": on a CUDA GPU "flash-attn" when it is installed and the block size suits it, else "flash" when
-  Triton is available, else "torch"; on the CPU "padded".
+- "flash-attn": FlashAttention 4 (the optional `flash-attn-4` package, flash_attn_pkg.py) for everything, over
+  the paged cache; Hopper / datacenter Blackwell GPUs, float16 / bfloat16. Opt-in.
+- "auto": "padded" on the CPU; on a CUDA GPU "flash" when Triton is available, else "torch".
+Why "auto" does not pick "flash-attn" even where it runs: "flash" is the path every GPU test and every published
+number of this project was measured on, and it needs nothing beyond torch and Triton; FlashAttention 4 is a beta
+package whose kernels compile on first use. benchmarks/RESULTS.md compares the two; "auto" changes when it says so.
 triton_ops is imported only when a Triton backend is built, so `import reference` never imports triton.
 """
 
@@ -23,7 +26,7 @@ from .padded import PaddedAttentionBackend
 from .sdpa import fresh_prefill_attention
 from .torch_ref import TorchAttentionBackend
 
-from .flash_attn_pkg import PAGE_MULTIPLE, flash_attn_installed
+from .flash_attn_pkg import flash_attn_installed, unusable_reason
 
 BACKENDS = ("auto", "torch", "padded", "triton", "flash", "flash-attn")
 
@@ -36,6 +39,7 @@ class FlashPrefillBackend:
     """Fresh prefills through SDPA's FlashAttention kernels; decodes and chunked prefills through `paged`."""
 
     name = "flash"
+    supports_cuda_graphs = True  # decode steps never reach SDPA: they run the paged kernels
 
     def __init__(self, paged) -> None:
         self.paged = paged
@@ -50,32 +54,32 @@ class FlashPrefillBackend:
         return fresh_prefill_attention(q, k, v, metadata.cu_seqlens_q, metadata.query_lens, scale)
 
 
-def resolve_backend_name(name: str, device: torch.device, block_size: int = 16) -> str:
-    """The concrete backend `name` means on `device` ("auto" picks); unusable choices raise ValueError."""
+def resolve_backend_name(name: str, device: torch.device, block_size: int = 16,
+                         dtype: torch.dtype | None = None) -> str:
+    """The concrete backend `name` means on `device` ("auto" picks); unusable choices raise ValueError.
+
+    block_size: the KV cache's (every backend takes any); dtype: the model's, checked where a backend needs one."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend={name!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
         if device.type != "cuda":
             return "padded"
-        if flash_attn_installed() and triton_available() and block_size % PAGE_MULTIPLE == 0:
-            return "flash-attn"
         return "flash" if triton_available() else "torch"
     if name == "flash-attn":
-        if not flash_attn_installed() or device.type != "cuda":
-            raise ValueError("attention_backend='flash-attn' needs the flash-attn package and a CUDA GPU")
-        if block_size % PAGE_MULTIPLE:
-            raise ValueError(f"attention_backend='flash-attn' needs block_size to be a multiple of {PAGE_MULTIPLE}, "
-                             f"got {block_size}")
-    if name in ("triton", "flash") and not triton_available():
+        reason = unusable_reason(device, dtype)
+        if reason is not None:
+            raise ValueError(f"attention_backend='flash-attn' {reason}")
+    if name in ("triton", "flash", "flash-attn") and not triton_available():
         raise ValueError(f"attention_backend={name!r} needs the triton package (Linux); use 'torch'")
     if name == "flash" and device.type != "cuda":
         raise ValueError("attention_backend='flash' needs a CUDA GPU; use 'torch' or 'triton' on the CPU")
     return name
 
 
-def get_backend(name: str = "auto", device: torch.device | str = "cpu", block_size: int = 16):
-    """Build the attention backend called `name` for `device` and the cache's block size."""
-    name = resolve_backend_name(name, torch.device(device), block_size)
+def get_backend(name: str = "auto", device: torch.device | str = "cpu", block_size: int = 16,
+                dtype: torch.dtype | None = None):
+    """Build the attention backend called `name` for `device`, the cache's block size and the model's dtype."""
+    name = resolve_backend_name(name, torch.device(device), block_size, dtype)
     if name == "torch":
         return TorchAttentionBackend()
     if name == "padded":

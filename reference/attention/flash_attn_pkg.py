@@ -1,8 +1,26 @@
-"""Attention through the `flash-attn` package (FlashAttention 2), used when it is installed.
+"""attention_backend="flash-attn": FlashAttention 4 (PyPI `flash-attn-4`, imported as `flash_attn.cute`).
 
-Its varlen function reads a paged cache directly (block_table=...), but only with pages of a multiple of 256
-tokens, so the engine picks it only for such block sizes. The package is optional and not installed on our
-test machines: this path is exercised only where it is installed, and its selection logic is tested anywhere.
+Why FlashAttention 4 and not 2: its wheels are pure Python (kernels written in NVIDIA's CuTe DSL and compiled on
+first use), so `pip install flash-attn-4` takes seconds, while FlashAttention 2 is compiled from source for hours.
+Its varlen function reads our paged cache as it is: each layer's K and V caches, [num_blocks, block_size,
+kv_heads, head_dim], are its pages, and a step's block tables its page table. So ONE call per layer serves every
+step kind, after the Triton store has written the new K/V: fresh prefills, chunks over a cached prefix and
+decodes, because its causal mask is aligned bottom-right (a sequence's new tokens are the last of its context,
+our convention). `paged_attention` below is that call; `FlashAttnPackageBackend` plugs it into the model.
+
+Where it runs: paged KV only on Hopper (sm_90) and datacenter Blackwell (sm_100 / sm_110); FlashAttention 4's
+Ampere and consumer-Blackwell (sm_120) kernels take no page table. float16 and bfloat16 only. Any block size:
+a block of exactly one key tile (128 rows on Hopper at head_dim 128) is loaded by TMA, other sizes row by row.
+The TMA path reads whole blocks, also rows past a sequence's end; those must hold finite numbers (0 x NaN is
+NaN), which ours do: caches start zeroed and only ever receive K/V.
+
+CUDA graphs: the call reads lengths and page ids from device memory, never syncs with the host and allocates only
+its output, so decode steps are captured like the Triton kernels'. Each kernel configuration is compiled the
+first time it runs (seconds); the decode graphs' warm-up pass and the engine's warm-up pay that before capture
+and before anyone times a step.
+
+The package is optional and absent from our CPU machines: this path runs only where it is installed
+(tests/test_flash_attn_gpu.py), and its selection logic (`unusable_reason`) is tested anywhere.
 """
 
 from __future__ import annotations
@@ -11,35 +29,93 @@ import importlib.util
 
 import torch
 
-from . import torch_ref
 from .metadata import AttentionMetadata
 
-PAGE_MULTIPLE = 256  # flash-attn's paged kernels need block_size % 256 == 0
+MODULE = "flash_attn.cute"  # FlashAttention 4; FlashAttention 2's `flash_attn` alone does not count
+PAGED_ARCH_MAJORS = (9, 10, 11)  # compute capabilities whose FlashAttention 4 kernels accept a page table
+DTYPES = (torch.float16, torch.bfloat16)
+INSTALL_HINT = "pip install flash-attn-4, or 'flash-attn-4[cu13]' with a CUDA 13 torch"
 
 
 def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """True when FlashAttention 4 can be imported (found without importing it: its import loads the CuTe DSL)."""
+    try:
+        return importlib.util.find_spec(MODULE) is not None
+    except (ImportError, ValueError):  # a `flash_attn` package that fails to import (FlashAttention 2 built badly)
+        return False
+
+
+def unusable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why attention_backend="flash-attn" cannot run on `device` in `dtype` (None: it can), said as what to change.
+    (Triton, which stores the new K/V, is checked with the other Triton backends.)"""
+    if not flash_attn_installed():
+        return f"needs the flash-attn-4 package: {INSTALL_HINT}"
+    if device.type != "cuda":
+        return "needs a CUDA GPU; use 'padded' or 'torch' on the CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in PAGED_ARCH_MAJORS:
+        return (f"needs a Hopper or datacenter Blackwell GPU (sm_90 / sm_100 / sm_110: FlashAttention 4 reads a "
+                f"paged cache only there); this one is sm_{major}{minor}: use 'flash' or 'triton'")
+    if dtype is not None and dtype not in DTYPES:
+        return f"needs float16 or bfloat16, not {str(dtype).removeprefix('torch.')}: pass dtype='bfloat16'"
+    return None
+
+
+def first_output(result):
+    """flash_attn_varlen_func returns (out, lse) in the betas we know; take out either way."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of packed new tokens over each sequence's cached context, new tokens already stored.
+
+    q: [num_tokens, heads, head_dim] packed by cu_seqlens_q (int32 [batch + 1]); caches: [num_blocks, block_size,
+    kv_heads, head_dim]; page_table: int32 [batch, max_blocks], a real block id in every entry (those past a
+    sequence's blocks are not used for its result, but -1 is no page); context_lens: int32 [batch] (tokens in the
+    cache including this step's); max_query_len: the longest sequence's new tokens (a host int).
+    Returns [num_tokens, heads, head_dim].
+    """
+    from flash_attn.cute import flash_attn_varlen_func
+
+    return first_output(flash_attn_varlen_func(
+        q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len, seqused_k=context_lens,
+        page_table=page_table, softmax_scale=scale, causal=True,
+    ))
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of packed sequences over their own tokens (no cache): torch_ref.varlen_attention's twin."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    return first_output(flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len,
+        softmax_scale=scale, causal=True,
+    ))
 
 
 class FlashAttnPackageBackend:
+    """Store the new K/V with the Triton store, then one FlashAttention 4 call over the paged cache."""
+
     name = "flash-attn"
+    supports_cuda_graphs = True  # no host sync, fixed-size output (see the module docstring)
 
     def __init__(self) -> None:
-        from flash_attn import flash_attn_varlen_func
+        import flash_attn.cute  # noqa: F401 - import (and fail) now, not inside the first forward pass
 
         from .triton_ops import store_kvcache
 
-        self._varlen = flash_attn_varlen_func
         self._store = store_kvcache
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,
+        kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only)."""
         if k_cache is None or not metadata.uses_cache:
-            return torch_ref.varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
+            return varlen_attention(q, k, v, metadata.cu_seqlens_q, metadata.max_query_len, scale)
         self._store(k, v, k_cache, v_cache, metadata.slot_mapping)
-        cu_seqlens_k = torch.zeros_like(metadata.cu_seqlens_q)
-        cu_seqlens_k[1:] = torch.cumsum(metadata.context_lens, 0)
-        # Causal masking in flash-attn 2 is aligned bottom-right: the new tokens are the last of each context.
-        return self._varlen(
-            q, k_cache, v_cache, metadata.cu_seqlens_q, cu_seqlens_k, metadata.max_query_len,
-            max(metadata.context_lens_host), softmax_scale=scale, causal=True, block_table=metadata.block_tables,
-        )
+        # Metadata built by hand (tests, labs) may lack the page table: derive it, once per layer then.
+        page_table = metadata.page_table if metadata.page_table is not None else metadata.block_tables.clamp(min=0)
+        return paged_attention(q, k_cache, v_cache, page_table, metadata.cu_seqlens_q, metadata.context_lens,
+                               metadata.max_query_len, scale)

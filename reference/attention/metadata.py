@@ -29,6 +29,9 @@ class AttentionMetadata:
     context_lens_host: list[int] | None = None
     slot_mapping: torch.Tensor | None = None  # int64 [num_tokens]: cache slot of each new token, -1 = skip
     block_tables: torch.Tensor | None = None  # int32 [batch, max_blocks]: unused entries are -1
+    # block_tables with unused entries 0, a real block, for kernels that want a block id in every entry (FlashAttention
+    # 4's page table); built once per step here rather than once per layer by the backend.
+    page_table: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -88,5 +91,6 @@ def build_metadata(
         context_lens_host=list(context_lens),
         slot_mapping=slots.to(device),
         block_tables=tables.to(device, torch.int32),
+        page_table=tables.clamp(min=0).to(device, torch.int32),
     )
     return positions.to(device), metadata

@@ -111,6 +111,7 @@ class PaddedAttentionBackend:
     """Store the new K/V, then attend with one padded SDPA call per group (see the module docstring)."""
 
     name = "padded"
+    supports_cuda_graphs = False  # its plan reads the step's slot mapping on the host
 
     def __init__(self) -> None:
         self._plan_of: tuple[AttentionMetadata | None, PaddedPlan | None] = (None, None)

@@ -100,6 +100,7 @@ class TorchAttentionBackend:
     """The attention backend every path can use: store the new K/V, then attend through the block tables."""
 
     name = "torch"
+    supports_cuda_graphs = False  # loops over sequences with lengths read on the host (.tolist())
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,

@@ -467,6 +467,7 @@ class TritonAttentionBackend:
     one token, else with the prefill kernel. Without a cache, fall back to torch_ref.varlen_attention."""
 
     name = "triton"
+    supports_cuda_graphs = True  # reads lengths and tables from device memory; launches of fixed shapes
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,

@@ -21,6 +21,17 @@ LM_HEAD_SCALE = 8.0
 @pytest.fixture(scope="module")
 def qwen3_06b(tmp_path_factory):
     """A random Qwen3-0.6B-shaped checkpoint (bf16) and its transformers twin, with a peaked LM head."""
+    return random_qwen3_twin(tmp_path_factory, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def qwen3_06b_fp16(tmp_path_factory):
+    """The same in float16 (three more mantissa bits than bf16: fewer near-ties between two kernels' roundings)."""
+    return random_qwen3_twin(tmp_path_factory, torch.float16)
+
+
+def random_qwen3_twin(tmp_path_factory, dtype):
+    """(checkpoint dir, transformers model, 30 random prompts, transformers' greedy continuations) in `dtype`."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from reference.models.presets import ARCHITECTURES
@@ -31,7 +42,7 @@ def qwen3_06b(tmp_path_factory):
     config = Qwen3Config(**arch, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # peaked next-token distributions, so bf16 near-ties are rare
         hf.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
     path = tmp_path_factory.mktemp("qwen3-0.6b")

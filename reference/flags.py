@@ -35,6 +35,8 @@ HELP = {
     "attention_backend": "auto, torch, padded, triton, flash or flash-attn (auto: padded on the CPU)",
     "enforce_eager": "no CUDA graphs (to measure what they bring)",
     "fused_kernels": "RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (GPU)",
+    "pack_projections": "q/k/v and gate/up as one matrix multiply each (default: on the CPU, off on the GPU until "
+                        "checked there)",
     "async_scheduling": "plan each step while the previous one runs (default: on the GPU only)",
     "enable_chunked_prefill": "split long prompts across steps",
     "scheduling_policy": "who runs first: fcfs, sjf or priority",

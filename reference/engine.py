@@ -137,6 +137,7 @@ class LLMEngine:
         """The plain runner, unless async scheduling is on or CUDA graphs can run (a GPU, enforce_eager off)."""
         config = self.config
         options = dict(attention_backend=config.attention_backend, fused_kernels=config.fused_kernels,
+                       pack_projections=config.pack_projections,
                        eos_token_ids=frozenset(self.eos_token_ids))  # what min_tokens keeps out
         if self.ranks is not None:  # the plain runner on every rank; each step goes to the workers first
             return self.ranks.runner(ModelRunner(self.model, self.kv_manager, self.dtype, **options), config)

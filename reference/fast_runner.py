@@ -29,9 +29,10 @@ from .sequence import Sequence
 class FastModelRunner(ModelRunner):
     def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, dtype: torch.dtype, *,
                  attention_backend: str = "auto", fused_kernels: bool = False, enforce_eager: bool = False,
-                 max_num_seqs: int = 1, max_model_len: int = 1, eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 max_num_seqs: int = 1, max_model_len: int = 1, eos_token_ids: frozenset[int] = frozenset(),
+                 pack_projections: bool | None = None) -> None:
         super().__init__(model, kv_manager, dtype, attention_backend=attention_backend, fused_kernels=fused_kernels,
-                         eos_token_ids=eos_token_ids)
+                         pack_projections=pack_projections, eos_token_ids=eos_token_ids)
         # CUDA graphs need kernels that read everything from device memory (not the torch reference): each
         # backend says whether its forward pass can be recorded (supports_cuda_graphs); if not, decode runs eager.
         if self.device.type == "cuda" and not enforce_eager and self.attention_backend.supports_cuda_graphs:

@@ -54,15 +54,19 @@ def random_qwen3_twin(tmp_path_factory, dtype):
     return path, hf, prompts, reference
 
 
-@pytest.mark.parametrize("backend, enforce_eager", [
-    ("torch", True), ("triton", True), ("flash", True), ("triton", False), ("auto", False),
+@pytest.mark.parametrize("backend, enforce_eager, pack_projections", [
+    ("torch", True, False), ("triton", True, False), ("flash", True, False), ("triton", False, False),
+    ("auto", False, False),
+    # Packed q/k/v and gate/up (off by default on the GPU until these pass on one): eager and with CUDA graphs.
+    ("flash", True, True), ("auto", False, True),
 ])
-def test_bf16_engine_matches_transformers(qwen3_06b, backend, enforce_eager):
+def test_bf16_engine_matches_transformers(qwen3_06b, backend, enforce_eager, pack_projections):
     from reference import LLM, SamplingParams
 
     path, hf, prompts, reference = qwen3_06b
     llm = LLM(str(path), device="cuda", dtype="bfloat16", attention_backend=backend, enforce_eager=enforce_eager,
-              max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=1024)
+              max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=1024,
+              pack_projections=pack_projections)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outputs]
     assert_greedy_agree(prompts, ours, reference, hf_next_token_logits(hf), dtype=torch.bfloat16)

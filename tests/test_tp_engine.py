@@ -107,6 +107,8 @@ def test_tp2_engine_generates_one_rank_tokens_and_close_stops_its_workers(checkp
     assert len(workers) == 1 and workers[0].is_alive()
     # Rank 0's KV cache holds its own 2 of the 4 KV heads: [blocks, block_size, kv_heads, head_dim].
     assert llm.engine.runner.kv_caches[0][0].shape[1:] == (8, 2, 20)
+    # On the CPU every rank packs its slices of q/k/v and gate/up (the tokens below cover the workers' too).
+    assert llm.engine.runner.pack_projections and llm.engine.model.model.layers[0].self_attn.packed_qkv is not None
     assert_greedy_agree(prompts, greedy_tokens(llm, prompts), one, unsplit_logits(model))
     llm.close()
     assert not workers[0].is_alive() and workers[0].exitcode == 0  # asked to stop, and it did

@@ -10,6 +10,10 @@ The model works on a packed batch: `input_ids` and `positions` are flat [num_tok
 tokens of every sequence in this step, one after another. Where one sequence ends and the next begins, and
 where the KV cache lives, is in the AttentionMetadata the model runner built; the model does not know about
 requests or scheduling. Parameter names match Hugging Face's, so checkpoints load without renaming.
+
+`pack_projections` is the fast twin of the projections: q/k/v become one matrix multiply and gate/up another
+(fewer, larger GEMMs), while every nn.Linear stays, its parameters now views of the packed rows, so the
+state_dict and the Hugging Face names are unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, TorchAttentionBackend
 from ..config import ModelConfig
+from .packing import pack_linears
 from .rotary import RotaryEmbedding, apply_rotary
 
 # The fused Triton kernels (fused.py), imported by use_fused_kernels: importing the model must not import Triton
@@ -67,6 +72,7 @@ class Attention(nn.Module):
     """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
 
     fused = False  # True: RoPE as one Triton kernel
+    packed_qkv = None  # (weight, bias) of q, k, v stacked, set by pack(): one matrix multiply instead of three
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -93,9 +99,10 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(hidden)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -105,11 +112,26 @@ class Attention(nn.Module):
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
+    def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden: [num_tokens, hidden_size] -> q, k, v: [num_tokens, heads * head_dim] (views when packed)."""
+        if self.packed_qkv is None:
+            return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        sizes = [proj.weight.shape[0] for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        return F.linear(hidden, *self.packed_qkv).split(sizes, dim=-1)
+
+    def pack(self, enabled: bool = True) -> None:
+        """Run q/k/v as one matrix multiply (enabled) or as the three nn.Linear layers again."""
+        if enabled and self.packed_qkv is None:
+            self.packed_qkv = pack_linears([self.q_proj, self.k_proj, self.v_proj])
+        elif not enabled:
+            self.packed_qkv = None  # the linears keep their views: the weights stay where they are
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     fused = False  # True: silu(gate) * up as one Triton kernel
+    packed_gate_up = None  # (weight, bias) of gate and up stacked, set by pack(): one matrix multiply
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -119,10 +141,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.project_gate_up(x)
         if self.fused:
             return self.down_proj(fused.silu_and_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [num_tokens, hidden_size] -> gate, up: [num_tokens, intermediate_size] (views when packed)."""
+        if self.packed_gate_up is None:
+            return self.gate_proj(x), self.up_proj(x)
+        return F.linear(x, *self.packed_gate_up).chunk(2, dim=-1)
+
+    def pack(self, enabled: bool = True) -> None:
+        """Run gate/up as one matrix multiply (enabled) or as the two nn.Linear layers again."""
+        if enabled and self.packed_gate_up is None:
+            self.packed_gate_up = pack_linears([self.gate_proj, self.up_proj])
+        elif not enabled:
+            self.packed_gate_up = None
 
 
 class DecoderLayer(nn.Module):
@@ -224,6 +259,13 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP, DecoderModel)):
                 module.fused = enabled
+
+    def pack_projections(self, enabled: bool = True) -> None:
+        """q/k/v and gate/up each as one matrix multiply (see pack_linears); after loading and tensor-parallel
+        slicing, on the model's device and dtype. The parameter names and the state_dict do not change."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.pack(enabled)
 
     def set_attention_backend(self, backend) -> None:
         for layer in self.model.layers:

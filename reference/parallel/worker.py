@@ -159,7 +159,8 @@ def serve(model: torch.nn.Module, control: Control, dtype: torch.dtype) -> None:
         elif isinstance(message, Start):
             runner = ModelRunner(model, KVShape(message.num_blocks, message.block_size), dtype,
                                  attention_backend=message.config.attention_backend,
-                                 fused_kernels=message.config.fused_kernels)
+                                 fused_kernels=message.config.fused_kernels,
+                                 pack_projections=message.config.pack_projections)
             control.smallest(1)  # ready: rank 0 learns now, not at the first step, if a worker failed to start
         else:
             runner.copy_blocks(message.block_copies)

@@ -68,9 +68,10 @@ class ModelRunner:
         # Fused elementwise kernels (Triton) on the GPU; set before any CUDA graph records the forward pass.
         self.fused_kernels = fused_kernels and self.device.type == "cuda" and fused_available()
         model.use_fused_kernels(self.fused_kernels)
-        # q/k/v and gate/up as one matrix multiply each (models/packing.py). None: on the CPU only, where fewer,
-        # larger GEMMs were measured (RESULTS.md, issue 21); on the GPU it stays off until bf16 greedy tokens are
-        # checked against transformers there (a wider bf16 GEMM may pick another kernel and round differently).
+        # q/k/v and gate/up as one matrix multiply each (models/packing.py). None: on the CPU only, where it was
+        # measured (1-2% shorter steps, RESULTS.md issue 21; float32 logits within 1e-5); on the GPU it stays off
+        # until bf16 greedy tokens are checked against transformers there (tests/test_gpu.py): a wider bf16 GEMM
+        # may pick another kernel and round differently.
         self.pack_projections = self.device.type == "cpu" if pack_projections is None else pack_projections
         model.pack_projections(self.pack_projections)
         self.kv_caches = allocate_kv_caches(model.config, kv_manager.num_blocks, kv_manager.block_size, dtype,

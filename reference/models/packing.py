@@ -1,8 +1,9 @@
 """Packed projections: linears that read the same input (q/k/v, gate/up) run as one larger matrix multiply.
 
-A CPU or GPU spends less time per output feature on one [num_tokens, hidden] x [hidden, q+k+v] GEMM than on
-three smaller ones (one pass over the input, fewer launches). The nn.Linear layers stay, their parameters views
-of the packed rows, so checkpoints, state_dict and load_state_dict keep Hugging Face's names.
+One GEMM over the stacked rows reads the input once and is one call (one kernel launch on a GPU) instead of
+three; on the 2-core CPU VM that made SmolLM2's steps 1-2% shorter (benchmarks/RESULTS.md, issue 21): the
+GEMMs were already efficient, the calls saved were what it cut. The nn.Linear layers stay, their parameters
+views of the packed rows, so checkpoints, state_dict and load_state_dict keep Hugging Face's names.
 """
 
 from __future__ import annotations

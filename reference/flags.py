@@ -36,8 +36,8 @@ HELP = {
                          "flash-attn: FlashAttention 4, pip install -e '.[flash]', Hopper / datacenter Blackwell)",
     "enforce_eager": "no CUDA graphs (to measure what they bring)",
     "fused_kernels": "residual add + RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (GPU)",
-    "pack_projections": "q/k/v and gate/up as one matrix multiply each (default: on the CPU, off on the GPU until "
-                        "checked there)",
+    "pack_projections": "q/k/v and gate/up as one matrix multiply each (default: on the CPU; off on the GPU, where "
+                        "it measured no gain)",
     "async_scheduling": "plan each step while the previous one runs (default: on the GPU only)",
     "enable_chunked_prefill": "split long prompts across steps",
     "scheduling_policy": "who runs first: fcfs, sjf or priority",

@@ -37,13 +37,15 @@ class DecodeGraphs:
         self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
         self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
-        cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        # Every tensor a graph reads must outlive the graph: kept on self, even those our Triton decode kernel
+        # never reads (FlashAttention 4 reads cu_seqlens_q; a freed buffer gets reused and replays read garbage).
+        self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             metadata = AttentionMetadata(
-                cu_seqlens_q=cu_seqlens[: size + 1], query_lens=[1] * size,
+                cu_seqlens_q=self.cu_seqlens[: size + 1], query_lens=[1] * size,
                 context_lens=self.context_lens[:size], context_lens_host=[max_model_len] * size,
                 slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
                 page_table=self.block_tables[:size],  # holds no -1: zeros, real ids and stale real ids

@@ -20,7 +20,7 @@ import torch
 
 from reference.attention import build_metadata, flash_attn_pkg, resolve_backend_name, torch_ref
 from reference.attention.flash_attn_pkg import PAGED_ARCH_MAJORS, flash_attn_installed
-from test_gpu import MAX_NEW, qwen3_06b_fp16  # noqa: F401 - a fixture (random Qwen3-0.6B + its HF twin, float16)
+from test_gpu import MAX_NEW, qwen3_06b, qwen3_06b_fp16  # noqa: F401 - fixtures: random Qwen3-0.6B + its HF twin
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_LAYOUTS = [(16, 8, 128), (9, 3, 64)]  # (heads, kv_heads, head_dim): Qwen3-0.6B's, and a GQA group of 3
@@ -170,9 +170,10 @@ def test_backend_without_a_prepared_page_table_and_without_a_cache(dtype):
 # float16, not bfloat16: on the H200 (2026-12-01) the engine on FlashAttention 4 in bf16 diverged from transformers
 # only at near-ties, but at 4 of these 30 prompts, over the 10% the tie rule allows (FlashAttention 4 sums in
 # another order than transformers' SDPA; our "flash" backend stays within it). float16's finer rounding makes such
-# flips rarer, so the rule can be held at its usual 10%. Decode runs eager: see supports_cuda_graphs.
+# flips rarer, so the rule can be held at its usual 10%. bf16 is checked below against the eager engine instead.
 @pytest.mark.parametrize("kv_options", [
     dict(block_size=16, num_kv_blocks=1024),
+    dict(block_size=16, num_kv_blocks=1024, enforce_eager=True),
     dict(block_size=128, num_kv_blocks=128),  # one block per key tile on Hopper: loaded by TMA
     dict(kv_cache="contiguous"),  # one block of max_model_len (512) rows per sequence
 ])
@@ -184,7 +185,26 @@ def test_engine_on_flash_attn_matches_transformers(qwen3_06b_fp16, kv_options): 
     llm = LLM(str(path), device="cuda", dtype="float16", attention_backend="flash-attn",
               max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, **kv_options)
     assert llm.engine.runner.attention_backend.name == "flash-attn"
-    assert llm.engine.runner.decode_graphs is None  # not capturable (yet): decode runs eager
+    assert (llm.engine.runner.decode_graphs is None) == kv_options.get("enforce_eager", False)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outputs]
     assert_greedy_agree(prompts, ours, reference, hf_next_token_logits(hf), dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@needs_flash_attn_gpu
+def test_flash_attn_decode_graphs_give_the_eager_tokens_in_bf16(qwen3_06b):  # noqa: F811
+    """CUDA graphs replay the very kernels eager decode launches: bf16 tokens equal, batch sizes padded or not,
+    with 24 more tokens than the transformers test so that contexts cross block and graph-size boundaries."""
+    from reference import LLM, SamplingParams
+
+    path, _, prompts, _ = qwen3_06b
+    tokens = {}
+    for eager in (True, False):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", attention_backend="flash-attn", enforce_eager=eager,
+                  max_num_seqs=12, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=1024)
+        assert (llm.engine.runner.decode_graphs is None) == eager
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW + 24), use_tqdm=False)
+        tokens[eager] = [o.outputs[0].token_ids for o in outputs]
+        del llm
+    assert tokens[False] == tokens[True]

@@ -14,11 +14,12 @@ a block of exactly one key tile (128 rows on Hopper at head_dim 128) is loaded b
 The TMA path reads whole blocks, also rows past a sequence's end; those must hold finite numbers (0 x NaN is
 NaN), which ours do: caches start zeroed and only ever receive K/V.
 
-CUDA graphs: not used with this backend, decode steps run eager. The call reads lengths and page ids from device
-memory and never syncs with the host, so it looked capturable, but on the H200 (2026-12-01, flash-attn-4 4.0.0b36)
-replaying the captured decode graphs ended in an illegal memory access, in the engine and in the benchmark, while
-the same steps run eager gave the right tokens. Each kernel configuration is compiled the first time it runs
-(seconds); the engine's warm-up pays that before anyone times a step.
+CUDA graphs: decode steps are captured like with our kernels. The call reads lengths, query offsets and page ids
+from device memory and never syncs with the host, so a graph replays it with new values in the same buffers. (A
+first try crashed at replay with an illegal memory access: the decode graphs' query offsets were a temporary
+that our Triton decode kernel never reads, freed after capture; cuda_graphs.py now keeps every captured input.)
+Each kernel configuration is compiled the first time it runs (seconds); the engine's warm-up and graph capture
+pay that before anyone times a step.
 
 The package is optional and absent from our CPU machines: this path runs only where it is installed
 (tests/test_flash_attn_gpu.py), and its selection logic (`unusable_reason`) is tested anywhere.
@@ -101,7 +102,7 @@ class FlashAttnPackageBackend:
     """Store the new K/V with the Triton store, then one FlashAttention 4 call over the paged cache."""
 
     name = "flash-attn"
-    supports_cuda_graphs = False  # captured decode graphs crashed on the H200 (see the module docstring)
+    supports_cuda_graphs = True  # reads lengths, query offsets and page ids from device memory
 
     def __init__(self) -> None:
         import flash_attn.cute  # noqa: F401 - import (and fail) now, not inside the first forward pass

@@ -1,0 +1,138 @@
+"""A decode step's matrix multiplies, alone: how far from reading the weights at copy bandwidth (GPU).
+
+    python benchmarks/decode_gemms.py [--batches 8,32,64,128,256]
+
+A decode step multiplies a few rows (one per sequence) by every weight matrix, so it should cost about the
+weights' bytes over the memory bandwidth. benchmarks/step_costs.py found the step's GEMMs taking about 4x that on
+the H200. This script times the 28 layers' projections of Qwen3-0.6B (distinct weights per layer, so nothing
+stays in L2), recorded in one CUDA graph as the engine replays them, per batch size:
+- separate: q, k, v, o, gate, up, down as seven F.linear calls per layer (the engine's default on the GPU);
+- packed: q/k/v and gate/up stacked (pack_projections=True), four calls per layer;
+- each also through cuBLASLt (torch.backends.cuda.preferred_blas_library);
+then the paged decode attention kernel's split choice against every split count, batch x context, also replayed
+from CUDA graphs (Python's launch cost would otherwise be what is timed at small batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference.attention import triton_ops  # noqa: E402
+from reference.costs import measure_memory_bandwidth  # noqa: E402
+
+HIDDEN, Q_OUT, KV_OUT, INTERMEDIATE, LAYERS = 1024, 2048, 1024, 3072, 28  # Qwen3-0.6B
+DTYPE = torch.bfloat16
+
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Median ms of one replay of fn recorded in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def layer_weights(packed: bool) -> list[list[torch.Tensor]]:
+    """Per layer, the weight matrices [out, in] in call order."""
+    shapes = ([(Q_OUT + 2 * KV_OUT, HIDDEN), (HIDDEN, Q_OUT), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
+              if packed else
+              [(Q_OUT, HIDDEN), (KV_OUT, HIDDEN), (KV_OUT, HIDDEN), (HIDDEN, Q_OUT), (INTERMEDIATE, HIDDEN),
+               (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)])
+    return [[torch.randn(s, device="cuda", dtype=DTYPE) * 0.02 for s in shapes] for _ in range(LAYERS)]
+
+
+def step_gemms(weights, batch: int):
+    """All layers' projections for `batch` rows; inputs of the right width per matrix (values do not matter)."""
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=DTYPE) for w in weights[0]}
+
+    def run():
+        for layer in weights:
+            for w in layer:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
+def bench_gemms(batches: list[int], bandwidth: float) -> None:
+    weight_bytes = LAYERS * 2 * HIDDEN * (Q_OUT + 2 * KV_OUT + Q_OUT + 3 * INTERMEDIATE)
+    floor_ms = weight_bytes / bandwidth * 1e3
+    print(f"\n28 layers' projections, {weight_bytes / 1e9:.2f} GB of weights: floor {floor_ms:.3f} ms at "
+          f"{bandwidth / 1e9:.0f} GB/s (copy). One CUDA graph replay, median ms (fraction of the floor's speed):")
+    variants = [("separate", False, "cublas"), ("packed", True, "cublas"),
+                ("separate, cublasLt", False, "cublaslt"), ("packed, cublasLt", True, "cublaslt")]
+    print("| batch | " + " | ".join(name for name, *_ in variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    weights = {packed: layer_weights(packed) for packed in (False, True)}
+    for batch in batches:
+        cells = []
+        for _, packed, library in variants:
+            torch.backends.cuda.preferred_blas_library(library)
+            ms = graph_ms(step_gemms(weights[packed], batch))
+            cells.append(f"{ms:.3f} ({floor_ms / ms:.0%})")
+        torch.backends.cuda.preferred_blas_library("cublas")
+        print(f"| {batch} | " + " | ".join(cells) + " |")
+
+
+def bench_splits(bandwidth: float) -> None:
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
+    print("\npaged decode kernel, one CUDA graph replay per call: ms for each split count (* = choose_num_splits'; "
+          "fraction of copy bandwidth for the best)")
+    for batch, context in [(8, 1024), (16, 1024), (32, 512), (32, 1024), (64, 512), (64, 1024), (96, 1024),
+                           (128, 512), (128, 1024), (192, 1024), (256, 1024)]:
+        blocks = -(-context // block_size)
+        shape = (batch * blocks, block_size, kv_heads, head_dim)
+        k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        tables = torch.randperm(batch * blocks, device="cuda").to(torch.int32).view(batch, blocks)
+        # The engine's graphs are captured with max_model_len-wide tables: 2048 tokens in the preset.
+        wide = torch.zeros(batch, 2048 // block_size, dtype=torch.int32, device="cuda")
+        wide[:, :blocks] = tables
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
+        out = torch.empty_like(q)
+        chosen = triton_ops.choose_num_splits(batch, kv_heads, 2048, q.device)
+        results = {}
+        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
+            results[splits] = graph_ms(lambda s=splits: triton_ops.paged_decode_attention(
+                q, k_cache, v_cache, wide, lens, head_dim**-0.5, out=out, num_splits=s))
+        best = min(results, key=results.get)
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+        cells = " ".join(f"{s}{'*' if s == chosen else ''}:{ms:.3f}" for s, ms in results.items())
+        print(f"  batch {batch:3d} x {context:4d}: {cells} | best {best} at "
+              f"{kv_bytes / results[best] / 1e6 / (bandwidth / 1e9):.0%}, chosen at "
+              f"{kv_bytes / results[chosen] / 1e6 / (bandwidth / 1e9):.0%}")
+        del k_cache, v_cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,32,64,128,256")
+    args = parser.parse_args()
+    bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bench_gemms([int(b) for b in args.batches.split(",")], bandwidth)
+    bench_splits(bandwidth)
+
+
+if __name__ == "__main__":
+    main()

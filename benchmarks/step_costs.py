@@ -1,0 +1,190 @@
+"""Where the time above the speed floor goes, step by step, on the public-API workload (GPU).
+
+    python benchmarks/step_costs.py [--tuned] [--profile-batches 256,128,32]
+
+The floor (reference/costs.py) charges a decode step its KV reads and one read of the weights at copy bandwidth.
+This script times every step of one `generate` call on the GPU's own clock (CUDA events around each launch), so
+host work the GPU waits for shows as idle time, and splits the call into:
+- prefill steps (any prompt token in the step) against decode-only steps;
+- for decode-only steps, a least-squares fit  time = fixed + per_seq * batch + kv_bytes / kv_bandwidth: the fixed
+  cost is what a step pays however small (weights, ~300 kernel launches, sampling), kv_bandwidth is how fast
+  attention really reads the cache, to set beside the copy bandwidth the floor assumes;
+- then torch.profiler's kernels for one decode step at each --profile-batches size (CUDA-graph kernels included),
+  grouped into attention, GEMMs, sampling and the small fused kernels.
+Workload and engine as benchmarks/public_api_throughput.py (default settings, temperature 0.6, random Qwen3-0.6B):
+a first call warms everything, the timed call uses fresh prompts (workload seed 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint
+from reference import LLM, SamplingParams
+from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
+from reference.kv import kv_bytes_per_token
+from reference.models.presets import ARCHITECTURES
+from reference.workload import make_workload
+
+
+@dataclass
+class StepTiming:
+    batch: int  # sequences in the step
+    tokens: int  # tokens run (batch for a decode-only step)
+    context_tokens: int  # sum of context lengths after the step: the KV attention reads
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+def time_launches(runner, timings: list[StepTiming]):
+    """Wrap runner.launch so that each step's device work is bracketed by CUDA events. Returns an undo function."""
+    launch = runner.launch
+
+    def timed(batch):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = launch(batch)
+        end.record()
+        if batch.seqs:
+            timings.append(StepTiming(len(batch.seqs), sum(batch.num_tokens),
+                                      sum(s + n for s, n in zip(batch.starts, batch.num_tokens)), start, end))
+        return out
+
+    runner.launch = timed
+    return lambda: setattr(runner, "launch", launch)
+
+
+def generate(llm: LLM, workload) -> float:
+    params = [SamplingParams(temperature=TEMPERATURE, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def report_steps(timings: list[StepTiming], wall: float, kv_per_token: int, weights: int, bandwidth: float) -> None:
+    torch.cuda.synchronize()
+    busy = np.array([t.start.elapsed_time(t.end) / 1e3 for t in timings])  # s, launch to end of its work
+    span = np.array([a.start.elapsed_time(b.start) / 1e3 for a, b in zip(timings, timings[1:])] + [busy[-1]])
+    decode = np.array([t.tokens == t.batch for t in timings])
+    batch = np.array([t.batch for t in timings], dtype=float)
+    kv = np.array([t.context_tokens * kv_per_token for t in timings], dtype=float)
+    floor = kv / bandwidth + weights / bandwidth
+    print(f"\ncall: {wall:.2f} s on the GPU clock, {len(timings)} steps ({decode.sum()} decode-only); floor "
+          f"{floor[decode].sum():.2f} s for decode steps (KV {kv[decode].sum() / bandwidth:.2f} + weights "
+          f"{decode.sum() * weights / bandwidth:.2f})")
+    print("| steps | count | time s (span) | of which device busy s | floor s | time / floor |")
+    print("|---|---|---|---|---|---|")
+    for name, mask in (("prefill or mixed", ~decode), ("decode only", decode)):
+        print(f"| {name} | {mask.sum()} | {span[mask].sum():.3f} | {busy[mask].sum():.3f} | {floor[mask].sum():.3f} "
+              f"| {span[mask].sum() / max(floor[mask].sum(), 1e-9):.2f} |")
+    # Decode-only steps: time = fixed + per_seq * batch + kv / kv_bandwidth, fitted on the busy time.
+    x = np.stack([np.ones(decode.sum()), batch[decode], kv[decode]], axis=1)
+    (fixed, per_seq, per_byte), *_ = np.linalg.lstsq(x, busy[decode], rcond=None)
+    predicted = x @ np.array([fixed, per_seq, per_byte])
+    r2 = 1 - ((busy[decode] - predicted) ** 2).sum() / ((busy[decode] - busy[decode].mean()) ** 2).sum()
+    n = decode.sum()
+    print(f"\ndecode-only fit (R^2 {r2:.3f}): fixed {1e3 * fixed:.3f} ms/step (x {n} steps = {n * fixed:.2f} s; the "
+          f"weights' floor is {1e3 * weights / bandwidth:.3f} ms), per sequence {1e6 * per_seq:.2f} us "
+          f"(x {batch[decode].sum():.0f} = {per_seq * batch[decode].sum():.2f} s), KV read at "
+          f"{1 / per_byte / 1e9:.0f} GB/s ({1 / per_byte / bandwidth:.0%} of copy; {per_byte * kv[decode].sum():.2f} s)")
+    print(f"idle device time between steps (host behind): {max(span.sum() - busy.sum(), 0):.3f} s")
+    edges = [1, 8, 32, 64, 128, 192, 256, 384, 513]
+    print("\n| decode batch | steps | mean ms | mean floor ms | time / floor |\n|---|---|---|---|---|")
+    for lo, hi in zip(edges, edges[1:]):
+        mask = decode & (batch >= lo) & (batch < hi)
+        if mask.any():
+            print(f"| {lo}-{hi - 1} | {mask.sum()} | {1e3 * busy[mask].mean():.2f} | {1e3 * floor[mask].mean():.2f} "
+                  f"| {busy[mask].sum() / floor[mask].sum():.2f} |")
+
+
+KERNEL_GROUPS = (("attention", ("paged_decode", "combine_splits", "paged_prefill", "flash", "fmha", "attention")),
+                 ("GEMM", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul")),
+                 ("sampling", ("sample", "argmax", "race", "topk", "gather")),
+                 ("KV store", ("store_kvcache",)),
+                 ("norm / rope / act / add", ("rms_norm", "rope", "silu", "add_", "_add")))
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in lowered for k in keys)), "other")
+
+
+def profile_decode_steps(llm: LLM, workload, batches: list[int]) -> None:
+    """torch.profiler around the first decode-only step of each size in `batches` (as the batch shrinks)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner, wanted, launch = llm.engine.runner, sorted(batches, reverse=True), llm.engine.runner.launch
+
+    def maybe_profiled(batch):
+        if wanted and batch.seqs and sum(batch.num_tokens) == len(batch.seqs) and len(batch.seqs) <= wanted[0]:
+            size = len(batch.seqs)
+            wanted.pop(0)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out = launch(batch)
+                torch.cuda.synchronize()
+            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            groups: dict[str, list[float]] = {}
+            for e in events:
+                groups.setdefault(group_of(e.name), []).append(e.device_time_total)
+            total = sum(sum(v) for v in groups.values())
+            print(f"\ndecode step of {size} sequences: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time")
+            for group, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+                print(f"  {group:26s} {len(times):4d} kernels {sum(times) / 1e3:7.3f} ms ({sum(times) / total:.0%})")
+            others = sorted({e.name for e in events if group_of(e.name) == "other"})[:8]
+            if others:
+                print(f"  other kernels: {others}")
+            return out
+        return launch(batch)
+
+    runner.launch = maybe_profiled
+    try:
+        generate(llm, workload)
+    finally:
+        runner.launch = launch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
+    parser.add_argument("--profile-batches", default="256,128,32")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
+    args = parser.parse_args()
+    options = dict(TUNED if args.tuned else {})
+    for option in args.engine_option:
+        name, value = option.split("=", 1)
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+    vocab = ARCHITECTURES["qwen3-0.6b"]["vocab_size"]
+    bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=20)
+    with tempfile.TemporaryDirectory() as path:
+        save_random_checkpoint(path, torch.bfloat16)
+        llm = LLM(path, device="cuda", dtype="bfloat16", **options)
+        generate(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=0))  # warm
+        workload = make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=1)
+        timings: list[StepTiming] = []
+        undo = time_launches(llm.engine.runner, timings)
+        wall = generate(llm, workload)
+        undo()
+        config, dtype = llm.engine.model_config, llm.engine.dtype
+        kv_per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype.itemsize)
+        floor = workload_floor(workload.input_lens, workload.output_lens, kv_per_token, weights, bandwidth)
+        print(f"{torch.cuda.get_device_name()}; options {options or 'default'}; copy bandwidth "
+              f"{bandwidth / 1e9:.0f} GB/s; call {wall:.2f} s, {sum(workload.output_lens) / wall:.0f} output tok/s, "
+              f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
+        report_steps(timings, wall, kv_per_token, weights, bandwidth)
+        batches = [int(b) for b in args.profile_batches.split(",") if b]
+        profile_decode_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches)
+
+
+if __name__ == "__main__":
+    main()

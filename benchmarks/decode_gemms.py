@@ -112,7 +112,7 @@ def bench_splits(bandwidth: float) -> None:
         out = torch.empty_like(q)
         chosen = triton_ops.choose_num_splits(batch, kv_heads, 2048, q.device)
         results = {}
-        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
+        for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, chosen}):
             results[splits] = graph_ms(lambda s=splits: triton_ops.paged_decode_attention(
                 q, k_cache, v_cache, wide, lens, head_dim**-0.5, out=out, num_splits=s))
         best = min(results, key=results.get)

@@ -9,8 +9,9 @@ host work the GPU waits for shows as idle time, and splits the call into:
 - for decode-only steps, a least-squares fit  time = fixed + per_seq * batch + kv_bytes / kv_bandwidth: the fixed
   cost is what a step pays however small (weights, ~300 kernel launches, sampling), kv_bandwidth is how fast
   attention really reads the cache, to set beside the copy bandwidth the floor assumes;
-- then torch.profiler's kernels for one decode step at each --profile-batches size (CUDA-graph kernels included),
-  grouped into attention, GEMMs, sampling and the small fused kernels.
+- then torch.profiler's kernels for one decode step at each --profile-batches size (CUDA-graph kernels included)
+  and for the first --profile-prefills steps that run prompt tokens, grouped into attention, GEMMs, sampling and
+  the small fused kernels.
 Workload and engine as benchmarks/public_api_throughput.py (default settings, temperature 0.6, random Qwen3-0.6B):
 a first call warms everything, the timed call uses fresh prompts (workload seed 1).
 """
@@ -110,7 +111,7 @@ KERNEL_GROUPS = (("attention", ("paged_decode", "combine_splits", "paged_prefill
                  ("GEMM", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul")),
                  ("sampling", ("sample", "argmax", "race", "topk", "gather")),
                  ("KV store", ("store_kvcache",)),
-                 ("norm / rope / act / add", ("rms_norm", "rope", "silu", "add_", "_add")))
+                 ("norm / rope / act / add", ("rms_norm", "rotary", "rope", "silu", "add_", "_add")))
 
 
 def group_of(name: str) -> str:
@@ -118,33 +119,44 @@ def group_of(name: str) -> str:
     return next((group for group, keys in KERNEL_GROUPS if any(k in lowered for k in keys)), "other")
 
 
-def profile_decode_steps(llm: LLM, workload, batches: list[int]) -> None:
-    """torch.profiler around the first decode-only step of each size in `batches` (as the batch shrinks)."""
+def print_kernel_groups(title: str, prof) -> None:
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    groups: dict[str, list[float]] = {}
+    for e in events:
+        groups.setdefault(group_of(e.name), []).append(e.device_time_total)
+    total = sum(sum(v) for v in groups.values())
+    print(f"\n{title}: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time")
+    for group, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {group:26s} {len(times):4d} kernels {sum(times) / 1e3:7.3f} ms ({sum(times) / total:.0%})")
+    others = sorted({e.name[:80] for e in events if group_of(e.name) == "other"})[:8]
+    if others:
+        print(f"  other kernels: {others}")
+
+
+def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int) -> None:
+    """torch.profiler around the first `prefill_steps` steps that run prompt tokens, and around the first
+    decode-only step of each size in `decode_batches` (as the batch shrinks)."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner, wanted, launch = llm.engine.runner, sorted(batches, reverse=True), llm.engine.runner.launch
+    runner, wanted, launch = llm.engine.runner, sorted(decode_batches, reverse=True), llm.engine.runner.launch
+    prefills = [0]
 
     def maybe_profiled(batch):
-        if wanted and batch.seqs and sum(batch.num_tokens) == len(batch.seqs) and len(batch.seqs) <= wanted[0]:
-            size = len(batch.seqs)
+        tokens, size = sum(batch.num_tokens), len(batch.seqs)
+        if tokens > size and prefills[0] < prefill_steps:
+            prefills[0] += 1
+            title = f"prompt-running step, {tokens} tokens of {size} sequences"
+        elif wanted and size and tokens == size and size <= wanted[0]:
             wanted.pop(0)
+            title = f"decode step of {size} sequences"
+        else:
+            return launch(batch)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = launch(batch)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                out = launch(batch)
-                torch.cuda.synchronize()
-            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            groups: dict[str, list[float]] = {}
-            for e in events:
-                groups.setdefault(group_of(e.name), []).append(e.device_time_total)
-            total = sum(sum(v) for v in groups.values())
-            print(f"\ndecode step of {size} sequences: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time")
-            for group, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
-                print(f"  {group:26s} {len(times):4d} kernels {sum(times) / 1e3:7.3f} ms ({sum(times) / total:.0%})")
-            others = sorted({e.name for e in events if group_of(e.name) == "other"})[:8]
-            if others:
-                print(f"  other kernels: {others}")
-            return out
-        return launch(batch)
+        print_kernel_groups(title, prof)
+        return out
 
     runner.launch = maybe_profiled
     try:
@@ -156,7 +168,8 @@ def profile_decode_steps(llm: LLM, workload, batches: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
-    parser.add_argument("--profile-batches", default="256,128,32")
+    parser.add_argument("--profile-batches", default="256,128,32", help="decode batch sizes to profile")
+    parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
     args = parser.parse_args()
@@ -183,7 +196,8 @@ def main() -> None:
               f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
         report_steps(timings, wall, kv_per_token, weights, bandwidth)
         batches = [int(b) for b in args.profile_batches.split(",") if b]
-        profile_decode_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches)
+        profile_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches,
+                      args.profile_prefills)
 
 
 if __name__ == "__main__":

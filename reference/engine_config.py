@@ -51,7 +51,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     fused_kernels: bool = True  # on the GPU: add + RMSNorm, RMSNorm, RoPE, SiLU-and-multiply as Triton kernels
-    pack_projections: bool | None = None  # q/k/v and gate/up as one matrix multiply each (None: CPU on, GPU off)
+    pack_projections: bool | None = None  # q/k/v and gate/up as one matrix multiply each (None: on)
     async_scheduling: bool | None = None  # plan step N+1 while step N runs (None: on the GPU only)
     enable_chunked_prefill: bool = True
     scheduling_policy: str | SchedulingPolicy = "fcfs"

@@ -68,11 +68,11 @@ class ModelRunner:
         # Fused elementwise kernels (Triton) on the GPU; set before any CUDA graph records the forward pass.
         self.fused_kernels = fused_kernels and self.device.type == "cuda" and fused_available()
         model.use_fused_kernels(self.fused_kernels)
-        # q/k/v and gate/up as one matrix multiply each (models/packing.py). None: on the CPU only, where it was
-        # measured (1-2% shorter steps, RESULTS.md issue 21; float32 logits within 1e-5). On an H200 it keeps bf16
-        # greedy tokens within the tie rule (tests/test_gpu.py) but bought nothing measurable (RESULTS.md, issue 16
-        # round two), and a wider bf16 GEMM may pick another kernel and round differently: off there.
-        self.pack_projections = self.device.type == "cpu" if pack_projections is None else pack_projections
+        # q/k/v and gate/up as one matrix multiply each (models/packing.py), on by default: fewer, larger GEMMs.
+        # CPU: 1-2% shorter steps (RESULTS.md, issue 21). GPU: a decode step's small GEMMs are latency-bound, so
+        # four launches per layer instead of seven matter there, once the fused kernels read q, k, gate and up in
+        # place instead of copying them out of the packed outputs (RESULTS.md, issue 16 round three).
+        self.pack_projections = True if pack_projections is None else pack_projections
         model.pack_projections(self.pack_projections)
         self.kv_caches = allocate_kv_caches(model.config, kv_manager.num_blocks, kv_manager.block_size, dtype,
                                             self.device)

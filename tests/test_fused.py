@@ -177,3 +177,62 @@ def test_new_kernels_give_the_old_kernels_bits_compiled_on_the_gpu(dtype, num_to
     total, normed = fused.add_rms_norm(x, residual, weight, 1e-6)
     assert torch.equal(total, residual + x)
     assert torch.equal(normed, fused.rms_norm(residual + x, weight, 1e-6))
+
+
+# -- third round: q and k in one launch each, read in place from the packed q/k/v output -----------------------------
+def packed_qkv(num_tokens, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=3):
+    """q, k, v as the packed projection leaves them: [tokens, heads, head_dim] views of one [tokens, sum] matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv = (torch.randn(num_tokens, sum(sizes), generator=generator) * 2).to(device, dtype)
+    q, k, v = qkv.split(sizes, dim=-1)
+    return (q.view(num_tokens, heads, head_dim), k.view(num_tokens, kv_heads, head_dim),
+            v.view(num_tokens, kv_heads, head_dim))
+
+
+def pair_kernels_match_single_launches_on_copies(num_tokens, heads, kv_heads, head_dim, dtype, device=DEVICE):
+    generator = torch.Generator().manual_seed(5)
+    q, k, _ = packed_qkv(num_tokens, heads, kv_heads, head_dim, dtype, device)
+    assert not q.is_contiguous() or num_tokens <= 1
+    q_weight, k_weight = ((torch.rand(head_dim, generator=generator) + 0.5).to(device, dtype) for _ in range(2))
+    q_normed, k_normed = fused.rms_norm_pair(q, q_weight, k, k_weight, 1e-6)
+    assert torch.equal(q_normed, fused.rms_norm(q.contiguous(), q_weight, 1e-6))
+    assert torch.equal(k_normed, fused.rms_norm(k.contiguous(), k_weight, 1e-6))
+    assert torch.equal(fused.rms_norm(q, q_weight, 1e-6), q_normed)  # the single kernel reads views too
+    angles = torch.randn(num_tokens, 1, head_dim, generator=generator).to(device)
+    cos, sin = angles.cos(), angles.sin()
+    q_rotated, k_rotated = fused.apply_rotary_pair(q, k, cos, sin)  # strided inputs (Llama: no q/k-norm)
+    assert torch.equal(q_rotated, fused.apply_rotary(q.contiguous(), cos, sin))
+    assert torch.equal(k_rotated, fused.apply_rotary(k.contiguous(), cos, sin))
+    q_rotated, k_rotated = fused.apply_rotary_pair(q_normed, k_normed, cos, sin)  # contiguous inputs (Qwen3)
+    assert torch.equal(k_rotated, fused.apply_rotary(k_normed, cos, sin))
+    gate_up = (torch.randn(num_tokens, 2 * 48, generator=generator) * 3).to(device, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(fused.silu_and_mul(gate, up), fused.silu_and_mul(gate.contiguous(), up.contiguous()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+# Qwen3-0.6B's q/k heads; an odd GQA group with head_dim 64; a head_dim whose half is not a power of two.
+@pytest.mark.parametrize("num_tokens, heads, kv_heads, head_dim", [(7, 16, 8, 128), (3, 9, 3, 64), (5, 5, 1, 40),
+                                                                    (1, 4, 2, 16), (0, 4, 2, 16)])
+def test_pair_launches_and_strided_views_give_the_single_kernels_bits(dtype, num_tokens, heads, kv_heads, head_dim):
+    pair_kernels_match_single_launches_on_copies(num_tokens, heads, kv_heads, head_dim, dtype)
+
+
+def test_pair_kernels_refuse_mismatched_tensors():
+    q, k, _ = packed_qkv(3, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="row length"):
+        fused.rms_norm_pair(q, torch.ones(16, device=DEVICE), k[..., :8], torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="share tokens"):
+        fused.apply_rotary_pair(q, k[:2], torch.ones(3, 1, 16, device=DEVICE), torch.ones(3, 1, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="one shape"):
+        fused.silu_and_mul(torch.ones(2, 4, device=DEVICE), torch.ones(2, 3, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 13, 256, 8192])
+def test_pair_launches_give_the_single_kernels_bits_compiled_on_the_gpu(dtype, num_tokens):
+    """Compiled for the card, Qwen3-0.6B's heads (16 / 8 of 128) and SmolLM2's (9 / 3 of 64)."""
+    pair_kernels_match_single_launches_on_copies(num_tokens, 16, 8, 128, dtype, "cuda")
+    pair_kernels_match_single_launches_on_copies(num_tokens, 9, 3, 64, dtype, "cuda")

@@ -71,7 +71,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention: `heads` query heads share `kv_heads` key/value heads (kv_heads divides heads)."""
 
-    fused = False  # True: RoPE as one Triton kernel
+    fused = False  # True: q/k-norm and RoPE as Triton kernels, q and k in one launch each
     packed_qkv = None  # (weight, bias) of q, k, v stacked, set by pack(): one matrix multiply instead of three
 
     def __init__(self, config: ModelConfig) -> None:
@@ -103,11 +103,15 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        rotate = fused.apply_rotary if self.fused else apply_rotary
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.fused:  # q and k in one launch per operation, read in place from the packed q/k/v output
+            if self.qk_norm:
+                q, k = fused.rms_norm_pair(q, self.q_norm.weight, k, self.k_norm.weight, self.q_norm.eps)
+            q, k = fused.apply_rotary_pair(q, k, cos, sin)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

@@ -126,11 +126,13 @@ def print_kernel_groups(title: str, prof) -> None:
         groups.setdefault(group_of(e.name), []).append(e.device_time_total)
     total = sum(sum(v) for v in groups.values())
     print(f"\n{title}: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time")
+    by_name: dict[str, float] = {}
+    for e in events:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
     for group, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
         print(f"  {group:26s} {len(times):4d} kernels {sum(times) / 1e3:7.3f} ms ({sum(times) / total:.0%})")
-    others = sorted({e.name[:80] for e in events if group_of(e.name) == "other"})[:8]
-    if others:
-        print(f"  other kernels: {others}")
+        heaviest = sorted((t, n) for n, t in by_name.items() if group_of(n) == group)[::-1][:3]
+        print("      " + "; ".join(f"{n[:60]} {t / 1e3:.3f} ms" for t, n in heaviest))
 
 
 def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int) -> None:

@@ -59,6 +59,7 @@ def test_mixed_step_equals_torch_ref(heads, kv_heads, head_dim, block_size):
     ([1] * 12, [3, 70, 1, 16, 17, 33, 5, 9, 64, 2, 40, 31]),  # decodes only
     ([50], [50]),  # one fresh prompt
     ([7, 30, 2], [100, 30, 2]),  # prefills only, one over a long cached prefix
+    ([1, 1, 1, 12, 30], [20, 7, 48, 12, 41]),  # the engine's usual order: decodes first, then chunks (row slices)
 ])
 def test_decode_only_and_prefill_only_steps(query_lens, context_lens):
     got, expected, _, _ = both(query_lens, context_lens, 9, 3, 64, 16, seed=1)
@@ -101,3 +102,16 @@ def test_padding_slots_are_skipped_like_torch_ref():
     got = PaddedAttentionBackend().forward(q, k, v, k_cache, v_cache, metadata, 0.25)
     torch.testing.assert_close(got, expected, **TOLERANCE)
     assert torch.equal(k_cache, ref_caches[0]) and torch.equal(v_cache, ref_caches[1])
+
+
+def test_consecutive_rows_are_slices_and_the_mask_is_additive():
+    """A group whose queries are consecutive rows of the step reads them as a view; the mask SDPA gets is the
+    float form (0 / -inf) of the causal mask, made once a step instead of once a layer."""
+    q, k, v, k_cache, v_cache, metadata = random_step([1, 1, 5, 3], [9, 4, 5, 10], 6, 2, 16, 4)
+    backend = PaddedAttentionBackend()
+    backend.forward(q, k, v, k_cache, v_cache, metadata, 0.25)
+    decodes, prefills = backend._plan_of[1].groups
+    assert decodes.rows == slice(0, 2) and prefills.rows == slice(2, 10)
+    assert decodes.mask.dtype == q.dtype and set(decodes.mask.unique().tolist()) == {0.0, float("-inf")}
+    # the decode of a 9-token context sees keys 0..8 of its padded 12 (three blocks of 4)
+    assert (decodes.mask[0, 0, 0] == 0).tolist() == [True] * 9 + [False] * 3

@@ -34,16 +34,21 @@ from .torch_ref import store_kvcache, varlen_attention
 class PaddedGroup:
     """Some sequences of a step laid out as one padded batch."""
 
-    rows: torch.Tensor  # int64 [tokens]: the packed-batch row of each real query, in padded order
+    rows: torch.Tensor | slice  # the packed-batch row of each real query, in padded order: int64 [tokens], or a
+    # slice when they are consecutive (a view then, no copy: a step's decodes usually come first, in order)
     padded_index: torch.Tensor  # int64 [tokens]: where that query sits in the flattened [batch x max_query] grid
     batch: int
     max_query: int
     blocks: torch.Tensor  # int64 [batch x blocks]: block tables cut to the longest context, flat (-1 entries -> 0)
-    mask: torch.Tensor  # bool [batch, 1, share x max_query, context]: True = may attend
+    # [batch, 1, share x max_query, context], in q's dtype: 0 = may attend, -inf = may not. (SDPA turns a boolean
+    # mask into this in every call, i.e. every layer; made once here, it is the same numbers.)
+    mask: torch.Tensor
 
     @classmethod
-    def of(cls, seqs: list[int], metadata: AttentionMetadata, block_size: int, share: int) -> "PaddedGroup":
-        """The group of sequences `seqs` (indices into the step's batch); share = query heads per KV head."""
+    def of(cls, seqs: list[int], metadata: AttentionMetadata, block_size: int, share: int,
+           dtype: torch.dtype) -> "PaddedGroup":
+        """The group of sequences `seqs` (indices into the step's batch); share = query heads per KV head;
+        dtype: the queries'."""
         query_lens = [metadata.query_lens[b] for b in seqs]
         context_lens = [metadata.context_lens_host[b] for b in seqs]
         starts = [0, *itertools.accumulate(metadata.query_lens)]
@@ -61,8 +66,11 @@ class PaddedGroup:
         # a decode's one row broadcasts over them as it is.
         mask = mask[:, None].expand(-1, share, -1, -1).reshape(len(seqs), 1, share * max_query, -1) \
             if max_query > 1 else mask[:, None]
-        return cls(torch.tensor(rows), torch.tensor(padded_index), len(seqs), max_query, tables.flatten(),
-                   mask.to(metadata.block_tables.device))
+        additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return cls(slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows),
+                   torch.tensor(padded_index), len(seqs), max_query, tables.flatten(),
+                   additive.to(metadata.block_tables.device))
 
 
 def padded_group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PaddedGroup,
@@ -100,10 +108,10 @@ class PaddedPlan:
     every_slot_used: bool  # no padding slot (-1) in the slot mapping: the store is one index_copy_
 
     @classmethod
-    def of(cls, metadata: AttentionMetadata, block_size: int, share: int) -> "PaddedPlan":
+    def of(cls, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> "PaddedPlan":
         decodes = [b for b, n in enumerate(metadata.query_lens) if n == 1]
         prefills = [b for b, n in enumerate(metadata.query_lens) if n > 1]
-        groups = [PaddedGroup.of(seqs, metadata, block_size, share) for seqs in (decodes, prefills) if seqs]
+        groups = [PaddedGroup.of(seqs, metadata, block_size, share, dtype) for seqs in (decodes, prefills) if seqs]
         return cls(groups, len(groups) == 1, bool((metadata.slot_mapping >= 0).all()))
 
 
@@ -116,17 +124,17 @@ class PaddedAttentionBackend:
     def __init__(self) -> None:
         self._plan_of: tuple[AttentionMetadata | None, PaddedPlan | None] = (None, None)
 
-    def plan(self, metadata: AttentionMetadata, block_size: int, share: int) -> PaddedPlan:
+    def plan(self, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> PaddedPlan:
         """The step's plan, built by its first layer (the same metadata object) and reused by the rest."""
         if self._plan_of[0] is not metadata:
-            self._plan_of = (metadata, PaddedPlan.of(metadata, block_size, share))
+            self._plan_of = (metadata, PaddedPlan.of(metadata, block_size, share, dtype))
         return self._plan_of[1]
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches as in torch_ref, or None."""
         if k_cache is None or not metadata.uses_cache:
             return varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
-        plan = self.plan(metadata, k_cache.shape[1], q.shape[1] // k_cache.shape[2])
+        plan = self.plan(metadata, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.dtype)
         if plan.every_slot_used:
             for cache, new in ((k_cache, k), (v_cache, v)):
                 cache.view(-1, *cache.shape[2:]).index_copy_(0, metadata.slot_mapping, new.to(cache.dtype))

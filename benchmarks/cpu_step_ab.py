@@ -8,6 +8,7 @@ off and once on, in alternating order, on the same prompts (prefix caching off, 
 The ratio is taken within a pair, a minute apart, so a machine whose speed drifts moves both runs together.
 Changes (each switched by a function below):
 - column-major: packed weights stored column-major on the CPU (models/packing.py) vs row-major.
+- gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
 Times only.
 """
 
@@ -25,7 +26,18 @@ def column_major(engine, on: bool) -> None:
     engine.model.pack_projections(True)
 
 
-CHANGES = {"column-major": column_major}
+def gather_buffers(engine, on: bool) -> None:
+    from reference.attention.padded import GatherBuffers
+
+    class FreshEachTime(GatherBuffers):  # what the backend did before: new tensors for every gather
+        def take(self, cache, num_blocks):
+            self.k = None
+            return super().take(cache, num_blocks)
+
+    engine.runner.attention_backend.buffers = GatherBuffers() if on else FreshEachTime()
+
+
+CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers}
 
 
 def run_once(engine, workload) -> tuple[float, float]:

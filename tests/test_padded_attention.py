@@ -115,3 +115,21 @@ def test_consecutive_rows_are_slices_and_the_mask_is_additive():
     assert decodes.mask.dtype == q.dtype and set(decodes.mask.unique().tolist()) == {0.0, float("-inf")}
     # the decode of a 9-token context sees keys 0..8 of its padded 12 (three blocks of 4)
     assert (decodes.mask[0, 0, 0] == 0).tolist() == [True] * 9 + [False] * 3
+
+
+def test_one_backend_over_steps_of_every_size_reuses_its_gather_buffers_correctly():
+    """The gather buffers outlive a step: steps that need more, fewer, or differently shaped blocks than the last
+    (another model's cache) still equal torch_ref, and a buffer large enough is kept, not reallocated."""
+    backend = PaddedAttentionBackend()
+    steps = [([1] * 3, [5, 9, 2], 9, 3, 64, 4), ([1] * 12 + [20], [40] * 12 + [60], 9, 3, 64, 4),
+             ([1, 4], [3, 4], 9, 3, 64, 4), ([1, 1], [17, 30], 6, 2, 32, 8), ([2, 1], [2, 33], 9, 3, 64, 4)]
+    for seed, (query_lens, context_lens, heads, kv_heads, head_dim, block_size) in enumerate(steps):
+        q, k, v, k_cache, v_cache, metadata = random_step(query_lens, context_lens, heads, kv_heads, head_dim,
+                                                          block_size, seed)
+        ref_caches = (k_cache.clone(), v_cache.clone())
+        expected = TorchAttentionBackend().forward(q, k, v, *ref_caches, metadata, head_dim**-0.5)
+        kept = backend.buffers.k
+        got = backend.forward(q, k, v, k_cache, v_cache, metadata, head_dim**-0.5)
+        torch.testing.assert_close(got, expected, **TOLERANCE)
+        if seed == 2:  # fewer blocks than the step before: the same buffer
+            assert backend.buffers.k is kept

@@ -73,18 +73,38 @@ class PaddedGroup:
                    additive.to(metadata.block_tables.device))
 
 
+class GatherBuffers:
+    """Where the K/V gather writes, reused by every layer and step. A fresh 5 MB tensor per layer is memory the
+    allocator maps anew each time on the CPU, and touching it page-faults: 30 layers' gathers took 3x as long
+    as into a buffer that stays (RESULTS.md, issue 21, 2026-12-01)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def take(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, block_size, kv_heads, head_dim] tensors like cache's (views of the kept buffers)."""
+        k = self.k
+        if k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:] or k.dtype != cache.dtype \
+                or k.device != cache.device:
+            size = 1 << (num_blocks - 1).bit_length()  # a power of two: contexts grow a block at a time
+            self.k, self.v = (cache.new_empty((size, *cache.shape[1:])) for _ in range(2))
+        return self.k[:num_blocks], self.v[:num_blocks]
+
+
 def padded_group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PaddedGroup,
-                           scale: float) -> torch.Tensor:
+                           scale: float, buffers: GatherBuffers | None = None) -> torch.Tensor:
     """Attention of the group's queries over their cached contexts. q: [tokens, heads, head_dim] (the step's packed
-    queries); caches: [num_blocks, block_size, kv_heads, head_dim]. Returns [group tokens, heads, head_dim], in the
-    order of group.rows."""
+    queries); caches: [num_blocks, block_size, kv_heads, head_dim]; buffers: where to gather K/V (None: new
+    tensors). Returns [group tokens, heads, head_dim], in the order of group.rows."""
     heads, head_dim = q.shape[1:]
     kv_heads = k_cache.shape[2]
     share = heads // kv_heads  # query heads per KV head (GQA)
     # K, V: [batch x blocks, block_size, kv_heads, d] -> [batch, kv_heads, context, d]. (index_select on a flat list
     # of blocks copies whole blocks; indexing with the 2-D table measured 1.7x slower for the same copy.)
-    k, v = (cache.index_select(0, group.blocks).view(group.batch, -1, kv_heads, head_dim)
-            .transpose(1, 2) for cache in (k_cache, v_cache))
+    buffers = buffers or GatherBuffers()
+    k, v = (torch.index_select(cache, 0, group.blocks, out=out).view(group.batch, -1, kv_heads, head_dim)
+            .transpose(1, 2) for cache, out in zip((k_cache, v_cache), buffers.take(k_cache, len(group.blocks))))
     if group.max_query == 1:  # decodes: nothing to pad, and [batch, heads, d] is already [batch, kv_heads, share, d]
         queries = q[group.rows].view(group.batch, kv_heads, share, head_dim)
         out = F.scaled_dot_product_attention(queries, k, v, attn_mask=group.mask, scale=scale)
@@ -123,6 +143,7 @@ class PaddedAttentionBackend:
 
     def __init__(self) -> None:
         self._plan_of: tuple[AttentionMetadata | None, PaddedPlan | None] = (None, None)
+        self.buffers = GatherBuffers()
 
     def plan(self, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> PaddedPlan:
         """The step's plan, built by its first layer (the same metadata object) and reused by the rest."""
@@ -141,8 +162,8 @@ class PaddedAttentionBackend:
         else:
             store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if plan.in_order:  # every sequence in one group, in the step's order (only decodes, or only prefills)
-            return padded_group_attention(q, k_cache, v_cache, plan.groups[0], scale)
+            return padded_group_attention(q, k_cache, v_cache, plan.groups[0], scale, self.buffers)
         out = torch.empty_like(q)
-        for group in plan.groups:
-            out[group.rows] = padded_group_attention(q, k_cache, v_cache, group, scale)
+        for group in plan.groups:  # each group's result is copied out before the next reuses the buffers
+            out[group.rows] = padded_group_attention(q, k_cache, v_cache, group, scale, self.buffers)
         return out

@@ -9,8 +9,6 @@ The ratio is taken within a pair, a minute apart, so a machine whose speed drift
 Changes (each switched by a function below):
 - column-major: packed weights stored column-major on the CPU (models/packing.py) vs row-major.
 - gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
-- decode-rows: decodes attend over the K/V rows the padded backend keeps between steps (attention/decode_kv.py)
-  vs gathering every context through the block tables in every layer.
 Times only.
 """
 
@@ -39,13 +37,7 @@ def gather_buffers(engine, on: bool) -> None:
     engine.runner.attention_backend.buffers = GatherBuffers() if on else FreshEachTime()
 
 
-def decode_rows(engine, on: bool) -> None:
-    from reference.attention import decode_kv
-
-    decode_kv.MAX_SHARE = 0.5 if on else 0.0  # 0: no rows are ever kept
-
-
-CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers, "decode-rows": decode_rows}
+CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers}
 
 
 def run_once(engine, workload) -> tuple[float, float]:

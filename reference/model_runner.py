@@ -35,12 +35,10 @@ class StepInputs:
     context_lens: list[int]  # tokens per sequence in the cache once this step has run
     block_tables: list[list[int]]
     sampling: list[int]  # rows of batch.seqs that sample: every one of their tokens is computed after this step
-    seq_ids: list[int] | None = None  # each row's Sequence.seq_id (for the attention backend's per-sequence state)
 
     @classmethod
     def of(cls, batch: ScheduledBatch, kv: KVCacheManager) -> "StepInputs":
-        inputs = cls([], list(batch.num_tokens), [], [kv.block_table(s) for s in batch.seqs], [],
-                     [s.seq_id for s in batch.seqs])
+        inputs = cls([], list(batch.num_tokens), [], [kv.block_table(s) for s in batch.seqs], [])
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             inputs.input_ids.extend(seq.token_ids[start : start + n])
@@ -110,7 +108,7 @@ class ModelRunner:
         """The model over one step's batch (K/V written to the cache): float32 logits [sampling rows, vocab] of
         the sequences that sample, or None when none does."""
         positions, metadata = build_metadata(inputs.query_lens, inputs.context_lens, inputs.block_tables,
-                                             self.kv.block_size, self.device, inputs.seq_ids)
+                                             self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(inputs.input_ids, device=self.device), positions, metadata, self.kv_caches)
         if not inputs.sampling:
             return None

@@ -32,9 +32,6 @@ class AttentionMetadata:
     # block_tables with unused entries 0, a real block, for kernels that want a block id in every entry (FlashAttention
     # 4's page table); built once per step here rather than once per layer by the backend.
     page_table: torch.Tensor | None = None
-    # Which sequence each row is (Sequence.seq_id), for a backend that keeps state per sequence between steps
-    # (padded's DecodeKV); None when the caller does not say (then nothing is kept).
-    seq_ids: list[int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -55,7 +52,6 @@ def build_metadata(
     block_tables: list[list[int]] | None,
     block_size: int | None,
     device: torch.device | str,
-    seq_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Build positions and attention metadata for one packed step.
 
@@ -63,8 +59,7 @@ def build_metadata(
     context_lens[b]: tokens of sequence b in the cache after this step (so its new tokens sit at positions
         context_lens[b] - query_lens[b] ... context_lens[b] - 1). None means "no cache": every sequence's new
         tokens are its whole context, starting at position 0.
-    block_tables[b]: the cache blocks of sequence b, in order. seq_ids[b]: which sequence b is (optional).
-    Returns (positions [num_tokens] int64, metadata).
+    block_tables[b]: the cache blocks of sequence b, in order. Returns (positions [num_tokens] int64, metadata).
 
     Token t of the packed batch, the i-th new token of sequence b, sits at position
     context_lens[b] - query_lens[b] + i and goes to slot block_tables[b][pos // block_size] * block_size +
@@ -97,6 +92,5 @@ def build_metadata(
         slot_mapping=slots.to(device),
         block_tables=tables.to(device, torch.int32),
         page_table=tables.clamp(min=0).to(device, torch.int32),
-        seq_ids=None if seq_ids is None else list(seq_ids),
     )
     return positions.to(device), metadata

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kv.layout import blocks_for_tokens
-from .decode_kv import DecodeKV, DecodePlacement
 from .metadata import AttentionMetadata
 from .torch_ref import store_kvcache, varlen_attention
 
@@ -127,7 +126,6 @@ class PaddedPlan:
     groups: list[PaddedGroup]
     in_order: bool  # one group holding every sequence: its output rows are the step's rows as they are
     every_slot_used: bool  # no padding slot (-1) in the slot mapping: the store is one index_copy_
-    decode_rows: DecodePlacement | None = None  # the decodes in the backend's kept rows (decode_kv.py), if placed
 
     @classmethod
     def of(cls, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> "PaddedPlan":
@@ -146,47 +144,26 @@ class PaddedAttentionBackend:
     def __init__(self) -> None:
         self._plan_of: tuple[AttentionMetadata | None, PaddedPlan | None] = (None, None)
         self.buffers = GatherBuffers()
-        self.decode_kv = DecodeKV()
 
-    def plan(self, metadata: AttentionMetadata, k_cache: torch.Tensor, share: int, dtype: torch.dtype) -> PaddedPlan:
-        """The step's plan, built by its first layer (the same metadata object) and reused by the rest. Every step
-        also tells DecodeKV its decodes (none is news too: rows must not outlive a step they missed)."""
-        if self._plan_of[0] is metadata:
-            return self._plan_of[1]
-        block_size = k_cache.shape[1]
-        plan = PaddedPlan.of(metadata, block_size, share, dtype)
-        decodes = [b for b, n in enumerate(metadata.query_lens) if n == 1]
-        known = metadata.seq_ids is not None and plan.every_slot_used
-        token_bytes = 2 * k_cache[0, 0].numel() * k_cache.element_size()  # one token's K and V in one layer
-        plan.decode_rows = self.decode_kv.place(
-            [metadata.seq_ids[b] for b in decodes] if known else None, [metadata.context_lens_host[b] for b in decodes],
-            metadata.block_tables[decodes], block_size, 2 * k_cache.numel() * k_cache.element_size(), token_bytes,
-            dtype)
-        self._plan_of = (metadata, plan)
-        return plan
-
-    def group_attention(self, q, k, v, k_cache, v_cache, plan: PaddedPlan, group: PaddedGroup,
-                        scale: float) -> torch.Tensor:
-        """One group's attention: the decodes over DecodeKV's kept rows when the plan placed them there, any other
-        group (and decodes that were not placed) gathered through the block tables."""
-        if group.max_query == 1 and plan.decode_rows is not None:
-            rows = group.rows
-            return self.decode_kv.attend(q[rows], k[rows], v[rows], k_cache, v_cache, plan.decode_rows, scale)
-        return padded_group_attention(q, k_cache, v_cache, group, scale, self.buffers)
+    def plan(self, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> PaddedPlan:
+        """The step's plan, built by its first layer (the same metadata object) and reused by the rest."""
+        if self._plan_of[0] is not metadata:
+            self._plan_of = (metadata, PaddedPlan.of(metadata, block_size, share, dtype))
+        return self._plan_of[1]
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches as in torch_ref, or None."""
         if k_cache is None or not metadata.uses_cache:
             return varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
-        plan = self.plan(metadata, k_cache, q.shape[1] // k_cache.shape[2], q.dtype)
+        plan = self.plan(metadata, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.dtype)
         if plan.every_slot_used:
             for cache, new in ((k_cache, k), (v_cache, v)):
                 cache.view(-1, *cache.shape[2:]).index_copy_(0, metadata.slot_mapping, new.to(cache.dtype))
         else:
             store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if plan.in_order:  # every sequence in one group, in the step's order (only decodes, or only prefills)
-            return self.group_attention(q, k, v, k_cache, v_cache, plan, plan.groups[0], scale)
+            return padded_group_attention(q, k_cache, v_cache, plan.groups[0], scale, self.buffers)
         out = torch.empty_like(q)
         for group in plan.groups:  # each group's result is copied out before the next reuses the buffers
-            out[group.rows] = self.group_attention(q, k, v, k_cache, v_cache, plan, group, scale)
+            out[group.rows] = padded_group_attention(q, k_cache, v_cache, group, scale, self.buffers)
         return out

@@ -74,9 +74,10 @@ class PaddedGroup:
 
 
 class GatherBuffers:
-    """Where the K/V gather writes, reused by every layer and step. A fresh 5 MB tensor per layer is memory the
-    allocator maps anew each time on the CPU, and touching it page-faults: 30 layers' gathers took 3x as long
-    as into a buffer that stays (RESULTS.md, issue 21, 2026-12-01)."""
+    """Where the K/V gather writes, reused by every layer and step. A fresh 5 MB tensor per layer can be memory the
+    allocator maps anew each time, and touching it page-faults: in a benchmark of 30 layers' gathers that took 3x
+    as long as into a buffer that stays. The engine's own runs measured no difference (its allocator kept the
+    memory), so this guards against the slow case (RESULTS.md, issue 21, 2026-12-01)."""
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None

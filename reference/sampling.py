@@ -248,7 +248,7 @@ def argmax(scores: torch.Tensor) -> torch.Tensor:
     rows, vocab = scores.shape
     if scores.device.type != "cpu" or vocab % ARGMAX_CHUNK:
         return scores.argmax(dim=-1)
-    chunks = scores.view(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    chunks = scores.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
     best = chunks.amax(dim=-1).argmax(dim=-1)  # no earlier chunk holds a value as large (or a NaN)
     return best * ARGMAX_CHUNK + chunks[torch.arange(rows), best].argmax(dim=-1)
 

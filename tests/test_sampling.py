@@ -534,7 +534,8 @@ def test_fused_sampler_on_the_gpu_matches_the_interpreters_tokens_on_a_real_voca
     assert eval(done.stdout.strip().splitlines()[-1]) == gpu
 
 
-@pytest.mark.parametrize("vocab", [49152, 512, 1000])  # SmolLM2's; two chunks; not a multiple of the chunk (torch's own)
+# SmolLM2's vocabulary; two chunks; not a multiple of the chunk (torch's own argmax then)
+@pytest.mark.parametrize("vocab", [49152, 512, 1000])
 def test_cpu_argmax_gives_torch_argmax_ids_with_ties_nan_and_infinities(vocab):
     from reference.sampling import argmax
 

@@ -219,9 +219,9 @@ def sample(
         )
     sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if not sampled:  # argmax needs no upcast (converting to float32 is exact and keeps the order)
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     logits = logits.float()
-    next_tokens = logits.argmax(dim=-1)
+    next_tokens = argmax(logits)
 
     device = logits.device
     rows = torch.tensor(sampled, device=device)
@@ -233,8 +233,24 @@ def sample(
     # Exponential race: if E_j ~ Exp(1) i.i.d., then E_j / p_j ~ Exp(rate p_j), and the smallest of independent
     # exponentials is j with probability p_j / sum(p). So argmax(p / E) is one multinomial draw from p, and each
     # row's draw depends only on that row's noise, which a per-row generator controls.
-    next_tokens[rows] = (probs / noise).argmax(dim=-1)
+    next_tokens[rows] = argmax(probs / noise)
     return next_tokens
+
+
+ARGMAX_CHUNK = 256  # columns per chunk of the CPU's two-step argmax
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) for [rows, vocab]: the same ids (the first maximum of a row; a NaN counts as the
+    maximum, as in torch), faster on the CPU. There torch's argmax is a scalar loop, 2.7 ms for 45 rows of
+    SmolLM2's 49,152 logits (2% of a decode step), while amax is vectorised: so take each chunk's maximum, the
+    first chunk holding the row's maximum (an argmax over 192 values), then the first maximum inside it: 0.35 ms."""
+    rows, vocab = scores.shape
+    if scores.device.type != "cpu" or vocab % ARGMAX_CHUNK:
+        return scores.argmax(dim=-1)
+    chunks = scores.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # no earlier chunk holds a value as large (or a NaN)
+    return best * ARGMAX_CHUNK + chunks[torch.arange(rows), best].argmax(dim=-1)
 
 
 def _apply_top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

@@ -98,3 +98,18 @@ def test_packing_defaults_on_for_the_cpu_and_can_be_switched_off(checkpoint_fact
     assert LLM(str(path), device="cpu", max_model_len=64).engine.runner.pack_projections
     off = LLM(str(path), device="cpu", max_model_len=64, pack_projections=False)
     assert not off.engine.runner.pack_projections and layer0(off.engine.model)[0].packed_qkv is None
+
+
+def test_cpu_float32_packing_stores_every_projection_column_major(checkpoint_factory):
+    """On the CPU in float32 the packed matrices and o_proj / down_proj are column-major (MKL's faster layout at
+    decode sizes); unpacking gives row-major weights with the same values back."""
+    model, _ = load_model(checkpoint(checkpoint_factory, "llama-gqa3"), progress=False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.pack_projections()
+    attention, mlp = layer0(model)
+    for linear in (attention.q_proj, attention.v_proj, attention.o_proj, mlp.up_proj, mlp.down_proj):
+        assert linear.weight.stride(0) == 1 and not linear.weight.is_contiguous()
+    assert attention.packed_qkv[0].t().is_contiguous() and mlp.packed_gate_up[0].t().is_contiguous()
+    model.pack_projections(False)
+    after = model.state_dict()
+    assert all(after[name].is_contiguous() and torch.equal(after[name], before[name]) for name in before)

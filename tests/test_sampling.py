@@ -532,3 +532,19 @@ def test_fused_sampler_on_the_gpu_matches_the_interpreters_tokens_on_a_real_voca
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert eval(done.stdout.strip().splitlines()[-1]) == gpu
+
+
+# SmolLM2's vocabulary; two chunks; not a multiple of the chunk (torch's own argmax then)
+@pytest.mark.parametrize("vocab", [49152, 512, 1000])
+def test_cpu_argmax_gives_torch_argmax_ids_with_ties_nan_and_infinities(vocab):
+    from reference.sampling import argmax
+
+    generator = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(12, vocab, generator=generator)
+    scores[1, [7, vocab - 3]] = 9.0  # a tie: the first wins
+    scores[2, [vocab // 2, 5]] = float("nan")  # NaN counts as the maximum, the first NaN wins
+    scores[3] = float("-inf")  # all -inf: index 0
+    scores[4, vocab - 1] = float("inf")
+    scores[5] = 0.0  # all equal
+    scores[6, 300 % vocab] = 1e30
+    assert torch.equal(argmax(scores), scores.argmax(dim=-1))

@@ -34,16 +34,21 @@ from .torch_ref import store_kvcache, varlen_attention
 class PaddedGroup:
     """Some sequences of a step laid out as one padded batch."""
 
-    rows: torch.Tensor  # int64 [tokens]: the packed-batch row of each real query, in padded order
+    rows: torch.Tensor | slice  # the packed-batch row of each real query, in padded order: int64 [tokens], or a
+    # slice when they are consecutive (a view then, no copy: a step's decodes usually come first, in order)
     padded_index: torch.Tensor  # int64 [tokens]: where that query sits in the flattened [batch x max_query] grid
     batch: int
     max_query: int
     blocks: torch.Tensor  # int64 [batch x blocks]: block tables cut to the longest context, flat (-1 entries -> 0)
-    mask: torch.Tensor  # bool [batch, 1, share x max_query, context]: True = may attend
+    # [batch, 1, share x max_query, context], in q's dtype: 0 = may attend, -inf = may not. (SDPA turns a boolean
+    # mask into this in every call, i.e. every layer; made once here, it is the same numbers.)
+    mask: torch.Tensor
 
     @classmethod
-    def of(cls, seqs: list[int], metadata: AttentionMetadata, block_size: int, share: int) -> "PaddedGroup":
-        """The group of sequences `seqs` (indices into the step's batch); share = query heads per KV head."""
+    def of(cls, seqs: list[int], metadata: AttentionMetadata, block_size: int, share: int,
+           dtype: torch.dtype) -> "PaddedGroup":
+        """The group of sequences `seqs` (indices into the step's batch); share = query heads per KV head;
+        dtype: the queries'."""
         query_lens = [metadata.query_lens[b] for b in seqs]
         context_lens = [metadata.context_lens_host[b] for b in seqs]
         starts = [0, *itertools.accumulate(metadata.query_lens)]
@@ -61,22 +66,46 @@ class PaddedGroup:
         # a decode's one row broadcasts over them as it is.
         mask = mask[:, None].expand(-1, share, -1, -1).reshape(len(seqs), 1, share * max_query, -1) \
             if max_query > 1 else mask[:, None]
-        return cls(torch.tensor(rows), torch.tensor(padded_index), len(seqs), max_query, tables.flatten(),
-                   mask.to(metadata.block_tables.device))
+        additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return cls(slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows),
+                   torch.tensor(padded_index), len(seqs), max_query, tables.flatten(),
+                   additive.to(metadata.block_tables.device))
+
+
+class GatherBuffers:
+    """Where the K/V gather writes, reused by every layer and step. A fresh 5 MB tensor per layer can be memory the
+    allocator maps anew each time, and touching it page-faults: in a benchmark of 30 layers' gathers that took 3x
+    as long as into a buffer that stays. The engine's own runs measured no difference (its allocator kept the
+    memory), so this guards against the slow case (RESULTS.md, issue 21, 2026-12-01)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def take(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, block_size, kv_heads, head_dim] tensors like cache's (views of the kept buffers)."""
+        k = self.k
+        if k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:] or k.dtype != cache.dtype \
+                or k.device != cache.device:
+            size = 1 << (num_blocks - 1).bit_length()  # a power of two: contexts grow a block at a time
+            self.k, self.v = (cache.new_empty((size, *cache.shape[1:])) for _ in range(2))
+        return self.k[:num_blocks], self.v[:num_blocks]
 
 
 def padded_group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PaddedGroup,
-                           scale: float) -> torch.Tensor:
+                           scale: float, buffers: GatherBuffers | None = None) -> torch.Tensor:
     """Attention of the group's queries over their cached contexts. q: [tokens, heads, head_dim] (the step's packed
-    queries); caches: [num_blocks, block_size, kv_heads, head_dim]. Returns [group tokens, heads, head_dim], in the
-    order of group.rows."""
+    queries); caches: [num_blocks, block_size, kv_heads, head_dim]; buffers: where to gather K/V (None: new
+    tensors). Returns [group tokens, heads, head_dim], in the order of group.rows."""
     heads, head_dim = q.shape[1:]
     kv_heads = k_cache.shape[2]
     share = heads // kv_heads  # query heads per KV head (GQA)
     # K, V: [batch x blocks, block_size, kv_heads, d] -> [batch, kv_heads, context, d]. (index_select on a flat list
     # of blocks copies whole blocks; indexing with the 2-D table measured 1.7x slower for the same copy.)
-    k, v = (cache.index_select(0, group.blocks).view(group.batch, -1, kv_heads, head_dim)
-            .transpose(1, 2) for cache in (k_cache, v_cache))
+    buffers = buffers or GatherBuffers()
+    k, v = (torch.index_select(cache, 0, group.blocks, out=out).view(group.batch, -1, kv_heads, head_dim)
+            .transpose(1, 2) for cache, out in zip((k_cache, v_cache), buffers.take(k_cache, len(group.blocks))))
     if group.max_query == 1:  # decodes: nothing to pad, and [batch, heads, d] is already [batch, kv_heads, share, d]
         queries = q[group.rows].view(group.batch, kv_heads, share, head_dim)
         out = F.scaled_dot_product_attention(queries, k, v, attn_mask=group.mask, scale=scale)
@@ -100,10 +129,10 @@ class PaddedPlan:
     every_slot_used: bool  # no padding slot (-1) in the slot mapping: the store is one index_copy_
 
     @classmethod
-    def of(cls, metadata: AttentionMetadata, block_size: int, share: int) -> "PaddedPlan":
+    def of(cls, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> "PaddedPlan":
         decodes = [b for b, n in enumerate(metadata.query_lens) if n == 1]
         prefills = [b for b, n in enumerate(metadata.query_lens) if n > 1]
-        groups = [PaddedGroup.of(seqs, metadata, block_size, share) for seqs in (decodes, prefills) if seqs]
+        groups = [PaddedGroup.of(seqs, metadata, block_size, share, dtype) for seqs in (decodes, prefills) if seqs]
         return cls(groups, len(groups) == 1, bool((metadata.slot_mapping >= 0).all()))
 
 
@@ -115,26 +144,27 @@ class PaddedAttentionBackend:
 
     def __init__(self) -> None:
         self._plan_of: tuple[AttentionMetadata | None, PaddedPlan | None] = (None, None)
+        self.buffers = GatherBuffers()
 
-    def plan(self, metadata: AttentionMetadata, block_size: int, share: int) -> PaddedPlan:
+    def plan(self, metadata: AttentionMetadata, block_size: int, share: int, dtype: torch.dtype) -> PaddedPlan:
         """The step's plan, built by its first layer (the same metadata object) and reused by the rest."""
         if self._plan_of[0] is not metadata:
-            self._plan_of = (metadata, PaddedPlan.of(metadata, block_size, share))
+            self._plan_of = (metadata, PaddedPlan.of(metadata, block_size, share, dtype))
         return self._plan_of[1]
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches as in torch_ref, or None."""
         if k_cache is None or not metadata.uses_cache:
             return varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
-        plan = self.plan(metadata, k_cache.shape[1], q.shape[1] // k_cache.shape[2])
+        plan = self.plan(metadata, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.dtype)
         if plan.every_slot_used:
             for cache, new in ((k_cache, k), (v_cache, v)):
                 cache.view(-1, *cache.shape[2:]).index_copy_(0, metadata.slot_mapping, new.to(cache.dtype))
         else:
             store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if plan.in_order:  # every sequence in one group, in the step's order (only decodes, or only prefills)
-            return padded_group_attention(q, k_cache, v_cache, plan.groups[0], scale)
+            return padded_group_attention(q, k_cache, v_cache, plan.groups[0], scale, self.buffers)
         out = torch.empty_like(q)
-        for group in plan.groups:
-            out[group.rows] = padded_group_attention(q, k_cache, v_cache, group, scale)
+        for group in plan.groups:  # each group's result is copied out before the next reuses the buffers
+            out[group.rows] = padded_group_attention(q, k_cache, v_cache, group, scale, self.buffers)
         return out

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, TorchAttentionBackend
 from ..config import ModelConfig
-from .packing import pack_linears
+from .packing import pack_linears, unpack_linears, use_gemm_layout
 from .rotary import RotaryEmbedding, apply_rotary
 
 # The fused Triton kernels (fused.py), imported by use_fused_kernels: importing the model must not import Triton
@@ -127,8 +127,10 @@ class Attention(nn.Module):
         """Run q/k/v as one matrix multiply (enabled) or as the three nn.Linear layers again."""
         if enabled and self.packed_qkv is None:
             self.packed_qkv = pack_linears([self.q_proj, self.k_proj, self.v_proj])
+            use_gemm_layout(self.o_proj)  # column-major on the CPU (packing.py)
         elif not enabled:
-            self.packed_qkv = None  # the linears keep their views: the weights stay where they are
+            self.packed_qkv = None
+            unpack_linears([self.q_proj, self.k_proj, self.v_proj, self.o_proj])
 
 
 class MLP(nn.Module):
@@ -160,8 +162,10 @@ class MLP(nn.Module):
         """Run gate/up as one matrix multiply (enabled) or as the two nn.Linear layers again."""
         if enabled and self.packed_gate_up is None:
             self.packed_gate_up = pack_linears([self.gate_proj, self.up_proj])
+            use_gemm_layout(self.down_proj)
         elif not enabled:
             self.packed_gate_up = None
+            unpack_linears([self.gate_proj, self.up_proj, self.down_proj])
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,79 @@
+"""One change to the CPU engine, off and on, in one engine and one process (issue 21's workload).
+
+    python benchmarks/cpu_step_ab.py --change column-major [--pairs 4] [--threads N]
+
+Each pair runs issue 21's workload (48 requests, prompts of 16-96 random ids, 8-64 output tokens, ignore EOS, all
+at once, greedy, SmolLM2-135M float32, the engine's default sizes) twice on the same engine, once with the change
+off and once on, in alternating order, on the same prompts (prefix caching off, so both runs do the same work).
+The ratio is taken within a pair, a minute apart, so a machine whose speed drifts moves both runs together.
+Changes (each switched by a function below):
+- column-major: packed weights stored column-major on the CPU (models/packing.py) vs row-major.
+- gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
+Times only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+
+def column_major(engine, on: bool) -> None:
+    from reference.models import packing
+
+    engine.model.pack_projections(False)  # back to row-major, unpacked
+    packing.COLUMN_MAJOR_ON_CPU = on
+    engine.model.pack_projections(True)
+
+
+def gather_buffers(engine, on: bool) -> None:
+    from reference.attention.padded import GatherBuffers
+
+    class FreshEachTime(GatherBuffers):  # what the backend did before: new tensors for every gather
+        def take(self, cache, num_blocks):
+            self.k = None
+            return super().take(cache, num_blocks)
+
+    engine.runner.attention_backend.buffers = GatherBuffers() if on else FreshEachTime()
+
+
+CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers}
+
+
+def run_once(engine, workload) -> tuple[float, float]:
+    """(output tok/s, median step ms) of one run."""
+    from reference.bench import run_engine
+
+    run = run_engine(engine, workload, use_tqdm=False)
+    return run.summary.output_throughput, 1e3 * statistics.median(s.end - s.start for s in run.steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--change", choices=CHANGES, required=True)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="cpu_threads (default: the engine's policy)")
+    args = parser.parse_args()
+    from reference import LLMEngine
+    from reference.workload import make_workload
+
+    engine = LLMEngine("smollm2", device="cpu", dtype="float32", enable_prefix_caching=False,
+                       cpu_threads=args.threads)
+    switch, ratios = CHANGES[args.change], []
+    for pair in range(args.pairs):
+        workload = make_workload(48, (16, 96), (8, 64), vocab_size=engine.model_config.vocab_size,
+                                 avoid_token_ids=engine.eos_token_ids, seed=pair)
+        result = {}
+        for on in ((True, False) if pair % 2 else (False, True)):
+            switch(engine, on)
+            result[on] = run_once(engine, workload)
+        ratios.append(result[True][0] / result[False][0])
+        print(f"pair {pair + 1} (first {'on' if pair % 2 else 'off'}): on {result[True][0]:.1f} tok/s (step "
+              f"{result[True][1]:.0f} ms), off {result[False][0]:.1f} tok/s (step {result[False][1]:.0f} ms), "
+              f"on/off {ratios[-1]:.3f}", flush=True)
+    print(f"{args.change}: median on/off over {args.pairs} pairs: {statistics.median(ratios):.3f} "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()

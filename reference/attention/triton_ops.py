@@ -41,6 +41,7 @@ LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 # A split-KV partition is at least this long: shorter ones are a few tiles of work plus their share of the merge.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+PROGRAMS_PER_MULTIPROCESSOR = 3  # resident decode programs a multiprocessor keeps busy (see choose_num_splits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,9 +236,10 @@ def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
     batch with long contexts gets more splits, but no split shorter than MIN_TOKENS_PER_SPLIT.
     """
     programs = batch * kv_heads
-    # A multiprocessor holds about three of these programs at once: ask for four per multiprocessor so that
-    # none sits idle while the slowest ones finish.
-    wanted = 4 * _multiprocessor_count(device)
+    # A multiprocessor holds about three of these programs at once: ask for that many per multiprocessor. (Four
+    # split batches of 64 sequences x 8 KV heads on an H200, 6% slower than not splitting: benchmarks/
+    # decode_gemms.py's split table, RESULTS.md 2026-12-01 fifth session.)
+    wanted = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessor_count(device)
     if programs >= wanted:
         return 1
     by_occupancy = triton.cdiv(wanted, programs)

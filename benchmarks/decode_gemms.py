@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.attention import triton_ops  # noqa: E402
 from reference.costs import measure_memory_bandwidth  # noqa: E402
-from reference.models import fused, skinny_gemm  # noqa: E402
+from reference.models import fused, pdl, skinny_gemm  # noqa: E402
 
 HIDDEN, Q_OUT, KV_OUT, INTERMEDIATE, LAYERS = 1024, 2048, 1024, 3072, 28  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -164,6 +164,54 @@ def sweep_triton(batches: list[int], bandwidth: float) -> None:
             print("|  |  | runners-up: " + ", ".join(f"{c} {results[c]:.2f}" for c in ranked[1:]) + " |||||")
 
 
+def chain_step(batch: int, gemms: str, use_pdl: bool):
+    """One decode step's layer chain without attention: add+norm, q/k/v, o (on q's columns), add+norm,
+    gate/up + SiLU, down; 28 layers of distinct weights. gemms: "cublas" or "triton". Returns (run, output)."""
+    weights = layer_weights(packed=True)
+    x = torch.randn(batch, HIDDEN, device="cuda", dtype=DTYPE)
+    norm_weight = torch.ones(HIDDEN, device="cuda", dtype=DTYPE)
+    out = {}
+
+    def run():
+        pdl.ENABLED = use_pdl
+        hidden, residual = x, torch.zeros_like(x)
+        for qkv_w, o_w, gate_up_w, down_w in weights:
+            residual, normed = fused.add_rms_norm(hidden, residual, norm_weight, 1e-6)
+            if gemms == "cublas":
+                attention = F.linear(F.linear(normed, qkv_w)[:, :Q_OUT], o_w)
+                residual, normed = fused.add_rms_norm(attention, residual, norm_weight, 1e-6)
+                hidden = F.linear(fused.silu_and_mul(*F.linear(normed, gate_up_w).chunk(2, dim=-1)), down_w)
+            else:
+                attention = skinny_gemm.linear(skinny_gemm.linear(normed, qkv_w)[:, :Q_OUT], o_w)
+                residual, normed = fused.add_rms_norm(attention, residual, norm_weight, 1e-6)
+                hidden = skinny_gemm.linear(skinny_gemm.linear_silu_mul(normed, gate_up_w), down_w)
+        out["hidden"] = hidden
+        pdl.ENABLED = True
+
+    return run, out
+
+
+def bench_chain(batches: list[int], bandwidth: float) -> None:
+    weight_bytes = LAYERS * 2 * HIDDEN * (Q_OUT + 2 * KV_OUT + Q_OUT + 3 * INTERMEDIATE)
+    floor_us = weight_bytes / bandwidth * 1e6
+    variants = [("cuBLAS", "cublas", False), ("cuBLAS, PDL norms", "cublas", True),
+                ("Triton", "triton", False), ("Triton + PDL", "triton", True)]
+    print(f"\nA decode step's layers without attention (28 x: add+norm, qkv, o, add+norm, gate/up+SiLU, down), one "
+          f"CUDA graph replay, us (floor {floor_us:.0f} us); max |difference| from the first column's output")
+    print("| batch | " + " | ".join(name for name, *_ in variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for batch in batches:
+        cells, reference_out = [], None
+        for _, gemms, use_pdl in variants:
+            torch.manual_seed(0)
+            run, out = chain_step(batch, gemms, use_pdl)
+            us = graph_ms(run) * 1e3
+            result = out["hidden"].float()
+            reference_out = result if reference_out is None else reference_out
+            cells.append(f"{us:.0f} ({(result - reference_out).abs().max().item():.1e})")
+        print(f"| {batch} | " + " | ".join(cells) + " |")
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -204,10 +252,14 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64,128,256")
     parser.add_argument("--triton-sweep", action="store_true",
                         help="time every Triton config per shape and batch (skinny_gemm.choose_config's data)")
+    parser.add_argument("--chain", action="store_true", help="time the layers' chain with and without PDL")
     args = parser.parse_args()
     bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     batches = [int(b) for b in args.batches.split(",")]
+    if args.chain:
+        bench_chain(batches, bandwidth)
+        return
     if args.triton_sweep:
         sweep_triton(batches, bandwidth)
         return

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled_for, launch_options, wait_for_previous_kernel
+
 
 @triton.jit
 def _rounded(x, dtype: tl.constexpr):
@@ -159,13 +161,15 @@ def rms_norm_pair(a: torch.Tensor, a_weight: torch.Tensor, b: torch.Tensor, b_we
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_cols, eps, USE_PDL: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """One row: sum = residual + x (rounded to the dtype, as torch's add rounds), then out = RMSNorm(sum) by the
     same code as _rms_norm_kernel, so out equals rms_norm(residual + x) bit for bit."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = out_ptr.dtype.element_ty
+    wait_for_previous_kernel(USE_PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     hidden = _rounded(residual + x, dtype)
@@ -184,8 +188,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     residual = residual.reshape(-1, shape[-1]).contiguous()
     total, out = torch.empty_like(x), torch.empty_like(x)
     if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, total, out, x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]))
+        pdl = enabled_for(x.device)
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, total, out, x.shape[1], eps, USE_PDL=pdl,
+                                            BLOCK=triton.next_power_of_2(x.shape[1]), **launch_options(pdl))
     return total.view(shape), out.view(shape)
 
 

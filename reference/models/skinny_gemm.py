@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled_for, launch_options, wait_for_previous_kernel
+
 # Rows up to which the model uses these kernels; above, cuBLAS (the product stops being memory-bound).
 MAX_ROWS = 256
 
@@ -32,12 +34,21 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn,
+def _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, USE_PDL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[rows, :] @ w[cols, :]^T in float32: [BLOCK_M, BLOCK_N], K walked in BLOCK_K steps."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """x[rows, :] @ w[cols, :]^T in float32: [BLOCK_M, BLOCK_N], K walked in BLOCK_K steps.
+
+    USE_PDL (programmatic dependent launch, Hopper on): the program may start while the kernel before it still
+    runs. The weights do not depend on it, so the first weight tile is loaded before waiting for it to finish;
+    x, its output, only after."""
     ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
+    w_mask = (cols[:, None] < N) & (ks[None, :] < K)
+    w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0.0)
+    wait_for_previous_kernel(USE_PDL)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                other=0.0)
+    acc = tl.dot(x, tl.trans(w))
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + ks
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
                     other=0.0)
@@ -49,18 +60,19 @@ def _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn,
 
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = x @ w^T (+ bias); SILU_MUL: w is [gate; up] stacked, N is the intermediate size, y = silu(gate) * up.
     Axis 0 walks the row blocks so the programs sharing a weight tile run side by side and share it in L2."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dtype = y_ptr.dtype.element_ty
-    acc = _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, USE_PDL, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if SILU_MUL:
-        up = _tile_product(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
+        up = _tile_product(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn, False,
                            BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             up += tl.load(bias_ptr + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -72,11 +84,16 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def choose_config(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a [rows, in] x [in, out] product.
-    Placeholder heuristic until the sweep in benchmarks/decode_gemms.py picks one per shape class."""
+def choose_config(rows: int, out_features: int, silu_mul: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows and `out_features` output columns,
+    from `python benchmarks/decode_gemms.py --triton-sweep` on an H200 (benchmarks/RESULTS.md): narrow outputs
+    (o, down) take 16 columns a program so that enough programs stream the weights; longer K tiles for few rows."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return block_m, 32, 128, 4, 4
+    if out_features <= 2048:
+        return (block_m, 16, 256, 4, 4) if rows <= 32 else (block_m, 16, 128, 4, 5)
+    if silu_mul:
+        return (block_m, 32, 256, 4, 3) if rows <= 8 else (block_m, 32, 128, 4, 4)
+    return (block_m, 32, 128, 4, 4) if rows <= 64 else (block_m, 64, 128, 8, 4)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, silu_mul: bool,
@@ -91,11 +108,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
-    block_m, block_n, block_k, warps, stages = config or choose_config(rows, weight.shape[0], in_features)
+    block_m, block_n, block_k, warps, stages = config or choose_config(rows, out_features, silu_mul)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+    pdl = enabled_for(x.device)
     _linear_kernel[grid](x, weight, bias if bias is not None else weight, y, rows, out_features, in_features,
                          x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                         USE_PDL=pdl, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                         num_stages=stages, **launch_options(pdl))
     return y
 
 

@@ -89,12 +89,13 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_cols, eps, rows_per_token, st
 @triton.jit(do_not_specialize=["a_rows", "a_programs"])
 def _rms_norm_pair_kernel(a_ptr, a_weight_ptr, a_out_ptr, a_rows, a_rows_per_token, a_stride_token, a_stride_row,
                           b_ptr, b_weight_ptr, b_out_ptr, b_rows, b_rows_per_token, b_stride_token, b_stride_row,
-                          a_programs, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                          a_programs, n_cols, eps, USE_PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Two RMSNorms in one launch (Qwen3's q-norm and k-norm): the first a_programs programs norm a's rows, the
     others b's, ROWS rows each, one after the other, each row by the very code of _rms_norm_kernel, so the bits
     are those of two separate launches. ROWS > 1 for prefills: 8192 tokens x 24 heads would otherwise be 196k
     programs of 128 elements, each mostly start-up."""
     program = tl.program_id(0).to(tl.int64)
+    wait_for_previous_kernel(USE_PDL)
     for r in tl.static_range(ROWS):
         if program < a_programs:
             row = program * ROWS + r
@@ -153,10 +154,11 @@ def rms_norm_pair(a: torch.Tensor, a_weight: torch.Tensor, b: torch.Tensor, b_we
         a_programs, b_programs = triton.cdiv(a_rows, rows), triton.cdiv(b_rows, rows)
         a, a_per_token, a_stride_token, a_stride_row = _rows_of(a)
         b, b_per_token, b_stride_token, b_stride_row = _rows_of(b)
+        pdl = enabled_for(a.device)
         _rms_norm_pair_kernel[(a_programs + b_programs,)](
             a, a_weight, a_out, a_rows, a_per_token, a_stride_token, a_stride_row,
             b, b_weight, b_out, b_rows, b_per_token, b_stride_token, b_stride_row,
-            a_programs, n, eps, ROWS=rows, BLOCK=triton.next_power_of_2(n))
+            a_programs, n, eps, USE_PDL=pdl, ROWS=rows, BLOCK=triton.next_power_of_2(n), **launch_options(pdl))
     return a_out, b_out
 
 
@@ -237,10 +239,11 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, num_heads, stride_t
 @triton.jit(do_not_specialize=["a_programs"])
 def _rotary_pair_kernel(a_ptr, a_out_ptr, a_rows, a_heads, a_stride_token, a_stride_head, a_programs,
                         b_ptr, b_out_ptr, b_rows, b_heads, b_stride_token, b_stride_head,
-                        cos_ptr, sin_ptr, half, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        cos_ptr, sin_ptr, half, USE_PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """RoPE of q and k in one launch: the first a_programs programs rotate a, the others b (no reduction, so
     the same bits as two launches)."""
     program = tl.program_id(0).to(tl.int64)
+    wait_for_previous_kernel(USE_PDL)
     if program < a_programs:
         _rotary_rows(a_ptr, cos_ptr, sin_ptr, a_out_ptr, program, a_rows, a_heads, a_stride_token, a_stride_head,
                      half, ROWS, BLOCK)
@@ -284,10 +287,12 @@ def apply_rotary_pair(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor,
     a_out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     b_out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
     if a_programs + b_programs:
+        pdl = enabled_for(a.device)
         _rotary_pair_kernel[(a_programs + b_programs,)](
             a, a_out, a.shape[0] * a.shape[1], a.shape[1], a.stride(0), a.stride(1), a_programs,
             b, b_out, b.shape[0] * b.shape[1], b.shape[1], b.stride(0), b.stride(1),
-            cos.contiguous(), sin.contiguous(), a.shape[2] // 2, ROWS=rows, BLOCK=block)
+            cos.contiguous(), sin.contiguous(), a.shape[2] // 2, USE_PDL=pdl, ROWS=rows, BLOCK=block,
+            **launch_options(pdl))
     return a_out, b_out
 
 

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.attention import triton_ops  # noqa: E402
 from reference.costs import measure_memory_bandwidth  # noqa: E402
-from reference.models import fused, pdl, skinny_gemm  # noqa: E402
 
 HIDDEN, Q_OUT, KV_OUT, INTERMEDIATE, LAYERS = 1024, 2048, 1024, 3072, 28  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -94,128 +93,6 @@ def bench_gemms(batches: list[int], bandwidth: float) -> None:
         print(f"| {batch} | " + " | ".join(cells) + " |")
 
 
-# One decode layer's matrix multiplies, packed: (name, out features, in features, silu_mul). gate_up's product
-# feeds silu_and_mul; the Triton kernel does both in one pass (skinny_gemm.linear_silu_mul).
-SHAPES = [("qkv", Q_OUT + 2 * KV_OUT, HIDDEN, False), ("o", HIDDEN, Q_OUT, False),
-          ("gate_up+silu", 2 * INTERMEDIATE, HIDDEN, True), ("down", HIDDEN, INTERMEDIATE, False)]
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) tried for each BLOCK_M.
-TRITON_CONFIGS = [(16, 256, 4, 4), (16, 128, 4, 5), (32, 128, 4, 4), (32, 256, 4, 3), (32, 64, 4, 6),
-                  (64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 4), (128, 64, 8, 3)]
-
-
-def shape_calls(out_features, in_features, silu_mul, batch, kind, config=None):
-    """One shape's call for each of 28 distinct weights (nothing stays in L2): cuBLAS (+ silu_and_mul) or Triton."""
-    weights = [torch.randn(out_features, in_features, device="cuda", dtype=DTYPE) * 0.02 for _ in range(LAYERS)]
-    x = torch.randn(batch, in_features, device="cuda", dtype=DTYPE)
-
-    def run():
-        for w in weights:
-            if kind == "cublas":
-                y = F.linear(x, w)
-                if silu_mul:
-                    fused.silu_and_mul(*y.chunk(2, dim=-1))
-            elif silu_mul:
-                skinny_gemm.linear_silu_mul(x, w, config=config)
-            else:
-                skinny_gemm.linear(x, w, config=config)
-
-    return run, weights, x
-
-
-def check_triton(out_features, in_features, silu_mul, batch, config) -> float:
-    """Largest difference from the torch twin, in units of the output's largest magnitude."""
-    w = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE) * 0.02
-    x = torch.randn(batch, in_features, device="cuda", dtype=DTYPE)
-    if silu_mul:
-        want = fused.silu_and_mul(*F.linear(x, w).chunk(2, dim=-1)).float()
-        got = skinny_gemm.linear_silu_mul(x, w, config=config).float()
-    else:
-        want, got = F.linear(x, w).float(), skinny_gemm.linear(x, w, config=config).float()
-    return ((got - want).abs().max() / want.abs().max()).item()
-
-
-def sweep_triton(batches: list[int], bandwidth: float) -> None:
-    """Per shape and batch: cuBLAS against every Triton config; the best config and its speed."""
-    print("\nTriton skinny GEMM sweep: us per call (28 distinct weights in one graph), best config "
-          "(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), fraction of copy bandwidth, worst relative error")
-    print("| shape | batch | cuBLAS us | chosen us | best us | best config | best at | max rel err |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, out_features, in_features, silu_mul in SHAPES:
-        nbytes = out_features * in_features * 2
-        for batch in batches:
-            cublas = graph_ms(shape_calls(out_features, in_features, silu_mul, batch, "cublas")[0]) / LAYERS * 1e3
-            chosen = graph_ms(shape_calls(out_features, in_features, silu_mul, batch, "triton")[0]) / LAYERS * 1e3
-            smallest = max(16, triton_next_pow2(batch))
-            block_ms = sorted({min(smallest, cap) for cap in (64, 128)})
-            results, worst = {}, 0.0
-            for block_m in block_ms:
-                for block_n, block_k, warps, stages in TRITON_CONFIGS:
-                    config = (block_m, block_n, block_k, warps, stages)
-                    try:
-                        worst = max(worst, check_triton(out_features, in_features, silu_mul, batch, config))
-                        run = shape_calls(out_features, in_features, silu_mul, batch, "triton", config)[0]
-                        results[config] = graph_ms(run) / LAYERS * 1e3
-                    except Exception as error:  # e.g. out of shared memory: that config is not a candidate
-                        print(f"  ({name}, {batch}, {config}: {type(error).__name__})")
-            best = min(results, key=results.get)
-            print(f"| {name} | {batch} | {cublas:.2f} | {chosen:.2f} | {results[best]:.2f} | {best} | "
-                  f"{nbytes / (results[best] * 1e-6) / bandwidth:.0%} | {worst:.1e} |")
-            ranked = sorted(results, key=results.get)[:4]
-            print("|  |  | runners-up: " + ", ".join(f"{c} {results[c]:.2f}" for c in ranked[1:]) + " |||||")
-
-
-def chain_step(batch: int, gemms: str, use_pdl: bool):
-    """One decode step's layer chain without attention: add+norm, q/k/v, o (on q's columns), add+norm,
-    gate/up + SiLU, down; 28 layers of distinct weights. gemms: "cublas" or "triton". Returns (run, output)."""
-    weights = layer_weights(packed=True)
-    x = torch.randn(batch, HIDDEN, device="cuda", dtype=DTYPE)
-    norm_weight = torch.ones(HIDDEN, device="cuda", dtype=DTYPE)
-    out = {}
-
-    def run():
-        pdl.ENABLED = use_pdl
-        hidden, residual = x, torch.zeros_like(x)
-        for qkv_w, o_w, gate_up_w, down_w in weights:
-            residual, normed = fused.add_rms_norm(hidden, residual, norm_weight, 1e-6)
-            if gemms == "cublas":
-                attention = F.linear(F.linear(normed, qkv_w)[:, :Q_OUT], o_w)
-                residual, normed = fused.add_rms_norm(attention, residual, norm_weight, 1e-6)
-                hidden = F.linear(fused.silu_and_mul(*F.linear(normed, gate_up_w).chunk(2, dim=-1)), down_w)
-            else:
-                attention = skinny_gemm.linear(skinny_gemm.linear(normed, qkv_w)[:, :Q_OUT], o_w)
-                residual, normed = fused.add_rms_norm(attention, residual, norm_weight, 1e-6)
-                hidden = skinny_gemm.linear(skinny_gemm.linear_silu_mul(normed, gate_up_w), down_w)
-        out["hidden"] = hidden
-        pdl.ENABLED = True
-
-    return run, out
-
-
-def bench_chain(batches: list[int], bandwidth: float) -> None:
-    weight_bytes = LAYERS * 2 * HIDDEN * (Q_OUT + 2 * KV_OUT + Q_OUT + 3 * INTERMEDIATE)
-    floor_us = weight_bytes / bandwidth * 1e6
-    variants = [("cuBLAS", "cublas", False), ("cuBLAS, PDL norms", "cublas", True),
-                ("Triton", "triton", False), ("Triton + PDL", "triton", True)]
-    print(f"\nA decode step's layers without attention (28 x: add+norm, qkv, o, add+norm, gate/up+SiLU, down), one "
-          f"CUDA graph replay, us (floor {floor_us:.0f} us); max |difference| from the first column's output")
-    print("| batch | " + " | ".join(name for name, *_ in variants) + " |")
-    print("|---|" + "---|" * len(variants))
-    for batch in batches:
-        cells, reference_out = [], None
-        for _, gemms, use_pdl in variants:
-            torch.manual_seed(0)
-            run, out = chain_step(batch, gemms, use_pdl)
-            us = graph_ms(run) * 1e3
-            result = out["hidden"].float()
-            reference_out = result if reference_out is None else reference_out
-            cells.append(f"{us:.0f} ({(result - reference_out).abs().max().item():.1e})")
-        print(f"| {batch} | " + " | ".join(cells) + " |")
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def bench_splits(bandwidth: float) -> None:
     heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
     print("\npaged decode kernel, one CUDA graph replay per call: ms for each split count (* = choose_num_splits'; "
@@ -250,20 +127,10 @@ def bench_splits(bandwidth: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,32,64,128,256")
-    parser.add_argument("--triton-sweep", action="store_true",
-                        help="time every Triton config per shape and batch (skinny_gemm.choose_config's data)")
-    parser.add_argument("--chain", action="store_true", help="time the layers' chain with and without PDL")
     args = parser.parse_args()
     bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    batches = [int(b) for b in args.batches.split(",")]
-    if args.chain:
-        bench_chain(batches, bandwidth)
-        return
-    if args.triton_sweep:
-        sweep_triton(batches, bandwidth)
-        return
-    bench_gemms(batches, bandwidth)
+    bench_gemms([int(b) for b in args.batches.split(",")], bandwidth)
     bench_splits(bandwidth)
 
 

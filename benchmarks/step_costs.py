@@ -29,7 +29,6 @@ from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint
 from reference import LLM, SamplingParams
 from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
 from reference.kv import kv_bytes_per_token
-from reference.models import pdl
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
 
@@ -170,8 +169,6 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-pdl", action="store_true", help="launch every kernel without programmatic dependent "
-                        "launch (reference/models/pdl.py), to measure what it brings")
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--profile-batches", default="256,128,32", help="decode batch sizes to profile")
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
@@ -182,8 +179,6 @@ def main() -> None:
     for option in args.engine_option:
         name, value = option.split("=", 1)
         options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    if args.no_pdl:
-        pdl.ENABLED = False
     vocab = ARCHITECTURES["qwen3-0.6b"]["vocab_size"]
     bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=20)
     with tempfile.TemporaryDirectory() as path:

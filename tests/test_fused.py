@@ -236,26 +236,3 @@ def test_pair_launches_give_the_single_kernels_bits_compiled_on_the_gpu(dtype, n
     """Compiled for the card, Qwen3-0.6B's heads (16 / 8 of 128) and SmolLM2's (9 / 3 of 64)."""
     pair_kernels_match_single_launches_on_copies(num_tokens, 16, 8, 128, dtype, "cuda")
     pair_kernels_match_single_launches_on_copies(num_tokens, 9, 3, 64, dtype, "cuda")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows_per_program", [2, 3, 8])
-def test_pair_norm_over_several_rows_per_program_gives_the_one_row_bits(dtype, rows_per_program):
-    """Prefill-sized launches loop over rows inside a program: each row by the same code, so the same bits
-    (odd row counts leave a program's last rows past the end)."""
-    q, k, _ = packed_qkv(7, 5, 1, 40, dtype)
-    q_weight, k_weight = torch.rand(40).to(DEVICE, dtype) + 0.5, torch.rand(40).to(DEVICE, dtype) + 0.5
-    one_row = fused.rms_norm_pair(q, q_weight, k, k_weight, 1e-6, rows_per_program=1)
-    several = fused.rms_norm_pair(q, q_weight, k, k_weight, 1e-6, rows_per_program=rows_per_program)
-    assert all(torch.equal(a, b) for a, b in zip(one_row, several))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pair_norm_over_several_rows_per_program_compiled_on_the_gpu(dtype):
-    """A prefill step's q/k-norm (8192 tokens, 16 + 8 heads of 128): looped rows give the one-row kernel's bits."""
-    q, k, _ = packed_qkv(8192, 16, 8, 128, dtype, "cuda")
-    q_weight, k_weight = (torch.rand(128).to("cuda", dtype) + 0.5 for _ in range(2))
-    one_row = fused.rms_norm_pair(q, q_weight, k, k_weight, 1e-6, rows_per_program=1)
-    default = fused.rms_norm_pair(q, q_weight, k, k_weight, 1e-6)  # 8 rows a program at this size
-    assert all(torch.equal(a, b) for a, b in zip(one_row, default))

@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.pdl import enabled_for, launch_options, wait_for_previous_kernel
 from ..triton_compat import patch_interpreter
 from . import torch_ref
 from .metadata import AttentionMetadata
@@ -57,11 +56,10 @@ def _store_kvcache_kernel(
     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cache_block, stride_cache_slot, stride_cache_head,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    KV_HEADS_PADDED: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_HEADS_PADDED: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
 ):
     """One program per new token: copy its [kv_heads, head_dim] K and V into its cache slot."""
     token = tl.program_id(0)
-    wait_for_previous_kernel(USE_PDL)  # a GPU-scheduling detail: see models/pdl.py (no-op unless on a Hopper)
     slot = tl.load(slot_mapping_ptr + token)
     if slot < 0:  # padding token: nothing to store
         return
@@ -103,7 +101,6 @@ def store_kvcache(
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v must be contiguous in their last (head_dim) dimension")
-    pdl = enabled_for(k.device)
     _store_kvcache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k_cache.shape[1],
@@ -111,7 +108,6 @@ def store_kvcache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         KV_HEADS=kv_heads, HEAD_DIM=head_dim,
         KV_HEADS_PADDED=triton.next_power_of_2(kv_heads), HEAD_DIM_PADDED=triton.next_power_of_2(head_dim),
-        USE_PDL=pdl, **launch_options(pdl),
     )
 
 
@@ -132,7 +128,7 @@ def _paged_decode_kernel(
     num_splits,
     GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (sequence, kv_head, split): all GROUP query heads against one slice of the context.
 
@@ -143,7 +139,6 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    wait_for_previous_kernel(USE_PDL)  # see models/pdl.py: no-op unless launched with PDL (Hopper and later)
     context_len = tl.load(context_lens_ptr + seq)
 
     # This split's share of the context, in whole tiles: [start, end).
@@ -211,7 +206,7 @@ def _combine_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr,
     stride_out_seq, stride_out_head,
     num_heads, num_splits,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr, USE_PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
 ):
     """One program per (sequence, head): merge the splits' outputs, each weighted by its share of the sum.
 
@@ -220,7 +215,6 @@ def _combine_splits_kernel(
     """
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    wait_for_previous_kernel(USE_PDL)
     splits = tl.arange(0, SPLITS_PADDED)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     split_rows = (seq * num_heads + head) * num_splits + splits
@@ -303,7 +297,6 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:  # the kernel writes `out` directly; these are never touched
         partial_out = partial_lse = out
-    pdl = enabled_for(q.device)
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, partial_out, partial_lse,
@@ -315,8 +308,8 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         num_splits,
         GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
-        TILE_N=tile_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        TILE_N=tile_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _combine_splits_kernel[(batch, num_heads)](
@@ -324,7 +317,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
             out.stride(0), out.stride(1),
             num_heads, num_splits,
             HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
-            SPLITS_PADDED=triton.next_power_of_2(num_splits), USE_PDL=pdl, **launch_options(pdl),
+            SPLITS_PADDED=triton.next_power_of_2(num_splits),
         )
     return out
 

@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import enabled_for, launch_options, wait_for_previous_kernel
-
 
 @triton.jit
 def _rounded(x, dtype: tl.constexpr):
@@ -85,33 +83,20 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_cols, eps, rows_per_token, st
                   stride_token, stride_row, BLOCK)
 
 
-# a_rows, a_programs are only compared with: no separate compilation for each of their divisibility classes.
-@triton.jit(do_not_specialize=["a_rows", "a_programs"])
+# a_rows is only compared with: no separate compilation for each of its values' divisibility classes.
+@triton.jit(do_not_specialize=["a_rows"])
 def _rms_norm_pair_kernel(a_ptr, a_weight_ptr, a_out_ptr, a_rows, a_rows_per_token, a_stride_token, a_stride_row,
-                          b_ptr, b_weight_ptr, b_out_ptr, b_rows, b_rows_per_token, b_stride_token, b_stride_row,
-                          a_programs, n_cols, eps, USE_PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Two RMSNorms in one launch (Qwen3's q-norm and k-norm): the first a_programs programs norm a's rows, the
-    others b's, ROWS rows each, one after the other, each row by the very code of _rms_norm_kernel, so the bits
-    are those of two separate launches. ROWS > 1 for prefills: 8192 tokens x 24 heads would otherwise be 196k
-    programs of 128 elements, each mostly start-up."""
-    program = tl.program_id(0).to(tl.int64)
-    wait_for_previous_kernel(USE_PDL)
-    for r in tl.static_range(ROWS):
-        if program < a_programs:
-            row = program * ROWS + r
-            if row < a_rows:
-                _rms_norm_row(a_ptr, a_weight_ptr, a_out_ptr, row, n_cols, eps, a_rows_per_token, a_stride_token,
-                              a_stride_row, BLOCK)
-        else:
-            row = (program - a_programs) * ROWS + r
-            if row < b_rows:
-                _rms_norm_row(b_ptr, b_weight_ptr, b_out_ptr, row, n_cols, eps, b_rows_per_token, b_stride_token,
-                              b_stride_row, BLOCK)
-
-
-# Rows per program of rms_norm_pair: one while a launch has few rows (decode steps: the launch is latency-bound
-# either way), PAIR_ROWS_PER_PROGRAM from PAIR_MANY_ROWS rows on (prefill steps).
-PAIR_ROWS_PER_PROGRAM, PAIR_MANY_ROWS = 8, 1 << 16
+                          b_ptr, b_weight_ptr, b_out_ptr, b_rows_per_token, b_stride_token, b_stride_row,
+                          n_cols, eps, BLOCK: tl.constexpr):
+    """Two RMSNorms in one launch (Qwen3's q-norm and k-norm): the first a_rows programs norm a's rows, the
+    others b's, each row by the very code of _rms_norm_kernel, so the bits are those of two separate launches."""
+    row = tl.program_id(0).to(tl.int64)
+    if row < a_rows:
+        _rms_norm_row(a_ptr, a_weight_ptr, a_out_ptr, row, n_cols, eps, a_rows_per_token, a_stride_token,
+                      a_stride_row, BLOCK)
+    else:
+        _rms_norm_row(b_ptr, b_weight_ptr, b_out_ptr, row - a_rows, n_cols, eps, b_rows_per_token, b_stride_token,
+                      b_stride_row, BLOCK)
 
 
 def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -139,10 +124,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rms_norm_pair(a: torch.Tensor, a_weight: torch.Tensor, b: torch.Tensor, b_weight: torch.Tensor,
-                  eps: float, rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(a, a_weight, eps), rms_norm(b, b_weight, eps)) in one launch, bit for bit; a and b share their
-    last dimension (q and k heads). One launch instead of two per layer: decode steps are launch-bound.
-    rows_per_program: rows each program norms (None: chosen from the row count, see PAIR_MANY_ROWS)."""
+    last dimension (q and k heads). One launch instead of two per layer: decode steps are launch-bound."""
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"rms_norm_pair needs one row length, got {a.shape[-1]} and {b.shape[-1]}")
     a_out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
@@ -150,28 +134,23 @@ def rms_norm_pair(a: torch.Tensor, a_weight: torch.Tensor, b: torch.Tensor, b_we
     n = a.shape[-1]
     a_rows, b_rows = (a_out.numel() // n, b_out.numel() // n) if n else (0, 0)
     if a_rows + b_rows:
-        rows = rows_per_program or (PAIR_ROWS_PER_PROGRAM if a_rows + b_rows >= PAIR_MANY_ROWS else 1)
-        a_programs, b_programs = triton.cdiv(a_rows, rows), triton.cdiv(b_rows, rows)
         a, a_per_token, a_stride_token, a_stride_row = _rows_of(a)
         b, b_per_token, b_stride_token, b_stride_row = _rows_of(b)
-        pdl = enabled_for(a.device)
-        _rms_norm_pair_kernel[(a_programs + b_programs,)](
+        _rms_norm_pair_kernel[(a_rows + b_rows,)](
             a, a_weight, a_out, a_rows, a_per_token, a_stride_token, a_stride_row,
-            b, b_weight, b_out, b_rows, b_per_token, b_stride_token, b_stride_row,
-            a_programs, n, eps, USE_PDL=pdl, ROWS=rows, BLOCK=triton.next_power_of_2(n), **launch_options(pdl))
+            b, b_weight, b_out, b_per_token, b_stride_token, b_stride_row,
+            n, eps, BLOCK=triton.next_power_of_2(n))
     return a_out, b_out
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_cols, eps, USE_PDL: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
     """One row: sum = residual + x (rounded to the dtype, as torch's add rounds), then out = RMSNorm(sum) by the
     same code as _rms_norm_kernel, so out equals rms_norm(residual + x) bit for bit."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = out_ptr.dtype.element_ty
-    wait_for_previous_kernel(USE_PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     hidden = _rounded(residual + x, dtype)
@@ -190,9 +169,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     residual = residual.reshape(-1, shape[-1]).contiguous()
     total, out = torch.empty_like(x), torch.empty_like(x)
     if x.shape[0]:
-        pdl = enabled_for(x.device)
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, total, out, x.shape[1], eps, USE_PDL=pdl,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), **launch_options(pdl))
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, total, out, x.shape[1], eps,
+                                            BLOCK=triton.next_power_of_2(x.shape[1]))
     return total.view(shape), out.view(shape)
 
 
@@ -239,11 +217,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, num_heads, stride_t
 @triton.jit(do_not_specialize=["a_programs"])
 def _rotary_pair_kernel(a_ptr, a_out_ptr, a_rows, a_heads, a_stride_token, a_stride_head, a_programs,
                         b_ptr, b_out_ptr, b_rows, b_heads, b_stride_token, b_stride_head,
-                        cos_ptr, sin_ptr, half, USE_PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        cos_ptr, sin_ptr, half, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """RoPE of q and k in one launch: the first a_programs programs rotate a, the others b (no reduction, so
     the same bits as two launches)."""
     program = tl.program_id(0).to(tl.int64)
-    wait_for_previous_kernel(USE_PDL)
     if program < a_programs:
         _rotary_rows(a_ptr, cos_ptr, sin_ptr, a_out_ptr, program, a_rows, a_heads, a_stride_token, a_stride_head,
                      half, ROWS, BLOCK)
@@ -287,12 +264,10 @@ def apply_rotary_pair(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor,
     a_out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     b_out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
     if a_programs + b_programs:
-        pdl = enabled_for(a.device)
         _rotary_pair_kernel[(a_programs + b_programs,)](
             a, a_out, a.shape[0] * a.shape[1], a.shape[1], a.stride(0), a.stride(1), a_programs,
             b, b_out, b.shape[0] * b.shape[1], b.shape[1], b.stride(0), b.stride(1),
-            cos.contiguous(), sin.contiguous(), a.shape[2] // 2, USE_PDL=pdl, ROWS=rows, BLOCK=block,
-            **launch_options(pdl))
+            cos.contiguous(), sin.contiguous(), a.shape[2] // 2, ROWS=rows, BLOCK=block)
     return a_out, b_out
 
 

@@ -90,7 +90,8 @@ class FastModelRunner(ModelRunner):
         hidden = self.model(ids, positions, metadata, self.kv_caches)
         if not inputs.sampling:
             return None
-        return self.model.compute_logits(hidden[self._upload(torch.tensor(inputs.last_token_rows()))])
+        # Logits in the model's dtype: every sampler upcasts what it computes on (see compute_logits).
+        return self.model.compute_logits(hidden[self._upload(torch.tensor(inputs.last_token_rows()))], upcast=False)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device, copied asynchronously from pinned memory. A copy from ordinary (pageable)

@@ -186,7 +186,14 @@ def race(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds: torch
     return ids.gather(1, keys.argmax(dim=1, keepdim=True)).squeeze(1).long()
 
 
+# Programs per multiprocessor the vocabulary splits aim for. Each program walks its columns one block after
+# another (a Philox call and two logarithms per column): it is latency-bound, so it takes many programs in flight
+# to hide that (python benchmarks/sampler_launch.py, RESULTS.md 2026-12-01 sixth session).
+PROGRAMS_PER_MULTIPROCESSOR = 16
+
+
 def _splits_to_fill(rows: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, max(rows, 1))
+    programs = PROGRAMS_PER_MULTIPROCESSOR * torch.cuda.get_device_properties(device).multi_processor_count
+    return triton.cdiv(programs, max(rows, 1))

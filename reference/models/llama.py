@@ -252,9 +252,14 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: int64 [num_tokens] -> hidden states [num_tokens, hidden_size]."""
         return self.model(input_ids, positions, metadata, kv_caches)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [rows, hidden_size] -> float32 logits [rows, vocab_size]; upcast=False: in the model's dtype.
+
+        The fast runner keeps bf16 logits: its samplers read them directly and upcast where they compute (the
+        same values: bf16 -> float32 is exact), and a float32 copy of 256 x 152k logits is 155 MB written and read
+        again every decode step."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
         """Run the residual add + RMSNorm, RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (see

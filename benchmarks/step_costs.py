@@ -87,6 +87,12 @@ def report_steps(timings: list[StepTiming], wall: float, kv_per_token: int, weig
     for name, mask in (("prefill or mixed", ~decode), ("decode only", decode)):
         print(f"| {name} | {mask.sum()} | {span[mask].sum():.3f} | {busy[mask].sum():.3f} | {floor[mask].sum():.3f} "
               f"| {span[mask].sum() / max(floor[mask].sum(), 1e-9):.2f} |")
+    # The prompt-running steps one by one: their time varies between calls by more than decode's does.
+    print("\n| prompt-running step (index in call) | sequences | tokens | context tokens | busy ms | span ms |")
+    print("|---|---|---|---|---|---|")
+    for i in np.flatnonzero(~decode):
+        t = timings[i]
+        print(f"| {i} | {t.batch} | {t.tokens} | {t.context_tokens} | {1e3 * busy[i]:.1f} | {1e3 * span[i]:.1f} |")
     # Decode-only steps: time = fixed + per_seq * batch + kv / kv_bandwidth, fitted on the busy time.
     x = np.stack([np.ones(decode.sum()), batch[decode], kv[decode]], axis=1)
     (fixed, per_seq, per_byte), *_ = np.linalg.lstsq(x, busy[decode], rcond=None)

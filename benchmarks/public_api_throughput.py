@@ -65,7 +65,8 @@ def run_ours(path: str, workloads: list, options: dict) -> tuple[list[dict], LLM
         note = "same prompts again: prefix cache hits" if repeat else f"workload seed {workload.seed}"
         rows.append(dict(name=f"ours, call {call + 1} ({note})", wall=wall, tokens=tokens, workload=workload))
     config = llm.engine.config
-    print(f"engine start {started:.1f} s (warm-up {getattr(llm.engine, 'warm_up_seconds', None)}); max_num_seqs "
+    warm_up = getattr(llm.engine, "warm_up_seconds", None)
+    print(f"engine start {started:.1f} s (warm-up {'none' if warm_up is None else f'{warm_up:.2f} s'}); max_num_seqs "
           f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}, max_model_len "
           f"{config.max_model_len}, KV blocks {getattr(llm.engine.kv_manager, 'num_blocks', '?')}")
     return rows, llm

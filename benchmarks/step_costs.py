@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ class StepTiming:
     context_tokens: int  # sum of context lengths after the step: the KV attention reads
     start: torch.cuda.Event
     end: torch.cuda.Event
+    host: float  # s the host spent in runner.launch (planning aside): building inputs and queueing kernels
 
 
 def time_launches(runner, timings: list[StepTiming]):
@@ -49,11 +51,13 @@ def time_launches(runner, timings: list[StepTiming]):
     def timed(batch):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        began = time.perf_counter()
         out = launch(batch)
+        host = time.perf_counter() - began
         end.record()
         if batch.seqs:
             timings.append(StepTiming(len(batch.seqs), sum(batch.num_tokens),
-                                      sum(s + n for s, n in zip(batch.starts, batch.num_tokens)), start, end))
+                                      sum(s + n for s, n in zip(batch.starts, batch.num_tokens)), start, end, host))
         return out
 
     runner.launch = timed
@@ -87,12 +91,17 @@ def report_steps(timings: list[StepTiming], wall: float, kv_per_token: int, weig
     for name, mask in (("prefill or mixed", ~decode), ("decode only", decode)):
         print(f"| {name} | {mask.sum()} | {span[mask].sum():.3f} | {busy[mask].sum():.3f} | {floor[mask].sum():.3f} "
               f"| {span[mask].sum() / max(floor[mask].sum(), 1e-9):.2f} |")
-    # The prompt-running steps one by one: their time varies between calls by more than decode's does.
-    print("\n| prompt-running step (index in call) | sequences | tokens | context tokens | busy ms | span ms |")
-    print("|---|---|---|---|---|---|")
+    # The prompt-running steps one by one: their time varies between calls by more than decode's does. Host ms
+    # near busy ms says the GPU waited for the host to queue the step's kernels (eager steps, no CUDA graph).
+    print("\n| prompt-running step (index in call) | sequences | tokens | context tokens | busy ms | span ms | "
+          "host ms in launch |")
+    print("|---|---|---|---|---|---|---|")
     for i in np.flatnonzero(~decode):
         t = timings[i]
-        print(f"| {i} | {t.batch} | {t.tokens} | {t.context_tokens} | {1e3 * busy[i]:.1f} | {1e3 * span[i]:.1f} |")
+        print(f"| {i} | {t.batch} | {t.tokens} | {t.context_tokens} | {1e3 * busy[i]:.1f} | {1e3 * span[i]:.1f} | "
+              f"{1e3 * t.host:.1f} |")
+    host = np.array([t.host for t in timings])
+    print(f"host time in launch: prompt-running steps {host[~decode].sum():.3f} s, decode-only {host[decode].sum():.3f} s")
     # Decode-only steps: time = fixed + per_seq * batch + kv / kv_bandwidth, fitted on the busy time.
     x = np.stack([np.ones(decode.sum()), batch[decode], kv[decode]], axis=1)
     (fixed, per_seq, per_byte), *_ = np.linalg.lstsq(x, busy[decode], rcond=None)

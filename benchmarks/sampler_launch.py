@@ -12,7 +12,6 @@ float32 copy of bf16 logits costs (what the model's compute_logits did before th
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,26 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from decode_gemms import graph_ms  # noqa: E402 (this folder is on the path when run as a script)
 from reference import fused_sampling  # noqa: E402
 
 VOCAB = 151_936
 
 
-def graph_us(fn, replays: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def graph_us(fn) -> float:
+    return graph_ms(fn, replays=50) * 1e3
 
 
 def main() -> None:

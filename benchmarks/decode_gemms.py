@@ -10,7 +10,8 @@ stays in L2), recorded in one CUDA graph as the engine replays them, per batch s
 - packed: q/k/v and gate/up stacked (pack_projections=True), four calls per layer;
 - each also through cuBLASLt (torch.backends.cuda.preferred_blas_library);
 then the paged decode attention kernel's split choice against every split count, batch x context, also replayed
-from CUDA graphs (Python's launch cost would otherwise be what is timed at small batches).
+from CUDA graphs (Python's launch cost would otherwise be what is timed at small batches); then, over uneven
+contexts, the kernel's programs started in batch order against longest context first (--context-order: only that).
 """
 
 from __future__ import annotations
@@ -124,14 +125,53 @@ def bench_splits(bandwidth: float) -> None:
         del k_cache, v_cache
 
 
+def bench_context_order(bandwidth: float) -> None:
+    """The decode kernel over uneven contexts (uniform 100-2048 tokens, as the nano-vllm workload's mid-run
+    batches): sequences started in batch order against longest first (paged_decode_attention's seq_order)."""
+    heads, kv_heads, head_dim, block_size, width = 16, 8, 128, 16, 4096 // 16
+    print("\npaged decode kernel, uneven contexts (100-2048), one CUDA graph replay: ms (fraction of copy bandwidth)")
+    print("| batch | splits | batch order | longest first |\n|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for batch in (64, 128, 256):
+        lens_host = torch.randint(100, 2049, (batch,), generator=generator)
+        blocks = (lens_host + block_size - 1) // block_size
+        total_blocks = int(blocks.sum())
+        shape = (total_blocks, block_size, kv_heads, head_dim)
+        k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        ids = torch.randperm(total_blocks).to(torch.int32)
+        tables = torch.zeros(batch, width, dtype=torch.int32)
+        start = 0
+        for row, count in enumerate(blocks.tolist()):
+            tables[row, :count] = ids[start:start + count]
+            start += count
+        tables, lens = tables.cuda(), lens_host.to(torch.int32).cuda()
+        order = torch.argsort(lens_host, descending=True, stable=True).to(torch.int32).cuda()
+        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * int(lens_host.sum()) * kv_heads * head_dim * 2
+        chosen = triton_ops.choose_num_splits(batch, kv_heads, 4096, q.device)
+        for splits in sorted({1, 2, chosen}):
+            cells = []
+            for seq_order in (None, order):
+                ms = graph_ms(lambda s=splits, o=seq_order: triton_ops.paged_decode_attention(
+                    q, k_cache, v_cache, tables, lens, head_dim**-0.5, out=out, num_splits=s, seq_order=o))
+                cells.append(f"{ms:.3f} ({kv_bytes / ms / 1e6 / (bandwidth / 1e9):.0%})")
+            print(f"| {batch} | {splits}{'*' if splits == chosen else ''} | " + " | ".join(cells) + " |")
+        del k_cache, v_cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,32,64,128,256")
+    parser.add_argument("--context-order", action="store_true", help="only the uneven-contexts table")
     args = parser.parse_args()
     bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    bench_gemms([int(b) for b in args.batches.split(",")], bandwidth)
-    bench_splits(bandwidth)
+    if not args.context_order:
+        bench_gemms([int(b) for b in args.batches.split(",")], bandwidth)
+        bench_splits(bandwidth)
+    bench_context_order(bandwidth)
 
 
 if __name__ == "__main__":

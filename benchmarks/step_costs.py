@@ -29,6 +29,7 @@ import torch
 from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint
 from reference import LLM, SamplingParams
 from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
+from reference.cuda_graphs import DecodeGraphs
 from reference.kv import kv_bytes_per_token
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
@@ -184,12 +185,15 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-order", action="store_true", help="start the decode kernel's programs in batch "
+                        "order, not longest context first (cuda_graphs.DecodeGraphs.longest_first), to measure it")
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--profile-batches", default="256,128,32", help="decode batch sizes to profile")
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
     args = parser.parse_args()
+    DecodeGraphs.longest_first = not args.batch_order
     options = dict(TUNED if args.tuned else {})
     for option in args.engine_option:
         name, value = option.split("=", 1)

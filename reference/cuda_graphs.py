@@ -25,6 +25,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    # Start the decode kernel's programs longest context first (AttentionMetadata.decode_order); class-level so a
+    # benchmark can compare. Same outputs either way.
+    longest_first = True
+
     def __init__(self, model, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
         device = next(model.parameters()).device
         self.block_size = block_size
@@ -35,7 +39,9 @@ class DecodeGraphs:
         self.token_inputs = torch.zeros(4, largest, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.pending_rows = self.token_inputs.unbind(0)
         self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
-        self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        # Context lengths and the attention kernel's start order (longest first), one copy for both.
+        self.lens_and_order = torch.ones(2, largest, dtype=torch.int32, device=device)
+        self.context_lens, self.decode_order = self.lens_and_order.unbind(0)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         # Every tensor a graph reads must outlive the graph: kept on self, even those our Triton decode kernel
         # never reads (FlashAttention 4 reads cu_seqlens_q; a freed buffer gets reused and replays read garbage).
@@ -49,6 +55,7 @@ class DecodeGraphs:
                 context_lens=self.context_lens[:size], context_lens_host=[max_model_len] * size,
                 slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
                 page_table=self.block_tables[:size],  # holds no -1: zeros, real ids and stale real ids
+                decode_order=self.decode_order[:size] if self.longest_first else None,
             )
 
             def forward(size=size, metadata=metadata):
@@ -81,20 +88,22 @@ class DecodeGraphs:
         # Padding rows n..size-1 write nothing (slot -1) and attend over one token of block 0 (output ignored).
         host_tokens = torch.zeros(self.token_inputs.shape, dtype=torch.int64, pin_memory=True)  # one contiguous copy
         tokens = host_tokens.numpy()
-        host_lens = torch.ones(size, dtype=torch.int32, pin_memory=True)
-        host_lens.numpy()[:n] = context_lens
+        host_lens_and_order = torch.ones(self.lens_and_order.shape, dtype=torch.int32, pin_memory=True)
+        lens, order = host_lens_and_order.numpy()
+        lens[:n] = context_lens
+        order[:size] = np.argsort(-lens[:size], kind="stable")  # a permutation of the graph's rows, padding last
         num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
         width = int(num_blocks.max())
         host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)
         tables = host_tables.numpy()
         tables[:n][np.arange(width) < num_blocks[:, None]] = np.fromiter(
             itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(num_blocks.sum()))
-        tokens[0, :n], tokens[1, :n] = input_ids, host_lens.numpy()[:n] - 1
+        tokens[0, :n], tokens[1, :n] = input_ids, lens[:n] - 1
         tokens[2, :n] = batched_slot_mapping(tables, np.arange(n), tokens[1, :n], self.block_size)
         tokens[2, n:size] = tokens[3, n:size] = -1
         tokens[3, :n] = -1 if pending_rows is None else pending_rows
         self.token_inputs.copy_(host_tokens, non_blocking=True)
-        self.context_lens[:size].copy_(host_lens, non_blocking=True)
+        self.lens_and_order.copy_(host_lens_and_order, non_blocking=True)
         # Columns past `width` keep stale ids: the kernel reads only the blocks a row's context length covers.
         self.block_tables[:size, :width].copy_(host_tables, non_blocking=True)
         if pending_rows is not None:

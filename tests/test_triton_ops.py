@@ -139,6 +139,19 @@ def test_decode_splits_merge_to_the_same_result(num_splits):
     assert_matches(triton_ops.paged_decode_attention(*args, num_splits=num_splits), expected)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_in_any_start_order_gives_the_same_bits(num_splits):
+    # seq_order only changes which program starts first (longest context first, in the engine's CUDA graphs).
+    args, expected = decode_case([7, 150, 1, 64, 33], 4, 2, 64, 16, torch.float32)
+    in_batch_order = triton_ops.paged_decode_attention(*args, num_splits=num_splits)
+    order = torch.tensor([1, 3, 4, 0, 2], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(triton_ops.paged_decode_attention(*args, num_splits=num_splits, seq_order=order),
+                       in_batch_order)
+    assert_matches(in_batch_order, expected)
+    with pytest.raises(ValueError, match="permutation"):
+        triton_ops.paged_decode_attention(*args, seq_order=order[:3])
+
+
 def test_decode_block_larger_than_tile_and_odd_block_size():
     # One block per sequence (the contiguous cache's layout): a tile covers only part of a block.
     for block_size in (128, 100):

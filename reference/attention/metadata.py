@@ -32,6 +32,9 @@ class AttentionMetadata:
     # block_tables with unused entries 0, a real block, for kernels that want a block id in every entry (FlashAttention
     # 4's page table); built once per step here rather than once per layer by the backend.
     page_table: torch.Tensor | None = None
+    # int32 [batch], decode steps only: the order the decode kernel starts the sequences in (longest context first,
+    # see triton_ops.paged_decode_attention); None: batch order. Outputs do not depend on it.
+    decode_order: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

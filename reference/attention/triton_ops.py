@@ -118,7 +118,7 @@ def store_kvcache(
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, seq_order_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     qk_scale, block_size,
     stride_q_seq, stride_q_head,
@@ -128,15 +128,19 @@ def _paged_decode_kernel(
     num_splits,
     GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr,
 ):
     """One program per (sequence, kv_head, split): all GROUP query heads against one slice of the context.
 
     Without SPLIT the program owns the whole context and writes the final output. With SPLIT it writes its
     normalized partial output and its log-sum-exp (base 2) for `_combine_splits_kernel` to merge.
     (num_splits is a runtime value, so a new split count does not compile a new kernel.)
+    ORDERED: the programs take the sequences in seq_order's order (the GPU starts programs roughly in grid order;
+    see paged_decode_attention), not in batch order. Each program's result is the same either way.
     """
     seq = tl.program_id(0)
+    if ORDERED:
+        seq = tl.load(seq_order_ptr + seq)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -258,6 +262,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
+    seq_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over that sequence's cached context.
 
@@ -268,6 +273,10 @@ def paged_decode_attention(
 
     max_context_len: a host-side bound on context_lens (default: what the block tables can hold), used only
     to choose the number of splits; num_splits overrides that choice (tests use it to exercise the merge).
+    seq_order: int32 [batch], a permutation of the sequences: the order their programs start in (None: batch
+    order). Longest context first evens out the end of the launch: a program reads its context at a fraction of
+    the GPU's bandwidth, so one long context started last can finish well after all the others (the engine's
+    CUDA graphs pass it; the outputs do not depend on it).
     """
     batch, num_heads, head_dim = q.shape
     _check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, batch)
@@ -280,14 +289,16 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_context_len, q.device)
     tile_n, num_warps, num_stages = _decode_launch_config(q.dtype, head_dim)
+    if seq_order is not None and seq_order.shape != (batch,):
+        raise ValueError(f"seq_order must be a permutation of the {batch} sequences, got shape {tuple(seq_order.shape)}")
     return _launch_decode(
         q, k_cache, v_cache, block_tables, context_lens, scale, out,
-        num_splits=num_splits, tile_n=tile_n, num_warps=num_warps, num_stages=num_stages,
+        num_splits=num_splits, tile_n=tile_n, num_warps=num_warps, num_stages=num_stages, seq_order=seq_order,
     )
 
 
 def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, *,
-                   num_splits, tile_n, num_warps, num_stages) -> torch.Tensor:
+                   num_splits, tile_n, num_warps, num_stages, seq_order=None) -> torch.Tensor:
     """Launch the decode kernel (and the merge when num_splits > 1) with an explicit tile configuration."""
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -298,7 +309,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
     else:  # the kernel writes `out` directly; these are never touched
         partial_out = partial_lse = out
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens,
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if seq_order is None else seq_order,
         out, partial_out, partial_lse,
         scale * LOG2_E, k_cache.shape[1],
         q.stride(0), q.stride(1),
@@ -308,7 +319,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         num_splits,
         GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
-        TILE_N=tile_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
+        TILE_N=tile_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), ORDERED=seq_order is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
@@ -481,7 +492,7 @@ class TritonAttentionBackend:
         if metadata.query_lens and all(n == 1 for n in metadata.query_lens):
             return paged_decode_attention(
                 q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, scale,
-                max_context_len=max_context_len,
+                max_context_len=max_context_len, seq_order=metadata.decode_order,
             )
         return paged_prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q, metadata.context_lens, scale,

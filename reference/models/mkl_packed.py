@@ -4,9 +4,10 @@ Before it multiplies, an sgemm call copies ("packs") its weight into the blocked
 decode step's few rows that copy moves as many bytes as the product itself. MKL can pack a matrix once
 (cblas_sgemm_pack) and multiply by the packed copy any number of times (cblas_sgemm_compute); torch exposes the
 pair as torch.ops.mkl._mkl_reorder_linear_weight and torch.ops.mkl._mkl_linear, the ops torch.compile's freezing
-pass uses on the CPU. On the 2-core VM that made SmolLM2's decode-only steps about 15% shorter (RESULTS.md, issue
-21, sixth session). The cost is a second copy of the weights in memory: the packed one is in MKL's opaque format,
-and the model keeps its own weights for state_dict, the GPU and every other path.
+pass uses on the CPU. On the 2-core VM that made SmolLM2's decode-only steps 14% shorter (22% on one thread)
+and the engine 7% faster on issue 21's workload (RESULTS.md, issue 21, sixth session). The cost is a second copy
+of the weights in memory (SmolLM2 in float32: 0.5 GB more): the packed one is in MKL's opaque format, and the
+model keeps its own weights for state_dict, the GPU and every other path.
 
 Two things the ops leave to their caller:
 - _mkl_linear multiplies by the packed copy only when the input's row count equals the `batch_size` argument

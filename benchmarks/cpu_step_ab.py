@@ -9,6 +9,7 @@ The ratio is taken within a pair, a minute apart, so a machine whose speed drift
 Changes (each switched by a function below):
 - column-major: packed weights stored column-major on the CPU (models/packing.py) vs row-major.
 - gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
+- mkl-packed: the projections and the LM head multiply by MKL-packed weights (models/mkl_packed.py) vs F.linear.
 Times only.
 """
 
@@ -37,15 +38,25 @@ def gather_buffers(engine, on: bool) -> None:
     engine.runner.attention_backend.buffers = GatherBuffers() if on else FreshEachTime()
 
 
-CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers}
+def mkl_packed(engine, on: bool) -> None:
+    from reference.models import mkl_packed
+
+    engine.model.pack_projections(False)
+    mkl_packed.MKL_PACKED_ON_CPU = on
+    engine.model.pack_projections(True)
 
 
-def run_once(engine, workload) -> tuple[float, float]:
-    """(output tok/s, median step ms) of one run."""
+CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers, "mkl-packed": mkl_packed}
+
+
+def run_once(engine, workload) -> tuple[float, float, float, float]:
+    """(output tok/s, median step ms, seconds in steps with prompt tokens, seconds in decode-only steps) of one run."""
     from reference.bench import run_engine
 
     run = run_engine(engine, workload, use_tqdm=False)
-    return run.summary.output_throughput, 1e3 * statistics.median(s.end - s.start for s in run.steps)
+    prefill = sum(s.end - s.start for s in run.steps if s.num_prefill_tokens)
+    decode = sum(s.end - s.start for s in run.steps if not s.num_prefill_tokens)
+    return run.summary.output_throughput, 1e3 * statistics.median(s.end - s.start for s in run.steps), prefill, decode
 
 
 def main() -> None:
@@ -59,7 +70,7 @@ def main() -> None:
 
     engine = LLMEngine("smollm2", device="cpu", dtype="float32", enable_prefix_caching=False,
                        cpu_threads=args.threads)
-    switch, ratios = CHANGES[args.change], []
+    switch, ratios, prefill_ratios, decode_ratios = CHANGES[args.change], [], [], []
     for pair in range(args.pairs):
         workload = make_workload(48, (16, 96), (8, 64), vocab_size=engine.model_config.vocab_size,
                                  avoid_token_ids=engine.eos_token_ids, seed=pair)
@@ -68,11 +79,17 @@ def main() -> None:
             switch(engine, on)
             result[on] = run_once(engine, workload)
         ratios.append(result[True][0] / result[False][0])
+        # Time in each kind of step, off / on: > 1 when the change made those steps shorter.
+        prefill_ratios.append(result[False][2] / result[True][2])
+        decode_ratios.append(result[False][3] / result[True][3])
         print(f"pair {pair + 1} (first {'on' if pair % 2 else 'off'}): on {result[True][0]:.1f} tok/s (step "
               f"{result[True][1]:.0f} ms), off {result[False][0]:.1f} tok/s (step {result[False][1]:.0f} ms), "
-              f"on/off {ratios[-1]:.3f}", flush=True)
+              f"on/off {ratios[-1]:.3f}; steps with prompt tokens {result[False][2]:.2f} s off / "
+              f"{result[True][2]:.2f} s on = {prefill_ratios[-1]:.3f}, decode-only steps {result[False][3]:.2f} / "
+              f"{result[True][3]:.2f} s = {decode_ratios[-1]:.3f}", flush=True)
     print(f"{args.change}: median on/off over {args.pairs} pairs: {statistics.median(ratios):.3f} "
-          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+          f"(range {min(ratios):.3f}-{max(ratios):.3f}); time off/on, steps with prompt tokens "
+          f"{statistics.median(prefill_ratios):.3f}, decode-only steps {statistics.median(decode_ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ requests or scheduling. Parameter names match Hugging Face's, so checkpoints loa
 
 `pack_projections` is the fast twin of the projections: q/k/v become one matrix multiply and gate/up another
 (fewer, larger GEMMs), while every nn.Linear stays, its parameters now views of the packed rows, so the
-state_dict and the Hugging Face names are unchanged.
+state_dict and the Hugging Face names are unchanged. On the CPU in float32 it also gives every projection and the
+LM head an MKL-packed twin of its weight (mkl_packed.py), which the forward pass multiplies by instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, TorchAttentionBackend
 from ..config import ModelConfig
+from .mkl_packed import MklPackedWeight, linear, pack_linear, pack_weight
 from .packing import pack_linears, unpack_linears, use_gemm_layout
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -73,6 +75,8 @@ class Attention(nn.Module):
 
     fused = False  # True: q/k-norm and RoPE as Triton kernels, q and k in one launch each
     packed_qkv = None  # (weight, bias) of q, k, v stacked, set by pack(): one matrix multiply instead of three
+    mkl_qkv: MklPackedWeight | None = None  # MKL-packed twins (CPU float32), set by pack()
+    mkl_o: MklPackedWeight | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -114,22 +118,24 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = out.reshape(num_tokens, self.num_heads * self.head_dim)
+        return self.o_proj(out) if self.mkl_o is None else self.mkl_o(out, self.o_proj.bias)
 
     def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden: [num_tokens, hidden_size] -> q, k, v: [num_tokens, heads * head_dim] (views when packed)."""
         if self.packed_qkv is None:
             return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         sizes = [proj.weight.shape[0] for proj in (self.q_proj, self.k_proj, self.v_proj)]
-        return F.linear(hidden, *self.packed_qkv).split(sizes, dim=-1)
+        return linear(hidden, *self.packed_qkv, self.mkl_qkv).split(sizes, dim=-1)
 
     def pack(self, enabled: bool = True) -> None:
         """Run q/k/v as one matrix multiply (enabled) or as the three nn.Linear layers again."""
         if enabled and self.packed_qkv is None:
             self.packed_qkv = pack_linears([self.q_proj, self.k_proj, self.v_proj])
             use_gemm_layout(self.o_proj)  # column-major on the CPU (packing.py)
+            self.mkl_qkv, self.mkl_o = pack_weight(self.packed_qkv[0]), pack_linear(self.o_proj)
         elif not enabled:
-            self.packed_qkv = None
+            self.packed_qkv = self.mkl_qkv = self.mkl_o = None
             unpack_linears([self.q_proj, self.k_proj, self.v_proj, self.o_proj])
 
 
@@ -138,6 +144,8 @@ class MLP(nn.Module):
 
     fused = False  # True: silu(gate) * up as one Triton kernel
     packed_gate_up = None  # (weight, bias) of gate and up stacked, set by pack(): one matrix multiply
+    mkl_gate_up: MklPackedWeight | None = None  # MKL-packed twins (CPU float32), set by pack()
+    mkl_down: MklPackedWeight | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -150,21 +158,23 @@ class MLP(nn.Module):
         gate, up = self.project_gate_up(x)
         if self.fused:
             return self.down_proj(fused.silu_and_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        hidden = F.silu(gate) * up
+        return self.down_proj(hidden) if self.mkl_down is None else self.mkl_down(hidden, self.down_proj.bias)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [num_tokens, hidden_size] -> gate, up: [num_tokens, intermediate_size] (views when packed)."""
         if self.packed_gate_up is None:
             return self.gate_proj(x), self.up_proj(x)
-        return F.linear(x, *self.packed_gate_up).chunk(2, dim=-1)
+        return linear(x, *self.packed_gate_up, self.mkl_gate_up).chunk(2, dim=-1)
 
     def pack(self, enabled: bool = True) -> None:
         """Run gate/up as one matrix multiply (enabled) or as the two nn.Linear layers again."""
         if enabled and self.packed_gate_up is None:
             self.packed_gate_up = pack_linears([self.gate_proj, self.up_proj])
             use_gemm_layout(self.down_proj)
+            self.mkl_gate_up, self.mkl_down = pack_weight(self.packed_gate_up[0]), pack_linear(self.down_proj)
         elif not enabled:
-            self.packed_gate_up = None
+            self.packed_gate_up = self.mkl_gate_up = self.mkl_down = None
             unpack_linears([self.gate_proj, self.up_proj, self.down_proj])
 
 
@@ -230,6 +240,8 @@ class LlamaForCausalLM(nn.Module):
     a [num_tokens, vocab] matrix during prefill.
     """
 
+    mkl_lm_head: MklPackedWeight | None = None  # the LM head's MKL-packed twin (CPU float32), set by pack_projections
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -258,6 +270,8 @@ class LlamaForCausalLM(nn.Module):
         The fast runner keeps bf16 logits: its samplers read them directly and upcast where they compute (the
         same values: bf16 -> float32 is exact), and a float32 copy of 256 x 152k logits is 155 MB written and read
         again every decode step."""
+        if self.mkl_lm_head is not None:  # CPU float32: already float32
+            return self.mkl_lm_head(hidden)
         logits = self.lm_head(hidden)
         return logits.float() if upcast else logits
 
@@ -275,10 +289,12 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_projections(self, enabled: bool = True) -> None:
         """q/k/v and gate/up each as one matrix multiply (see pack_linears); after loading and tensor-parallel
-        slicing, on the model's device and dtype. The parameter names and the state_dict do not change."""
+        slicing, on the model's device and dtype. The parameter names and the state_dict do not change. On the CPU
+        in float32 the projections and the LM head also get MKL-packed twins (mkl_packed.py)."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP)):
                 module.pack(enabled)
+        self.mkl_lm_head = pack_linear(self.lm_head) if enabled else None
 
     def set_attention_backend(self, backend) -> None:
         for layer in self.model.layers:

@@ -10,6 +10,8 @@ as [out, in]): MKL's sgemm computed x @ W.T 1.1-2.5x faster that way at 5-45 row
 about as fast at 1 and 128 rows; the engine's throughput rose 7% (RESULTS.md, issue 21, 2026-12-01). The linears
 that are not packed (o_proj, down_proj) get that layout too (use_gemm_layout). Same values, same names; only the
 strides change.
+Where MKL is available the CPU's GEMMs then multiply by MKL-packed copies instead (mkl_packed.py, set up by
+the model's pack()), and these layouts serve as the fallback and the parameters' storage.
 """
 
 from __future__ import annotations

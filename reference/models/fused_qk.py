@@ -26,30 +26,33 @@ from .fused import _inverse_rms, _normed, _rounded, _row_start
 
 @triton.jit
 def _qk_row(x_ptr, weight_ptr, out_ptr, cos_ptr, sin_ptr, row, rows_per_token, stride_token, stride_row, n_cols,
-            eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
+            eps, cols, mask, NORM: tl.constexpr):
     """Row `row` of a [tokens, heads, n] view: normed (NORM) then rotated, into row `row` of a contiguous output.
-    Returns the rotated row (float32, already rounded to the output's dtype) and its column mask."""
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    Returns the rotated row (float32, already rounded to the output's dtype).
+    Every load comes first: the norm's sum waits at a barrier, and a load written after it would start only then,
+    one more memory round trip per row (the kernel is latency-bound: one short row per program)."""
     half = n_cols // 2
     partner = tl.where(cols < half, cols + half, cols - half)  # rotate_half's source column
     start = _row_start(row, rows_per_token, stride_token, stride_row)
     x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
     x_partner = tl.load(x_ptr + start + partner, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        weight_partner = tl.load(weight_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    # Both halves of a row rotate by the same angles (the tables repeat them); float32, cast to x's dtype as torch.
+    angle = (row // rows_per_token) * n_cols + tl.where(cols < half, cols, cols - half)
+    cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
     dtype = out_ptr.dtype.element_ty
     if NORM:
         inv_rms = _inverse_rms(x, n_cols, eps)  # summed over the row in its own order, as the norm kernel sums
-        x = _normed(x, inv_rms, tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32), dtype)
-        x_partner = _normed(x_partner, inv_rms, tl.load(weight_ptr + partner, mask=mask, other=0.0).to(tl.float32),
-                            dtype)
-    # Both halves of a row rotate by the same angles (the tables repeat them); float32, cast to x's dtype as torch.
-    angle = (row // rows_per_token) * n_cols + tl.where(cols < half, cols, cols - half)
-    cos = _rounded(tl.load(cos_ptr + angle, mask=mask, other=0.0), dtype)
-    sin = _rounded(tl.load(sin_ptr + angle, mask=mask, other=0.0), dtype)
+        x = _normed(x, inv_rms, weight, dtype)
+        x_partner = _normed(x_partner, inv_rms, weight_partner, dtype)
     rotated = tl.where(cols < half, -x_partner, x_partner)  # rotate_half(x) = (-x2, x1)
-    out = _rounded(_rounded(x * cos, dtype) + _rounded(rotated * sin, dtype), dtype)
+    out = _rounded(x * _rounded(cos, dtype), dtype) + _rounded(rotated * _rounded(sin, dtype), dtype)
+    out = _rounded(out, dtype)
     tl.store(out_ptr + row * n_cols + cols, out.to(dtype), mask=mask)
-    return out, cols, mask
+    return out
 
 
 # q_rows is only compared with: no separate compilation for each of its values' divisibility classes.
@@ -64,22 +67,25 @@ def _qk_norm_rope_store_kernel(
     """The first q_rows programs do q's rows, the others k's; a k row also goes to its token's cache slot (STORE),
     with the token's v row for the same head."""
     row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
     if row < q_rows:
         _qk_row(q_ptr, q_weight_ptr, q_out_ptr, cos_ptr, sin_ptr, row, q_heads, q_stride_token, q_stride_head,
-                n_cols, eps, NORM, BLOCK)
+                n_cols, eps, cols, mask, NORM)
     else:
         row -= q_rows
-        k, cols, mask = _qk_row(k_ptr, k_weight_ptr, k_out_ptr, cos_ptr, sin_ptr, row, k_heads, k_stride_token,
-                                k_stride_head, n_cols, eps, NORM, BLOCK)
-        if STORE:
-            token, head = row // k_heads, row % k_heads
+        token, head = row // k_heads, row % k_heads
+        if STORE:  # loaded before the row's work, for the same reason as _qk_row's loads
             slot = tl.load(slot_mapping_ptr + token)
+            v = tl.load(v_ptr + token * v_stride_token + head * v_stride_head + cols, mask=mask)
+        k = _qk_row(k_ptr, k_weight_ptr, k_out_ptr, cos_ptr, sin_ptr, row, k_heads, k_stride_token, k_stride_head,
+                    n_cols, eps, cols, mask, NORM)
+        if STORE:
             if slot >= 0:  # -1: a padding token, nothing to store
                 cache = (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
                 cache += head * stride_cache_head + cols
                 k_stored = k.to(k_out_ptr.dtype.element_ty)  # the value k_out holds, then the cache's dtype
                 tl.store(k_cache_ptr + cache, k_stored.to(k_cache_ptr.dtype.element_ty), mask=mask)
-                v = tl.load(v_ptr + token * v_stride_token + head * v_stride_head + cols, mask=mask)
                 tl.store(v_cache_ptr + cache, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 

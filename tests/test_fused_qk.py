@@ -92,6 +92,8 @@ def test_bad_inputs_say_what_to_change():
                                     slot_mapping=slots)
     with pytest.raises(ValueError, match="slot_mapping must have shape"):
         fused_qk.qk_norm_rope_store(q, k, v, cos, sin, k_cache=cache, v_cache=cache.clone(), slot_mapping=slots[:2])
+    with pytest.raises(ValueError, match="out's k must be contiguous"):
+        fused_qk.qk_norm_rope_store(q, k, v, cos, sin, out=(torch.empty_like(q), torch.empty_like(q)))
 
 
 class StoresItself(triton_ops.TritonAttentionBackend):
@@ -131,3 +133,49 @@ def test_model_with_the_store_in_its_kernel_gives_the_same_logits_and_caches(che
     assert all(torch.equal(a, b) for a, b in zip(logits_before, logits_after))
     assert all(torch.equal(a, b) for pair_a, pair_b in zip(caches_before, caches_after) for a, b in zip(pair_a, pair_b))
     assert any(bool(k.any()) for k, _ in caches_after)  # the caches were written at all
+
+
+def guarded(shape, dtype, device, guard=4096):
+    """A contiguous tensor of `shape` in the middle of a larger one: (view, the whole, the guard rows' slices)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    whole = torch.full((numel + 2 * guard,), -3.0, dtype=torch.float32).to(device, dtype)
+    return whole[guard:guard + numel].view(shape), whole, (slice(0, guard), slice(guard + numel, None))
+
+
+def writes_nothing_outside(tokens, heads, kv_heads, head_dim, dtype, device):
+    """Every tensor the launch reads or writes sits between guard zones: after the launch the guards are intact
+    (a write out of bounds in compiled code would not show in the outputs the other tests compare)."""
+    generator = torch.Generator().manual_seed(11)
+    qkv, qkv_whole, qkv_guards = guarded((tokens, (heads + 2 * kv_heads) * head_dim), dtype, device)
+    qkv.copy_(torch.randn(qkv.shape, generator=generator))
+    q, k, v = [part.view(tokens, -1, head_dim)
+               for part in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)]
+    made = [guarded((tokens, 1, head_dim), torch.float32, device) for _ in range(2)]  # cos, sin
+    for table, _, _ in made:
+        table.copy_(torch.rand(table.shape, generator=generator))
+    made += [guarded((head_dim,), dtype, device) for _ in range(2)]  # the norm weights
+    made += [guarded((4, 16, kv_heads, head_dim), dtype, device) for _ in range(2)]  # the caches
+    made += [guarded((tokens, heads, head_dim), dtype, device), guarded((tokens, kv_heads, head_dim), dtype, device)]
+    made.append(guarded((tokens,), torch.int64, device))  # slots: -1 but a few
+    (cos, sin, q_weight, k_weight, k_cache, v_cache, q_out, k_out, slots) = [view for view, _, _ in made]
+    q_weight.fill_(1.0), k_weight.fill_(1.0), k_cache.zero_(), v_cache.zero_(), slots.fill_(-1)
+    slots[:3] = torch.tensor([0, 17, 63])
+    before = [(whole.clone(), whole, zones) for _, whole, zones in made + [(qkv, qkv_whole, qkv_guards)]]
+    fused_qk.qk_norm_rope_store(q, k, v, cos, sin, q_weight=q_weight, k_weight=k_weight, eps=1e-6, k_cache=k_cache,
+                                v_cache=v_cache, slot_mapping=slots, out=(q_out, k_out))
+    for copy, whole, zones in before:
+        for zone in zones:
+            assert torch.equal(whole[zone], copy[zone]), "a write landed outside the tensors it was given"
+    assert int((k_cache.flatten(0, 1).abs().sum(dim=(1, 2)) > 0).sum()) == 3  # the three slots, nothing else
+
+
+def test_writes_nothing_outside_its_outputs_and_slots():
+    writes_nothing_outside(5, 4, 2, 16, torch.float16 if DEVICE == "cpu" else torch.bfloat16, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 256, 512])  # 256: the nano-vllm preset's CUDA-graph batch
+def test_writes_nothing_outside_its_outputs_and_slots_compiled_on_the_gpu(tokens):
+    writes_nothing_outside(tokens, 16, 8, 128, torch.bfloat16, "cuda")

@@ -98,13 +98,14 @@ def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0,
                        k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-                       slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       slot_mapping: torch.Tensor | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [tokens, heads, head_dim], k and v: [tokens, kv_heads, head_dim] (views with a contiguous last dim, such
     as the packed q/k/v output, are read in place); cos, sin: float32 [tokens, 1, head_dim].
     With q_weight and k_weight (Qwen3's q_norm / k_norm), q and k are RMS-normed first (eps). With the caches
     ([num_blocks, block_size, kv_heads, head_dim], contiguous) and slot_mapping (int64 [tokens], -1 = skip), the
     rotated k and v are written into their slots as store_kvcache writes them.
-    Returns the rotated (q, k), new contiguous tensors."""
+    Returns the rotated (q, k): new contiguous tensors, or `out`'s two contiguous tensors of q's and k's shapes."""
     q, k, v = _heads_view(q, "q"), _heads_view(k, "k"), _heads_view(v, "v")
     tokens, kv_heads, head_dim = k.shape
     if q.shape[0] != tokens or q.shape[2] != head_dim or v.shape != k.shape:
@@ -125,8 +126,15 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
             raise ValueError("k_cache and v_cache must be contiguous tensors")
         if slot_mapping.shape != (tokens,):
             raise ValueError(f"slot_mapping must have shape [{tokens}], got {tuple(slot_mapping.shape)}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    else:
+        q_out, k_out = out
+        for given, like, name in ((q_out, q, "q"), (k_out, k, "k")):
+            if given.shape != like.shape or given.dtype != like.dtype or not given.is_contiguous():
+                raise ValueError(f"out's {name} must be contiguous {like.dtype} {tuple(like.shape)}, got "
+                                 f"{given.dtype} {tuple(given.shape)}")
     q_rows, k_rows = q.shape[0] * q.shape[1], tokens * kv_heads
     if q_rows + k_rows:
         norm = q_weight is not None

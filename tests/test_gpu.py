@@ -157,6 +157,28 @@ def test_gpu_defaults_are_sized_from_free_memory_and_the_engine_starts_warm(qwen
     assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_NEW] * 4
 
 
+def test_the_bench_presets_engine_sizes_start_and_give_transformers_tokens(qwen3_06b):
+    """The nano-vllm preset's engine sizes (256 seats, 8192-token budget, max_model_len 2048; the KV capacity from
+    free memory), which every other test here leaves out: CUDA graphs captured up to 256 sequences, where the
+    per-step tensors of a 16-head model are 1 MiB (the caching allocator's small-block pool). Added after a branch
+    of 2026-12-02 crashed there at engine start (illegal memory access) while every smaller setting passed."""
+    import gc
+
+    from reference import LLM, SamplingParams
+    from reference.bench import PRESET_ENGINES
+
+    path, hf, prompts, reference = qwen3_06b
+    sizes = {key: PRESET_ENGINES["nano-vllm"][key] for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")}
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", **sizes)
+    assert llm.engine.runner.decode_graphs.sizes[-1] == sizes["max_num_seqs"]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
+    assert_greedy_agree(prompts, [o.outputs[0].token_ids for o in outputs], reference, hf_next_token_logits(hf),
+                        dtype=torch.bfloat16)
+    del llm, outputs  # its KV cache takes most of the card: free it for the tests after this one
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def test_best_of_on_the_gpu_keeps_the_samples_with_the_highest_cumulative_logprob(qwen3_06b):
     """best_of through the fast runner (CUDA graphs, the one-pass sampler, async scheduling): the n kept samples
     are the best of the best_of drawn, each exactly as drawn, ranked by the logprobs that logprobs=0 reports."""

@@ -10,6 +10,7 @@ Changes (each switched by a function below):
 - column-major: packed weights stored column-major on the CPU (models/packing.py) vs row-major.
 - gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
 - mkl-packed: the projections and the LM head multiply by MKL-packed weights (models/mkl_packed.py) vs F.linear.
+- budget-256, budget-512: a token budget of 256 / 512 vs the default (the scheduler's, switched between runs).
 Times only.
 """
 
@@ -46,7 +47,14 @@ def mkl_packed(engine, on: bool) -> None:
     engine.model.pack_projections(True)
 
 
-CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers, "mkl-packed": mkl_packed}
+def budget(tokens: int):
+    def switch(engine, on: bool) -> None:
+        engine.scheduler.max_num_batched_tokens = tokens if on else engine.config.max_num_batched_tokens
+    return switch
+
+
+CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers, "mkl-packed": mkl_packed,
+           "budget-256": budget(256), "budget-512": budget(512)}
 
 
 def run_once(engine, workload) -> tuple[float, float, float, float]:

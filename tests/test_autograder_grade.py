@@ -2,8 +2,8 @@
 
 One module-level batch grades the whole catalogue of hostile and broken submissions at once (-j 2), so the
 torch start-up of each child is paid in parallel; each test then checks one submission's score and message.
-Limits are the fixture's: 2-3 s per case, 10 s per exercise cell. Fixture scores: add 4 (3 visible + 1
-hidden), counter 2.
+Limits are the fixture's (2-3 s per case, 10 s per exercise cell) but for memory (MEMORY_MB). Fixture scores:
+add 4 (3 visible + 1 hidden), counter 2.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from autograder.release import release_notebook
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = load_lab("fixture")
 STORM_MARK = "4242.123"  # the sleep length of the storm's processes, to find any survivor
+# The batch's memory limit: above a child's own ~300 MB (CUDA build of torch), low enough that the memory bomb
+# reaches it well within the 10 s cell limit on machines whose fresh pages fault in at only ~100 MB/s (seen on
+# CI: at the lab's 2048 MB the bomb timed out first).
+MEMORY_MB = 640
 
 ADD = "def add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION\n"
 COUNTER = (
@@ -95,8 +99,9 @@ CATALOGUE = {
     "one_wrong": (ADD, COUNTER.replace("self.total += by", "self.total += 2 * by"), 4, 0, "ok", ""),
     "infinite_loop": (add_doing("while True:\n    pass"), COUNTER, 0, 2, "timeout", "took longer than 2 s"),
     "loop_at_import": ("while True:\n    pass\n" + ADD, COUNTER, 0, 2, "timeout", "did not finish running within 10 s"),
-    "memory_bomb": (add_doing("return a + b", before="chunks = []\nwhile True:\n    chunks.append(torch.ones(50_000_000))\n"),
-                    COUNTER, 0, 2, "crash", "memory limit: the code used more than 2048 MB"),
+    "memory_bomb": (add_doing("return a + b",
+                              before="chunks = []\nwhile True:\n    chunks.append(torch.ones(50_000_000))\n"),
+                    COUNTER, 0, 2, "crash", f"memory limit: the code used more than {MEMORY_MB} MB"),
     "process_storm": (ADD, STORM + COUNTER, 4, 0, "crash", ""),
     "sys_exit_at_import": ("import sys\nsys.exit(3)\n" + ADD, COUNTER, 0, 2, "ok", "SystemExit: 3"),
     "os_exit_at_import": ("import os\nos._exit(0)\n" + ADD, COUNTER, 0, 2, "crash", "ended (exit status 0)"),
@@ -145,7 +150,7 @@ def catalogue(tmp_path_factory):
     (folder / "invalid_json.ipynb").write_text("{not json")
     (folder / "empty.ipynb").write_text("")
     paths += [folder / name for name in ("learner.ipynb", "writer.ipynb", "invalid_json.ipynb", "empty.ipynb")]
-    grades = grade(FIXTURE, paths, GradeOptions(jobs=2, progress=False))
+    grades = grade(FIXTURE, paths, GradeOptions(jobs=2, progress=False, memory_mb=MEMORY_MB))
     write_gradebook(FIXTURE, grades, out)
     return {graded.student: graded for graded in grades}, out
 

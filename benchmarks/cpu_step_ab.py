@@ -1,6 +1,6 @@
 """One change to the CPU engine, off and on, in one engine and one process (issue 21's workload).
 
-    python benchmarks/cpu_step_ab.py --change column-major [--pairs 4] [--threads N]
+    python benchmarks/cpu_step_ab.py --change column-major [--pairs 4] [--threads N] [--load N]
 
 Each pair runs issue 21's workload (48 requests, prompts of 16-96 random ids, 8-64 output tokens, ignore EOS, all
 at once, greedy, SmolLM2-135M float32, the engine's default sizes) twice on the same engine, once with the change
@@ -11,13 +11,18 @@ Changes (each switched by a function below):
 - gather-buffers: the padded backend gathers K/V into buffers it keeps vs a new tensor per layer.
 - mkl-packed: the projections and the LM head multiply by MKL-packed weights (models/mkl_packed.py) vs F.linear.
 - budget-256, budget-512: a token budget of 256 / 512 vs the default (the scheduler's, switched between runs).
+- every-core: the thread policy for sleeping idle threads (every core) vs the one for spinning threads (the cores
+  other programs leave free); run it with --load 2, where the two differ.
+--load N keeps N busy-loop processes running through every pair (as cpu_vs_transformers.py makes load).
 Times only.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
+import time
 
 
 def column_major(engine, on: bool) -> None:
@@ -53,8 +58,23 @@ def budget(tokens: int):
     return switch
 
 
+def every_core(engine, on: bool) -> None:
+    import torch
+
+    threads = engine.cpu_threads
+    threads.sleeping = on  # runtime.CpuThreads: True uses every core, False follows the free ones
+    threads.threads = threads.cores
+    torch.set_num_threads(threads.cores)
+    threads.last = (time.monotonic() - threads.RECHECK_S, *threads.last[1:])  # off: look at the load at once
+
+
 CHANGES = {"column-major": column_major, "gather-buffers": gather_buffers, "mkl-packed": mkl_packed,
-           "budget-256": budget(256), "budget-512": budget(512)}
+           "budget-256": budget(256), "budget-512": budget(512), "every-core": every_core}
+
+
+def busy_loop() -> None:
+    while True:
+        pass
 
 
 def run_once(engine, workload) -> tuple[float, float, float, float]:
@@ -72,20 +92,26 @@ def main() -> None:
     parser.add_argument("--change", choices=CHANGES, required=True)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="cpu_threads (default: the engine's policy)")
+    parser.add_argument("--load", type=int, default=0, help="busy-loop processes running through every pair")
     args = parser.parse_args()
-    from reference import LLMEngine
+    from reference import LLMEngine  # first: OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE)
     from reference.workload import make_workload
+
+    import torch
 
     engine = LLMEngine("smollm2", device="cpu", dtype="float32", enable_prefix_caching=False,
                        cpu_threads=args.threads)
     switch, ratios, prefill_ratios, decode_ratios = CHANGES[args.change], [], [], []
+    workers = [multiprocessing.Process(target=busy_loop, daemon=True) for _ in range(args.load)]
+    for worker in workers:
+        worker.start()
     for pair in range(args.pairs):
         workload = make_workload(48, (16, 96), (8, 64), vocab_size=engine.model_config.vocab_size,
                                  avoid_token_ids=engine.eos_token_ids, seed=pair)
         result = {}
         for on in ((True, False) if pair % 2 else (False, True)):
             switch(engine, on)
-            result[on] = run_once(engine, workload)
+            result[on] = (*run_once(engine, workload), torch.get_num_threads())
         ratios.append(result[True][0] / result[False][0])
         # Time in each kind of step, off / on: > 1 when the change made those steps shorter.
         prefill_ratios.append(result[False][2] / result[True][2])
@@ -94,7 +120,10 @@ def main() -> None:
               f"{result[True][1]:.0f} ms), off {result[False][0]:.1f} tok/s (step {result[False][1]:.0f} ms), "
               f"on/off {ratios[-1]:.3f}; steps with prompt tokens {result[False][2]:.2f} s off / "
               f"{result[True][2]:.2f} s on = {prefill_ratios[-1]:.3f}, decode-only steps {result[False][3]:.2f} / "
-              f"{result[True][3]:.2f} s = {decode_ratios[-1]:.3f}", flush=True)
+              f"{result[True][3]:.2f} s = {decode_ratios[-1]:.3f}; threads at the end on {result[True][4]}, "
+              f"off {result[False][4]}", flush=True)
+    for worker in workers:
+        worker.terminate()
     print(f"{args.change}: median on/off over {args.pairs} pairs: {statistics.median(ratios):.3f} "
           f"(range {min(ratios):.3f}-{max(ratios):.3f}); time off/on, steps with prompt tokens "
           f"{statistics.median(prefill_ratios):.3f}, decode-only steps {statistics.median(decode_ratios):.3f}")

@@ -2,11 +2,12 @@
 
     python benchmarks/cpu_thread_scaling.py [--pairs 2]
 
-Why: on a machine whose cores are all busy elsewhere the engine runs one thread (runtime.CpuThreads), which the
-kernel gives about cores / (runnable threads) of a core: 2/3 of one with two busy loops on two cores. Its speed
-under load, as a share of its quiet two-thread speed, is then about (2/3) / S, where S is its quiet two-thread
-over one-thread speed-up: a program that scales well on two threads keeps a smaller share. This measures S for
-both, alternating 1 and 2 threads on the same prompts (prefix caching off). Times only.
+Why: where OpenMP's idle threads spin, on a machine whose cores are all busy elsewhere, the engine runs one
+thread (runtime.CpuThreads), which the kernel gives about cores / (runnable threads) of a core: 2/3 of one with
+two busy loops on two cores. Its speed under load, as a share of its quiet two-thread speed, is then about
+(2/3) / S, where S is its quiet two-thread over one-thread speed-up: a program that scales well on two threads
+keeps a smaller share. This measures S for both, alternating 1 and 2 threads on the same prompts (prefix caching
+off). Times only.
 """
 
 from __future__ import annotations

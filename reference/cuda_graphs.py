@@ -24,6 +24,16 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
+def warmup_lens_and_order(largest: int, device=None) -> torch.Tensor:
+    """The static [context lengths; decode order] buffer as the warm-up and capture passes read it: every context
+    one token long, and for every captured size the order's first `size` entries a permutation of range(size).
+    The decode kernel sends program i to sequence order[i]: any other value reads and writes outside a smaller
+    batch's rows (an order of all ones made the batch-of-one warm-up write a row past its output)."""
+    lens_and_order = torch.ones(2, largest, dtype=torch.int32, device=device)
+    lens_and_order[1] = torch.arange(largest, dtype=torch.int32, device=device)
+    return lens_and_order
+
+
 class DecodeGraphs:
     # Start the decode kernel's programs longest context first (AttentionMetadata.decode_order); class-level so a
     # benchmark can compare. Same outputs either way.
@@ -40,7 +50,7 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, self.pending_rows = self.token_inputs.unbind(0)
         self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
         # Context lengths and the attention kernel's start order (longest first), one copy for both.
-        self.lens_and_order = torch.ones(2, largest, dtype=torch.int32, device=device)
+        self.lens_and_order = warmup_lens_and_order(largest, device)
         self.context_lens, self.decode_order = self.lens_and_order.unbind(0)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         # Every tensor a graph reads must outlive the graph: kept on self, even those our Triton decode kernel

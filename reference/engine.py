@@ -124,7 +124,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.step_log: list[StepRecord] = []  # one record per step while config.log_steps is on
         self._aborted_outputs: list[RequestOutput] = []
-        # On the CPU, torch's threads follow the cores other programs leave free (runtime.CpuThreads says why).
+        # On the CPU, torch's thread count: every core, or the free ones where idle threads spin (runtime.CpuThreads).
         self.cpu_threads = CpuThreads(config.cpu_threads) if self.device.type == "cpu" else None
         # On a GPU, compile every kernel a step can need now, so the first generate runs as fast as the second.
         self.warm_up_seconds: float | None = None

@@ -45,7 +45,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # KV capacity in blocks (paged only; None: from memory, see fill_defaults)
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights + activations + KV)
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget on CPU when num_kv_blocks is not given
-    cpu_threads: int | None = None  # torch threads on the CPU (None: runtime.CpuThreads decides, by the load)
+    cpu_threads: int | None = None  # torch threads on the CPU (None: runtime.CpuThreads decides)
     kv_cache: str = "paged"
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"

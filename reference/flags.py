@@ -29,7 +29,7 @@ HELP = {
     "num_kv_blocks": "KV cache capacity in blocks (default: from memory)",
     "gpu_memory_utilization": "fraction of GPU memory the engine may use (weights + activations + KV)",
     "cpu_kv_cache_bytes": "KV budget on the CPU when --num-kv-blocks is not given",
-    "cpu_threads": "torch threads on the CPU (default: the cores other programs leave free, rechecked every second)",
+    "cpu_threads": "torch threads on the CPU (default: every core; the free ones if torch loaded before reference)",
     "kv_cache": "paged (blocks on demand) or contiguous (a max_model_len row per sequence)",
     "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
     "attention_backend": "auto, torch, padded, triton, flash or flash-attn (auto: padded on the CPU, flash on a GPU; "

@@ -38,18 +38,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class CpuThreads:
-    """How many threads torch's CPU ops use: the cores other programs leave free, rechecked as their load changes.
+    """How many threads torch's CPU ops use: every core, or, where OpenMP's idle threads spin, the cores other
+    programs leave free.
 
     Why: torch splits each op across its threads and waits for the slowest. When another program keeps a core
-    busy, the thread that shares it is descheduled for whole time slices and every op waits for it. On the
-    project's 2-core VM beside two busy programs, two threads with OpenMP's idle threads spinning made steps 25x
-    slower than one; with them sleeping (OMP_WAIT_POLICY=PASSIVE, set by `import reference` when it can) two
-    threads still gave 0.38x the quiet speed against 0.40-0.47x for one (benchmarks/RESULTS.md, "The engine on a
-    CPU against transformers"). So before a step, at most once a second, this reads how busy the machine's cores were since the
-    last look (/proc/stat, minus this process's own time) and uses as many threads as cores were left free (at
-    least one), never more than torch had when the engine started (torch.set_num_threads or OMP_NUM_THREADS set
-    beforehand is a ceiling). A user setting (EngineConfig.cpu_threads) is used as it is. Off Linux (no
-    /proc/stat) the count stays as it was.
+    busy, the thread that shares it is descheduled for whole time slices and every op waits for it now and then;
+    but two threads also get twice the CPU of one (beside two busy programs on two cores, four runnable threads
+    get a core between them, one thread two thirds of one).
+    - Idle threads that sleep (OMP_WAIT_POLICY=PASSIVE, set by `import reference` when torch is not loaded yet):
+      every core, whatever the load. On the project's 2-core VM beside two busy programs, issue 21's workload ran
+      at 79-80 tok/s with two threads against 56-58 with one (benchmarks/RESULTS.md, "The engine on a CPU against
+      transformers", eighth session).
+    - Idle threads that spin (torch loaded first, without that setting): a spinning thread takes its core from
+      the other programs, and two threads made steps 25x slower than one. So before a step, at most once a
+      second, this reads how busy the machine's cores were since the last look (/proc/stat, minus this
+      process's own time) and uses as many threads as cores were left free (at least one).
+    Never more than torch had when the engine started (torch.set_num_threads or OMP_NUM_THREADS set beforehand is
+    a ceiling). A user setting (EngineConfig.cpu_threads) is used as it is. Off Linux (no /proc/stat) the count
+    stays as it was.
     """
 
     RECHECK_S = 1.0
@@ -58,6 +64,7 @@ class CpuThreads:
         self.setting = setting
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.cores = min(cores, torch.get_num_threads())
+        self.sleeping = idle_threads_sleep()
         self.last = _cpu_sample()
         self.threads = setting or self.cores
         if setting is not None or self.last is not None:
@@ -65,7 +72,7 @@ class CpuThreads:
 
     def adjust(self) -> int:
         """Set torch's thread count for the next step; returns it."""
-        if self.setting is not None or self.last is None:
+        if self.setting is not None or self.sleeping or self.last is None:
             return self.threads
         now = _cpu_sample()
         wall = now[0] - self.last[0]
@@ -77,6 +84,12 @@ class CpuThreads:
                 self.threads = threads
             self.last = now
         return self.threads
+
+
+def idle_threads_sleep() -> bool:
+    """Whether OpenMP's idle threads sleep rather than spin: OMP_WAIT_POLICY=PASSIVE, which OpenMP read when torch
+    loaded (`import reference` sets it only before that, and the notebooks set it in their first cell)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 def _cpu_sample() -> tuple[float, float, float] | None:

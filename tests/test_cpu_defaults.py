@@ -1,5 +1,6 @@
 """The CPU's default seats and token budget come from the model's size and the KV budget (EngineConfig.cpu_sizes),
-and torch's thread count follows the cores other programs leave free (runtime.CpuThreads)."""
+and torch's thread count: every core where OpenMP's idle threads sleep, else the cores other programs leave free
+(runtime.CpuThreads)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def test_cpu_threads_setting_is_kept_and_validated():
         EngineConfig(cpu_threads=0)
 
 
-def test_cpu_threads_follow_the_free_cores(monkeypatch):
+def test_cpu_threads_follow_the_free_cores_where_idle_threads_spin(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # OpenMP's default: idle threads spin
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     samples = iter([(0.0, 0.0, 0.0),  # (wall s, CPU-s of all programs, CPU-s of this process)
@@ -82,3 +84,18 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch):
     finally:
         torch.set_num_threads(before)
 
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "passive"])
+def test_cpu_threads_use_every_core_where_idle_threads_sleep(monkeypatch, policy):
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    # Both cores busy elsewhere at every look: two sleeping-idle threads still get more CPU than one.
+    samples = iter([(2.0 * i, 2.0 * i, 0.0) for i in range(5)])
+    monkeypatch.setattr("reference.runtime._cpu_sample", lambda: next(samples))
+    try:
+        threads = CpuThreads()
+        assert [threads.adjust() for _ in range(4)] == [2, 2, 2, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -3,12 +3,14 @@ and otherwise fall back to the reference, and the learner notebooks are exactly 
 
 Notebooks run in a Jupyter kernel (nbclient, kernel "python3": the environment's own ipykernel) with one torch
 thread: these notebooks are dominated by small, latency-bound operations, where a second thread gains little and
-costs a lot whenever anything else shares the 2-core CI machine.
+costs a lot whenever anything else shares the 2-core CI machine. So two notebooks run at once, each on its own
+core (`notebook_runs`): the slow tests' notebooks are a third of the suite's time.
 """
 
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -21,14 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 LABS = [lab for lab in LAB_MODULES if lab.startswith("lab")]  # every course lab (not the grader's fixture)
 SOLUTIONS = [(lab, name) for lab in LABS for name in load_lab(lab).notebooks]
 CELL_TIMEOUT_S = 600  # a hang guard, not a speed requirement (the notebooks take well under 3 minutes)
+NOTEBOOKS_AT_ONCE = 2  # one torch thread each, on the 2-core CI machine
 
 
-def execute(path: Path, allow_errors: bool, monkeypatch) -> tuple[nbformat.NotebookNode, Exception | None]:
+def execute(path: Path, allow_errors: bool) -> tuple[nbformat.NotebookNode, Exception | None]:
     """Run a notebook in a fresh kernel from its own folder; return it with outputs, and the error that stopped it."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(str(path), as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=allow_errors,
                             resources={"metadata": {"path": str(path.parent)}})
@@ -37,6 +39,50 @@ def execute(path: Path, allow_errors: bool, monkeypatch) -> tuple[nbformat.Noteb
     except CellExecutionError as error:
         return notebook, error
     return notebook, None
+
+
+def solution_path(lab: str, name: str) -> Path:
+    return REPO / "autograder" / load_lab(lab).folder / name
+
+
+def learner_path(lab: str, name: str) -> Path:
+    return REPO / load_lab(lab).folder / name
+
+
+def runs_notebook(where):
+    """Marks a test of (lab, name) that runs one notebook: where(lab, name) -> (path, allow_errors), for
+    `notebook_runs` to start it ahead of time."""
+    def mark(test):
+        test.runs_notebook = where
+        return test
+    return mark
+
+
+@pytest.fixture(scope="module")
+def notebook_runs(request):
+    """{(path, allow_errors): future of execute's result} for every notebook this session's selected tests run,
+    started in test order, NOTEBOOKS_AT_ONCE at a time (each kernel is its own process; the threads only wait)."""
+    wanted = []
+    for item in request.session.items:
+        where = getattr(item.function, "runs_notebook", None)
+        if where is not None and hasattr(item, "callspec"):
+            wanted.append(where(**item.callspec.params))
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(NOTEBOOKS_AT_ONCE) as pool:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the kernels inherit it
+        runs: dict[tuple[Path, bool], Future] = {}
+        for key in wanted:
+            if key not in runs:
+                runs[key] = pool.submit(execute, *key)
+        yield runs
+        for future in runs.values():
+            future.cancel()  # a run with -x stops early: do not start the rest
+
+
+def notebook_run(runs: dict, path: Path, allow_errors: bool) -> tuple[nbformat.NotebookNode, Exception | None]:
+    key = (path, allow_errors)
+    if key not in runs:  # a test selected in a way the fixture did not see: run it here
+        return execute(path, allow_errors)
+    return runs[key].result()
 
 
 def stdout_of(cell) -> str:
@@ -87,8 +133,9 @@ def test_notebook_makes_torch_threads_sleep_before_torch_loads(lab, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lab, name", SOLUTIONS)
-def test_solution_notebook_runs_top_to_bottom_with_full_marks(lab, name, monkeypatch):
-    notebook, error = execute(REPO / "autograder" / load_lab(lab).folder / name, False, monkeypatch)
+@runs_notebook(lambda lab, name: (solution_path(lab, name), False))
+def test_solution_notebook_runs_top_to_bottom_with_full_marks(lab, name, notebook_runs):
+    notebook, error = notebook_run(notebook_runs, solution_path(lab, name), False)
     assert error is None, f"{name} failed: {error}"
     for exercise in load_lab(lab).exercises_in(name):
         index = exercise_cell_index(notebook, exercise.name)
@@ -98,13 +145,15 @@ def test_solution_notebook_runs_top_to_bottom_with_full_marks(lab, name, monkeyp
     assert "REFERENCE" not in "".join(stdout_of(cell) for cell in notebook.cells), "a solution fell back"
 
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lab, name", SOLUTIONS)
-def test_learner_notebook_stops_at_each_exercise_and_falls_back_to_the_reference(lab, name, monkeypatch):
+@runs_notebook(lambda lab, name: (learner_path(lab, name), True))
+def test_learner_notebook_stops_at_each_exercise_and_falls_back_to_the_reference(lab, name, notebook_runs):
     """Run everything, errors allowed (one run instead of two, to keep CI short): the first error is the first
     exercise's NotImplementedError, raised after its cell, and the only errors are the cells that call an
     unwritten exercise, one per exercise; everything else runs on the reference, saying so."""
-    notebook, _ = execute(REPO / load_lab(lab).folder / name, True, monkeypatch)
+    notebook, _ = notebook_run(notebook_runs, learner_path(lab, name), True)
     exercises = [exercise.name for exercise in load_lab(lab).exercises_in(name)]
     errors = errors_of(notebook)
     assert errors, f"{name} ran to the end: its first exercise never raised"

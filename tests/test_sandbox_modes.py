@@ -27,7 +27,7 @@ from autograder import sandbox
 from autograder.grade import GradeOptions, grade
 from autograder.labs import load_lab
 
-from test_autograder_grade import ADD, COUNTER, STORM_MARK, add_doing, notebook, storm_survivors
+from test_autograder_grade import ADD, COUNTER, MEMORY_MB, STORM_MARK, add_doing, notebook, storm_survivors
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = load_lab("fixture")
@@ -98,11 +98,11 @@ TOUCH_3_GB = add_doing("return a + b", before="touched = [torch.ones(250_000_000
 @needs_bwrap
 def test_memory_limit_counts_touched_memory_not_address_space_and_costs_one_exercise(tmp_path):
     grades = graded_batch(tmp_path, {"reserves": (RESERVE_16_GB, COUNTER), "touches": (TOUCH_3_GB, COUNTER),
-                                     "honest": (ADD, COUNTER)}, jobs=2)
+                                     "honest": (ADD, COUNTER)}, jobs=2, memory_mb=MEMORY_MB)
     assert points(grades["reserves"]) == (4, 2)
     assert points(grades["touches"]) == (0, 2)  # counter, in the same child, ran again in a fresh one
     assert {case.status for case in grades["touches"].results[0].cases} == {"memory limit"}
-    assert "memory limit: the code used more than 2048 MB" in grades["touches"].results[0].cases[0].feedback
+    assert f"memory limit: the code used more than {MEMORY_MB} MB" in grades["touches"].results[0].cases[0].feedback
     assert points(grades["honest"]) == (4, 2)
 
 

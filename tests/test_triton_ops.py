@@ -152,6 +152,29 @@ def test_decode_in_any_start_order_gives_the_same_bits(num_splits):
         triton_ops.paged_decode_attention(*args, seq_order=order[:3])
 
 
+def test_cuda_graph_warmup_order_keeps_each_captured_size_inside_its_rows():
+    # DecodeGraphs warms up and captures every size from one static [lengths; order] buffer, sliced to the size.
+    # The kernel sends program i to sequence order[i], so each slice must be a permutation of its rows: an order
+    # of all ones wrote the batch-of-one output's second row (past its end; on the card an illegal address).
+    from reference.cuda_graphs import capture_sizes, warmup_lens_and_order
+
+    sizes = capture_sizes(20)
+    lens_and_order = warmup_lens_and_order(sizes[-1], DEVICE)
+    k_cache, v_cache, _, _ = random_paged_cache([1], 2, 32, 16, torch.float32)
+    for size in sizes:
+        lens, order = lens_and_order[:, :size]
+        assert sorted(order.tolist()) == list(range(size)) and lens.tolist() == [1] * size
+        q = torch.randn(size, 4, 32, device=DEVICE)
+        tables = torch.zeros(size, 4, dtype=torch.int32, device=DEVICE)  # the warm-up's: block 0 everywhere
+        guarded = torch.full((size + 1, 4, 32), 7.0, device=DEVICE)  # one row past the output, a guard
+        triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 32**-0.5, out=guarded[:size],
+                                          seq_order=order)
+        cu_seqlens = torch.arange(size + 1, dtype=torch.int32, device=DEVICE)
+        assert_matches(guarded[:size], torch_ref.paged_attention(q, k_cache, v_cache, tables, cu_seqlens, lens,
+                                                                 32**-0.5))
+        assert torch.all(guarded[size] == 7.0), f"batch of {size}: the kernel wrote past its output"
+
+
 def test_decode_block_larger_than_tile_and_odd_block_size():
     # One block per sequence (the contiguous cache's layout): a tile covers only part of a block.
     for block_size in (128, 100):

@@ -161,14 +161,15 @@ def writes_nothing_outside(tokens, heads, kv_heads, head_dim, dtype, device):
     made.append(guarded((tokens,), torch.int64, device))  # slots: -1 but a few
     (cos, sin, q_weight, k_weight, k_cache, v_cache, q_out, k_out, slots) = [view for view, _, _ in made]
     q_weight.fill_(1.0), k_weight.fill_(1.0), k_cache.zero_(), v_cache.zero_(), slots.fill_(-1)
-    slots[:3] = torch.tensor([0, 17, 63])
+    chosen = [0, 17, 63][:tokens]
+    slots[:len(chosen)] = torch.tensor(chosen)
     before = [(whole.clone(), whole, zones) for _, whole, zones in made + [(qkv, qkv_whole, qkv_guards)]]
     fused_qk.qk_norm_rope_store(q, k, v, cos, sin, q_weight=q_weight, k_weight=k_weight, eps=1e-6, k_cache=k_cache,
                                 v_cache=v_cache, slot_mapping=slots, out=(q_out, k_out))
     for copy, whole, zones in before:
         for zone in zones:
             assert torch.equal(whole[zone], copy[zone]), "a write landed outside the tensors it was given"
-    assert int((k_cache.flatten(0, 1).abs().sum(dim=(1, 2)) > 0).sum()) == 3  # the three slots, nothing else
+    assert int((k_cache.flatten(0, 1).abs().sum(dim=(1, 2)) > 0).sum()) == len(chosen)  # those slots, no other
 
 
 def test_writes_nothing_outside_its_outputs_and_slots():

@@ -40,17 +40,20 @@ class FlashPrefillBackend:
 
     name = "flash"
     supports_cuda_graphs = True  # decode steps never reach SDPA: they run the paged kernels
+    accepts_stored_kv = True  # forward(..., kv_stored=True): the model's fused kernel already stored the new K/V
 
     def __init__(self, paged) -> None:
         self.paged = paged
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
+                kv_stored: bool = False) -> torch.Tensor:
         fresh = metadata.context_lens_host is not None and metadata.context_lens_host == metadata.query_lens
         if not metadata.uses_cache or not fresh or metadata.max_query_len <= 1:
-            return self.paged.forward(q, k, v, k_cache, v_cache, metadata, scale)
-        from .triton_ops import store_kvcache  # fresh prefills still fill the cache for later decodes
+            return self.paged.forward(q, k, v, k_cache, v_cache, metadata, scale, kv_stored=kv_stored)
+        if not kv_stored:  # fresh prefills still fill the cache for later decodes
+            from .triton_ops import store_kvcache
 
-        store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
+            store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         return fresh_prefill_attention(q, k, v, metadata.cu_seqlens_q, metadata.query_lens, scale)
 
 

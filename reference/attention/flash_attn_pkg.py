@@ -103,6 +103,7 @@ class FlashAttnPackageBackend:
 
     name = "flash-attn"
     supports_cuda_graphs = True  # reads lengths, query offsets and page ids from device memory
+    accepts_stored_kv = True  # see forward's kv_stored
 
     def __init__(self) -> None:
         import flash_attn.cute  # noqa: F401 - import (and fail) now, not inside the first forward pass
@@ -111,12 +112,15 @@ class FlashAttnPackageBackend:
 
         self._store = store_kvcache
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
+                kv_stored: bool = False) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,
-        kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only)."""
+        kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only). kv_stored: the
+        model's fused kernel already wrote the new K/V into the cache."""
         if k_cache is None or not metadata.uses_cache:
             return varlen_attention(q, k, v, metadata.cu_seqlens_q, metadata.max_query_len, scale)
-        self._store(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if not kv_stored:
+            self._store(k, v, k_cache, v_cache, metadata.slot_mapping)
         # Metadata built by hand (tests, labs) may lack the page table: derive it, once per layer then.
         page_table = metadata.page_table if metadata.page_table is not None else metadata.block_tables.clamp(min=0)
         return paged_attention(q, k_cache, v_cache, page_table, metadata.cu_seqlens_q, metadata.context_lens,

@@ -481,13 +481,16 @@ class TritonAttentionBackend:
 
     name = "triton"
     supports_cuda_graphs = True  # reads lengths and tables from device memory; launches of fixed shapes
+    accepts_stored_kv = True  # forward(..., kv_stored=True): the model's fused kernel already stored the new K/V
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
+                kv_stored: bool = False) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; caches: [num_blocks, block_size,
         kv_heads, head_dim] each, or None (no cache: attention over this step's tokens only)."""
         if k_cache is None or not metadata.uses_cache:
             return torch_ref.varlen_attention(q, k, v, metadata.cu_seqlens_q, scale)
-        store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if not kv_stored:
+            store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         max_context_len = max(metadata.context_lens_host) if metadata.context_lens_host else None
         if metadata.query_lens and all(n == 1 for n in metadata.query_lens):
             return paged_decode_attention(

@@ -35,6 +35,11 @@ import triton
 import triton.language as tl
 
 
+# LOADS: every load of a norm kernel is written before its float32 sum. The sum crosses warps through shared memory
+# behind a barrier, and a load written after it is issued only then: one more memory round trip for a program that
+# does one short row (these kernels are latency-bound). Same arithmetic, same bits.
+
+
 @triton.jit
 def _rounded(x, dtype: tl.constexpr):
     """x (float32) rounded to `dtype` the way torch rounds each op's result (nearest even), kept in float32."""
@@ -70,9 +75,9 @@ def _rms_norm_row(x_ptr, weight_ptr, out_ptr, row, n_cols, eps, rows_per_token, 
     mask = cols < n_cols
     start = _row_start(row, rows_per_token, stride_token, stride_row)
     x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the sum's barrier: see LOADS
     inv_rms = _inverse_rms(x, n_cols, eps)
     dtype = out_ptr.dtype.element_ty
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, _normed(x, inv_rms, weight, dtype).to(dtype), mask=mask)
 
 
@@ -153,10 +158,10 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_co
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the sum's barrier: see LOADS
     hidden = _rounded(residual + x, dtype)
     tl.store(sum_ptr + row * n_cols + cols, hidden.to(dtype), mask=mask)
     inv_rms = _inverse_rms(hidden, n_cols, eps)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, _normed(hidden, inv_rms, weight, dtype).to(dtype), mask=mask)
 
 

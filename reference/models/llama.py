@@ -34,6 +34,7 @@ from .rotary import RotaryEmbedding, apply_rotary
 # The fused Triton kernels (fused.py), imported by use_fused_kernels: importing the model must not import Triton
 # (Triton is Linux-only, and the labs choose when to import it, e.g. after setting TRITON_INTERPRET=1).
 fused = None
+fused_qk = None  # fused_qk.py: q/k-norm, RoPE and the KV store in one launch, imported with fused
 
 
 def fused_available() -> bool:
@@ -108,16 +109,25 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
-        if self.fused:  # q and k in one launch per operation, read in place from the packed q/k/v output
+        k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
+        if self.fused:  # one launch from the packed q/k/v output (read in place) to the cache
+            # Backends that say so take the new K/V already stored (the store is the same launch's last write).
+            store = k_cache is not None and metadata.uses_cache and getattr(self.backend, "accepts_stored_kv", False)
+            options = {}
             if self.qk_norm:
-                q, k = fused.rms_norm_pair(q, self.q_norm.weight, k, self.k_norm.weight, self.q_norm.eps)
-            q, k = fused.apply_rotary_pair(q, k, cos, sin)
+                options.update(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
+            if store:
+                options.update(k_cache=k_cache, v_cache=v_cache, slot_mapping=metadata.slot_mapping)
+            q, k = fused_qk.qk_norm_rope_store(q, k, v, cos, sin, **options)
+            if store:
+                out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale, kv_stored=True)
+            else:
+                out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         else:
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
+            out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale)
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         return self.o_proj(out) if self.mkl_o is None else self.mkl_o(out, self.o_proj.bias)
 
@@ -278,11 +288,11 @@ class LlamaForCausalLM(nn.Module):
     def use_fused_kernels(self, enabled: bool = True) -> None:
         """Run the residual add + RMSNorm, RMSNorm, RoPE and SiLU-and-multiply as fused Triton kernels (see
         fused.py). The model must be on the GPU, or on the CPU with Triton's interpreter (TRITON_INTERPRET=1)."""
-        global fused
+        global fused, fused_qk
         if enabled and fused is None:
             if not fused_available():
                 raise ValueError("fused kernels need Triton, which is not installed (it is Linux-only)")
-            from . import fused
+            from . import fused, fused_qk
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP, DecoderModel)):
                 module.fused = enabled

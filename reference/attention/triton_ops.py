@@ -41,7 +41,7 @@ LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 # A split-KV partition is at least this long: shorter ones are a few tiles of work plus their share of the merge.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
-PROGRAMS_PER_MULTIPROCESSOR = 3  # resident decode programs a multiprocessor keeps busy (see choose_num_splits)
+PROGRAMS_PER_MULTIPROCESSOR = 12  # decode programs asked for per multiprocessor (see choose_num_splits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,9 +240,10 @@ def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
     batch with long contexts gets more splits, but no split shorter than MIN_TOKENS_PER_SPLIT.
     """
     programs = batch * kv_heads
-    # A multiprocessor holds about three of these programs at once: ask for that many per multiprocessor. (Four
-    # split batches of 64 sequences x 8 KV heads on an H200, 6% slower than not splitting: benchmarks/
-    # decode_gemms.py's split table, RESULTS.md 2026-12-01 fifth session.)
+    # Twelve programs per multiprocessor, measured where it counts: whole generate calls of the public-API workload
+    # on an H200 (benchmarks/decode_split_ab.py, RESULTS.md 2026-12-02 ninth session), decode-only steps 5.39 s at
+    # 3, 5.36 at 6, 5.34 at 12, 5.46 at 24. Splitting pays in a call's tail, where a few long contexts are left;
+    # a lone kernel at 64 sequences x 8 KV heads ran 6% slower in four splits (decode_gemms.py, fifth session).
     wanted = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessor_count(device)
     if programs >= wanted:
         return 1

@@ -95,6 +95,30 @@ def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_cache(k_cache, v_cache, slot_mapping, tokens: int, kv_heads: int, head_dim: int) -> None:
+    if v_cache is None or slot_mapping is None:
+        raise ValueError("storing into the cache needs k_cache, v_cache and slot_mapping")
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[2:] != (kv_heads, head_dim):
+        raise ValueError(f"caches must be [num_blocks, block_size, {kv_heads}, {head_dim}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous tensors")
+    if slot_mapping.shape != (tokens,):
+        raise ValueError(f"slot_mapping must have shape [{tokens}], got {tuple(slot_mapping.shape)}")
+
+
+def _outputs(q: torch.Tensor, k: torch.Tensor, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """New contiguous tensors like q and k, or `out`'s two once checked."""
+    if out is None:
+        return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    for given, like, name in zip(out, (q, k), "qk"):
+        if given.shape != like.shape or given.dtype != like.dtype or not given.is_contiguous():
+            raise ValueError(f"out's {name} must be contiguous {like.dtype} {tuple(like.shape)}, got "
+                             f"{given.dtype} {tuple(given.shape)}")
+    return out
+
+
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0,
                        k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
@@ -117,24 +141,8 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
         raise ValueError("give both q_weight and k_weight (Qwen3's q/k-norm) or neither")
     store = k_cache is not None
     if store:
-        if v_cache is None or slot_mapping is None:
-            raise ValueError("storing into the cache needs k_cache, v_cache and slot_mapping")
-        if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[2:] != (kv_heads, head_dim):
-            raise ValueError(f"caches must be [num_blocks, block_size, {kv_heads}, {head_dim}], got "
-                             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("k_cache and v_cache must be contiguous tensors")
-        if slot_mapping.shape != (tokens,):
-            raise ValueError(f"slot_mapping must have shape [{tokens}], got {tuple(slot_mapping.shape)}")
-    if out is None:
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    else:
-        q_out, k_out = out
-        for given, like, name in ((q_out, q, "q"), (k_out, k, "k")):
-            if given.shape != like.shape or given.dtype != like.dtype or not given.is_contiguous():
-                raise ValueError(f"out's {name} must be contiguous {like.dtype} {tuple(like.shape)}, got "
-                                 f"{given.dtype} {tuple(given.shape)}")
+        _check_cache(k_cache, v_cache, slot_mapping, tokens, kv_heads, head_dim)
+    q_out, k_out = _outputs(q, k, out)
     q_rows, k_rows = q.shape[0] * q.shape[1], tokens * kv_heads
     if q_rows + k_rows:
         norm = q_weight is not None

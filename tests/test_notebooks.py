@@ -32,8 +32,11 @@ def execute(path: Path, allow_errors: bool) -> tuple[nbformat.NotebookNode, Exce
     from nbclient.exceptions import CellExecutionError
 
     notebook = nbformat.read(str(path), as_version=4)
+    # The kernel's own log at ERROR: kernels started between tests write to the terminal, not into a test's captured
+    # output, and ipykernel warns at every start that its local TCP sockets are unencrypted.
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=allow_errors,
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(path.parent)}},
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     try:
         client.execute()
     except CellExecutionError as error:

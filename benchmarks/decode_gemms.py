@@ -1,6 +1,6 @@
 """A decode step's matrix multiplies, alone: how far from reading the weights at copy bandwidth (GPU).
 
-    python benchmarks/decode_gemms.py [--batches 8,32,64,128,256]
+    python benchmarks/decode_gemms.py [--batches 8,32,64,128,256] [--context-order | --uneven-sweep]
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix, so it should cost about the
 weights' bytes over the memory bandwidth. benchmarks/step_costs.py found the step's GEMMs taking about 4x that on
@@ -125,39 +125,92 @@ def bench_splits(bandwidth: float) -> None:
         del k_cache, v_cache
 
 
+def uneven_paged(batch: int, generator: torch.Generator, kv_heads: int = 8, head_dim: int = 128,
+                 block_size: int = 16, width: int = 4096 // 16):
+    """A decode batch over uneven contexts (uniform 100-2048 tokens, as the nano-vllm workload's mid-run batches):
+    (q, k_cache, v_cache, block tables max_model_len wide, context lens, longest-first order, KV bytes read)."""
+    lens_host = torch.randint(100, 2049, (batch,), generator=generator)
+    blocks = (lens_host + block_size - 1) // block_size
+    total_blocks = int(blocks.sum())
+    shape = (total_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    ids = torch.randperm(total_blocks).to(torch.int32)
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(blocks.tolist()):
+        tables[row, :count] = ids[start:start + count]
+        start += count
+    order = torch.argsort(lens_host, descending=True, stable=True).to(torch.int32).cuda()
+    q = torch.randn(batch, 2 * kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    kv_bytes = 2 * int(lens_host.sum()) * kv_heads * head_dim * 2
+    return q, k_cache, v_cache, tables.cuda(), lens_host.to(torch.int32).cuda(), order, kv_bytes
+
+
 def bench_context_order(bandwidth: float) -> None:
-    """The decode kernel over uneven contexts (uniform 100-2048 tokens, as the nano-vllm workload's mid-run
-    batches): sequences started in batch order against longest first (paged_decode_attention's seq_order)."""
-    heads, kv_heads, head_dim, block_size, width = 16, 8, 128, 16, 4096 // 16
+    """The decode kernel over uneven contexts: sequences started in batch order against longest first
+    (paged_decode_attention's seq_order)."""
     print("\npaged decode kernel, uneven contexts (100-2048), one CUDA graph replay: ms (fraction of copy bandwidth)")
     print("| batch | splits | batch order | longest first |\n|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for batch in (64, 128, 256):
-        lens_host = torch.randint(100, 2049, (batch,), generator=generator)
-        blocks = (lens_host + block_size - 1) // block_size
-        total_blocks = int(blocks.sum())
-        shape = (total_blocks, block_size, kv_heads, head_dim)
-        k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-        v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-        ids = torch.randperm(total_blocks).to(torch.int32)
-        tables = torch.zeros(batch, width, dtype=torch.int32)
-        start = 0
-        for row, count in enumerate(blocks.tolist()):
-            tables[row, :count] = ids[start:start + count]
-            start += count
-        tables, lens = tables.cuda(), lens_host.to(torch.int32).cuda()
-        order = torch.argsort(lens_host, descending=True, stable=True).to(torch.int32).cuda()
-        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
+        q, k_cache, v_cache, tables, lens, order, kv_bytes = uneven_paged(batch, generator)
         out = torch.empty_like(q)
-        kv_bytes = 2 * int(lens_host.sum()) * kv_heads * head_dim * 2
-        chosen = triton_ops.choose_num_splits(batch, kv_heads, 4096, q.device)
+        chosen = triton_ops.choose_num_splits(batch, k_cache.shape[2], 4096, q.device)
         for splits in sorted({1, 2, chosen}):
             cells = []
             for seq_order in (None, order):
                 ms = graph_ms(lambda s=splits, o=seq_order: triton_ops.paged_decode_attention(
-                    q, k_cache, v_cache, tables, lens, head_dim**-0.5, out=out, num_splits=s, seq_order=o))
+                    q, k_cache, v_cache, tables, lens, q.shape[-1]**-0.5, out=out, num_splits=s, seq_order=o))
                 cells.append(f"{ms:.3f} ({kv_bytes / ms / 1e6 / (bandwidth / 1e9):.0%})")
             print(f"| {batch} | {splits}{'*' if splits == chosen else ''} | " + " | ".join(cells) + " |")
+        del k_cache, v_cache
+
+
+# (TILE_N, num_warps, num_stages) besides the engine's (triton_ops._decode_launch_config). Fewer stages or a narrower tile take less shared
+# memory, so more programs fit on a multiprocessor; that matters where programs are short and each one's start
+# (the block table, then the first K tile: two memory round trips) is not hidden by the others.
+TILE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (32, 4, 4), (32, 2, 3), (32, 2, 4), (16, 2, 4),
+                (64, 8, 3), (128, 8, 2)]
+
+
+def sweep_uneven(bandwidth: float, batches: list[int]) -> None:
+    """Every tile configuration x split count over uneven contexts, longest first, as the engine launches it:
+    where in a call (which batch sizes) another configuration would read the KV faster. Outputs are checked
+    against the engine's configuration (the same math in another order: close, not equal)."""
+    print("\npaged decode kernel, uneven contexts (100-2048), longest first, one CUDA graph replay: fraction of copy "
+          "bandwidth per (TILE_N, warps, stages) and split count; * = the engine's choice")
+    print("| batch | the engine's | the four fastest |\n|---|---|---|")
+    generator = torch.Generator().manual_seed(1)
+    for batch in batches:
+        q, k_cache, v_cache, tables, lens, order, kv_bytes = uneven_paged(batch, generator)
+        scale = q.shape[-1]**-0.5
+        chosen = triton_ops.choose_num_splits(batch, k_cache.shape[2], 4096, q.device)
+        engine_config = triton_ops._decode_launch_config(q.dtype, q.shape[-1])
+        expected = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, seq_order=order)
+        rows = []
+        for config in [engine_config] + [c for c in TILE_CONFIGS if c != engine_config]:
+            for splits in sorted({1, 2, 3, 4, 6, chosen}):
+                out = torch.empty_like(q)
+
+                def run(config=config, splits=splits, out=out):
+                    tile_n, num_warps, num_stages = config
+                    return triton_ops._launch_decode(q, k_cache, v_cache, tables, lens, scale, out,
+                                                     num_splits=splits, tile_n=tile_n, num_warps=num_warps,
+                                                     num_stages=num_stages, seq_order=order)
+                try:
+                    ms = graph_ms(run)
+                except Exception as error:  # noqa: BLE001 - a configuration may not fit in shared memory
+                    print(f"  batch {batch} {config} splits {splits}: failed ({type(error).__name__})")
+                    continue
+                if not torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2):
+                    raise AssertionError(f"batch {batch} {config} splits {splits}: output differs")
+                star = "*" if config == engine_config and splits == chosen else ""
+                rows.append((ms, f"{config} x{splits}{star}", kv_bytes / ms / 1e6 / (bandwidth / 1e9)))
+        rows.sort()
+        engine = next(r for r in rows if r[1].endswith("*"))
+        best = ", ".join(f"{name} {share:.0%}" for _, name, share in rows[:4])
+        print(f"| {batch} | engine {engine[1]} {engine[2]:.0%} ({engine[0]:.3f} ms) | best: {best} |")
         del k_cache, v_cache
 
 
@@ -165,9 +218,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,32,64,128,256")
     parser.add_argument("--context-order", action="store_true", help="only the uneven-contexts table")
+    parser.add_argument("--uneven-sweep", action="store_true",
+                        help="only the tile-configuration sweep over uneven contexts, at --batches")
     args = parser.parse_args()
     bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.uneven_sweep:
+        sweep_uneven(bandwidth, [int(b) for b in args.batches.split(",")])
+        return
     if not args.context_order:
         bench_gemms([int(b) for b in args.batches.split(",")], bandwidth)
         bench_splits(bandwidth)

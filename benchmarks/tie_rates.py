@@ -111,15 +111,17 @@ def main() -> None:
         print(f"{card}, {args.dtype}; {args.prompts} prompts x {MAX_NEW} tokens; near-ties on "
               f"transformers' path: {sum(map(sum, near))} of {args.prompts * MAX_NEW} positions, in "
               f"{sum(map(any, near))} sequences")
-        print("| engine | equal | excused | failed | excused % |")
-        print("|---|---|---|---|---|")
+        print("| engine | equal | excused | failed | excused % | excused in the first 5 tokens |")
+        print("|---|---|---|---|---|---|")
         for name in args.backends.split(","):
             counts = {"equal": 0, "excused": 0, "failed": 0}
+            early = 0  # what a test of 5 new tokens would excuse (greedy: the first 5 of 10 are those of 5)
             for ours, ref, row in zip(continuations(path, args.dtype, name, prompts), reference, near):
                 i = first_difference(ours, ref)
                 counts["equal" if i is None else "excused" if row[i] else "failed"] += 1
+                early += i is not None and i < 5 and row[i]
             print(f"| {name} | {counts['equal']} | {counts['excused']} | {counts['failed']} | "
-                  f"{100 * counts['excused'] / args.prompts:.1f} |")
+                  f"{100 * counts['excused'] / args.prompts:.1f} | {early} ({100 * early / args.prompts:.1f}%) |")
             torch.cuda.empty_cache()
 
 

@@ -37,6 +37,29 @@ def test_rms_norm_matches_the_torch_code(dtype, shape):
     torch.testing.assert_close(got, expected, rtol=ONE_ULP[dtype], atol=ONE_ULP[dtype])
 
 
+def rows_keep_their_bits_wherever_they_sit(dtype, device):
+    """Short rows are normed several to a program (fused.NORM_ROW_ELEMENTS): a row's bits must not depend on where
+    it falls in a program's tile, or a token's q/k-norm would differ between a decode step and a prefill."""
+    generator = torch.Generator().manual_seed(9)
+    for width in (128, 64, 40, 1024):  # 8, 16, 16 and 1 rows a program
+        x = (torch.randn(37, width, generator=generator) * 3).to(device, dtype)
+        weight = (torch.rand(width, generator=generator) + 0.5).to(device, dtype)
+        whole = fused.rms_norm(x, weight, 1e-6)
+        assert torch.equal(fused.rms_norm(x[5:], weight, 1e-6), whole[5:]), width  # shifted against the tiles
+        assert torch.equal(fused.rms_norm(x[12:13], weight, 1e-6), whole[12:13]), width  # alone, as in decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_norm_does_not_depend_on_its_place_in_a_program(dtype):
+    rows_keep_their_bits_wherever_they_sit(dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_rows_norm_does_not_depend_on_its_place_in_a_program_compiled_on_the_gpu(dtype):
+    rows_keep_their_bits_wherever_they_sit(dtype, "cuda")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 # head_dim 24 and 96: halves that are not powers of two (the kernel masks its block down to them).
 @pytest.mark.parametrize("heads, head_dim", [(4, 64), (3, 128), (2, 16), (9, 64), (6, 24), (2, 96)])

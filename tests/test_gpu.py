@@ -12,11 +12,12 @@ pytestmark = pytest.mark.gpu
 
 # Random bf16 models meet near-ties (top-2 gap within 2 ulps): over 300 random prompts transformers' own greedy path
 # met 76 in 3,000 positions, and a correct engine needed the tie excuse on 4% of sequences, as did transformers'
-# eager attention against its SDPA (benchmarks/tie_rates.py, 2026-12-02 in RESULTS.md), all within the first 5 new
-# tokens (so fewer tokens would not help). On test_gpu's first 30 prompts every bf16 case was excused exactly 3 times, the rule's cap: a change of
-# rounding anywhere could tip a case over with no bug. So the bf16 exactness cases run on EXACT_PROMPTS prompts,
-# enough that the cap (10%) sits well above the rate, and a rate test holds the engine to what a second correct
-# implementation shows (test_bf16_engine_meets_near_ties_no_more_often_than_a_second_implementation).
+# eager attention against its SDPA (benchmarks/tie_rates.py, 2026-12-02 in RESULTS.md), all within the first 5
+# new tokens (so fewer tokens would not help). On test_gpu's first 30 prompts every bf16 case was excused exactly
+# 3 times, the rule's cap: a change of rounding anywhere could tip a case over with no bug. So the bf16 exactness
+# cases run on EXACT_PROMPTS prompts, enough that the cap (10%) sits well above the rate, and a rate test holds the
+# engine to what a second correct implementation shows
+# (test_bf16_engine_meets_near_ties_no_more_often_than_a_second_implementation).
 MAX_NEW = 10
 EXACT_PROMPTS = 150  # the fixture's 30, then 120 more
 # Tied embeddings scaled up: each token's own embedding dominates the residual stream, which makes the random

@@ -6,9 +6,9 @@ as the weight matrices. One kernel per operation reads each input once and write
 
 Second round (fewer launches per layer): the residual add with the RMSNorm after it (add_rms_norm), which must
 give the bits of the add and the norm kernel, composed: the same per-row code through shared helpers
-(_inverse_rms, _normed), one norm row per program, and the add computed in float32 then rounded to nearest even,
-as torch's add of two bf16 / fp16 tensors is. That keeps tests/test_gpu.py's bf16 agreement with transformers unchanged (a different
-float32 sum order is enough to break it, see the RMSNorm note below RoPE's launch shape). tests/test_fused.py
+(_inverse_rms, _normed) on tiles of one shape for a row width, and the add computed in float32 then rounded to
+nearest even, as torch's add of two bf16 / fp16 tensors is. A different float32 sum order changes last bits, and
+with them which side of a near-tie a bf16 model's greedy token falls (see NORM_ROW_ELEMENTS); tests/test_fused.py
 checks the equality in the interpreter and, compiled, on a GPU (its `gpu` test). A kernel for Qwen3's q/k-norm
 followed by RoPE (one launch for both tensors) was tried on 2026-12-01 and removed: bit-equal in the interpreter,
 but compiled for an H200 its bf16 / fp16 outputs differed from the two kernels it replaced (benchmarks/RESULTS.md).
@@ -37,7 +37,7 @@ import triton.language as tl
 
 # LOADS: every load of a norm kernel is written before its float32 sum. The sum crosses warps through shared memory
 # behind a barrier, and a load written after it is issued only then: one more memory round trip for a program that
-# does one short row (these kernels are latency-bound). Same arithmetic, same bits.
+# does a few short rows (these kernels are latency-bound). Same arithmetic, same bits.
 
 
 @triton.jit
@@ -46,11 +46,25 @@ def _rounded(x, dtype: tl.constexpr):
     return x.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
 
 
+# RMSNorm's launch shape: a program norms ROWS rows, ROWS = NORM_ROW_ELEMENTS // the row's padded size (at least
+# one): Qwen3's q/k-norm rows, 128 wide, go 8 to a program, hidden-size rows one. One short row per program made a
+# prefill step's q/k-norm 8192 tokens x 24 heads = 196k programs, most of each one's time spent starting up.
+# Bits: a row's float32 sum is the same in every program (the tile's layout is regular), and every RMSNorm kernel
+# takes its ROWS from the row width alone, so all of them give one row the same bits. (Another ROWS may sum in
+# another order: a last-bit difference, which is why the norm kernels once kept one row each; tests/test_gpu.py now
+# measures near-tie differences on many prompts instead, see its note.)
+NORM_ROW_ELEMENTS = 1024
+
+
+def norm_rows_per_program(n_cols: int) -> int:
+    return max(1, NORM_ROW_ELEMENTS // triton.next_power_of_2(n_cols))
+
+
 @triton.jit
 def _inverse_rms(x, n_cols, eps):
-    """1 / sqrt(mean(x^2) + eps) of one float32 row x [BLOCK] (zeros past n_cols). Every RMSNorm kernel sums
-    through this one function, one row per program, so they all add the squares in the same order."""
-    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    """1 / sqrt(mean(x^2) + eps) of each row of a float32 tile x [ROWS, BLOCK] (zeros past n_cols), as [ROWS, 1].
+    Every RMSNorm kernel sums through this one function, on tiles of one shape for one width (see ROWS above)."""
+    return (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps))[:, None]
 
 
 @triton.jit
@@ -68,40 +82,47 @@ def _row_start(row, rows_per_token, stride_token, stride_row):
 
 
 @triton.jit
-def _rms_norm_row(x_ptr, weight_ptr, out_ptr, row, n_cols, eps, rows_per_token, stride_token, stride_row,
-                  BLOCK: tl.constexpr):
-    """One RMSNorm row of a strided view into row `row` of a contiguous output."""
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    start = _row_start(row, rows_per_token, stride_token, stride_row)
-    x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the sum's barrier: see LOADS
-    inv_rms = _inverse_rms(x, n_cols, eps)
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * n_cols + cols, _normed(x, inv_rms, weight, dtype).to(dtype), mask=mask)
+def _tile(program, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `program`'s rows [ROWS, 1] (int64), the columns [1, BLOCK], and the mask of the real elements."""
+    rows = program * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    return rows, cols, (rows < n_rows) & (cols < n_cols)
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_cols, eps, rows_per_token, stride_token, stride_row,
-                     BLOCK: tl.constexpr):
-    _rms_norm_row(x_ptr, weight_ptr, out_ptr, tl.program_id(0).to(tl.int64), n_cols, eps, rows_per_token,
-                  stride_token, stride_row, BLOCK)
+def _rms_norm_rows(x_ptr, weight_ptr, out_ptr, program, n_rows, n_cols, eps, rows_per_token, stride_token,
+                   stride_row, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `program`'s RMSNorm rows of a strided view, into the same rows of a contiguous output."""
+    rows, cols, mask = _tile(program, n_rows, n_cols, ROWS, BLOCK)
+    start = _row_start(rows, rows_per_token, stride_token, stride_row)
+    x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)  # before the sum: see LOADS
+    inv_rms = _inverse_rms(x, n_cols, eps)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows * n_cols + cols, _normed(x, inv_rms, weight, dtype).to(dtype), mask=mask)
 
 
-# a_rows is only compared with: no separate compilation for each of its values' divisibility classes.
-@triton.jit(do_not_specialize=["a_rows"])
-def _rms_norm_pair_kernel(a_ptr, a_weight_ptr, a_out_ptr, a_rows, a_rows_per_token, a_stride_token, a_stride_row,
-                          b_ptr, b_weight_ptr, b_out_ptr, b_rows_per_token, b_stride_token, b_stride_row,
-                          n_cols, eps, BLOCK: tl.constexpr):
-    """Two RMSNorms in one launch (Qwen3's q-norm and k-norm): the first a_rows programs norm a's rows, the
-    others b's, each row by the very code of _rms_norm_kernel, so the bits are those of two separate launches."""
-    row = tl.program_id(0).to(tl.int64)
-    if row < a_rows:
-        _rms_norm_row(a_ptr, a_weight_ptr, a_out_ptr, row, n_cols, eps, a_rows_per_token, a_stride_token,
-                      a_stride_row, BLOCK)
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, n_rows, n_cols, eps, rows_per_token, stride_token, stride_row,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    _rms_norm_rows(x_ptr, weight_ptr, out_ptr, tl.program_id(0).to(tl.int64), n_rows, n_cols, eps, rows_per_token,
+                   stride_token, stride_row, ROWS, BLOCK)
+
+
+# a_programs is only compared with: no separate compilation for each of its values' divisibility classes.
+@triton.jit(do_not_specialize=["a_programs"])
+def _rms_norm_pair_kernel(a_ptr, a_weight_ptr, a_out_ptr, a_rows, a_programs, a_rows_per_token, a_stride_token,
+                          a_stride_row, b_ptr, b_weight_ptr, b_out_ptr, b_rows, b_rows_per_token, b_stride_token,
+                          b_stride_row, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Two RMSNorms in one launch (Qwen3's q-norm and k-norm): the first a_programs programs norm a's rows, the
+    others b's, each by the very code of _rms_norm_kernel, so the bits are those of two separate launches."""
+    program = tl.program_id(0).to(tl.int64)
+    if program < a_programs:
+        _rms_norm_rows(a_ptr, a_weight_ptr, a_out_ptr, program, a_rows, n_cols, eps, a_rows_per_token,
+                       a_stride_token, a_stride_row, ROWS, BLOCK)
     else:
-        _rms_norm_row(b_ptr, b_weight_ptr, b_out_ptr, row - a_rows, n_cols, eps, b_rows_per_token, b_stride_token,
-                      b_stride_row, BLOCK)
+        _rms_norm_rows(b_ptr, b_weight_ptr, b_out_ptr, program - a_programs, b_rows, n_cols, eps, b_rows_per_token,
+                       b_stride_token, b_stride_row, ROWS, BLOCK)
 
 
 def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -123,8 +144,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = out.numel() // shape[-1] if shape[-1] else 0
     if rows:
         x, per_token, stride_token, stride_row = _rows_of(x)
-        _rms_norm_kernel[(rows,)](x, weight, out, shape[-1], eps, per_token, stride_token, stride_row,
-                                  BLOCK=triton.next_power_of_2(shape[-1]))
+        per_program = norm_rows_per_program(shape[-1])
+        _rms_norm_kernel[(triton.cdiv(rows, per_program),)](
+            x, weight, out, rows, shape[-1], eps, per_token, stride_token, stride_row,
+            ROWS=per_program, BLOCK=triton.next_power_of_2(shape[-1]))
     return out
 
 
@@ -141,28 +164,29 @@ def rms_norm_pair(a: torch.Tensor, a_weight: torch.Tensor, b: torch.Tensor, b_we
     if a_rows + b_rows:
         a, a_per_token, a_stride_token, a_stride_row = _rows_of(a)
         b, b_per_token, b_stride_token, b_stride_row = _rows_of(b)
-        _rms_norm_pair_kernel[(a_rows + b_rows,)](
-            a, a_weight, a_out, a_rows, a_per_token, a_stride_token, a_stride_row,
-            b, b_weight, b_out, b_per_token, b_stride_token, b_stride_row,
-            n, eps, BLOCK=triton.next_power_of_2(n))
+        per_program = norm_rows_per_program(n)
+        a_programs = triton.cdiv(a_rows, per_program)
+        _rms_norm_pair_kernel[(a_programs + triton.cdiv(b_rows, per_program),)](
+            a, a_weight, a_out, a_rows, a_programs, a_per_token, a_stride_token, a_stride_row,
+            b, b_weight, b_out, b_rows, b_per_token, b_stride_token, b_stride_row,
+            n, eps, ROWS=per_program, BLOCK=triton.next_power_of_2(n))
     return a_out, b_out
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
-    """One row: sum = residual + x (rounded to the dtype, as torch's add rounds), then out = RMSNorm(sum) by the
-    same code as _rms_norm_kernel, so out equals rms_norm(residual + x) bit for bit."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, n_rows, n_cols, eps,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS rows: sum = residual + x (rounded to the dtype, as torch's add rounds), then out = RMSNorm(sum) on a
+    tile of the norm kernel's shape, so out equals rms_norm(residual + x) bit for bit."""
+    rows, cols, mask = _tile(tl.program_id(0).to(tl.int64), n_rows, n_cols, ROWS, BLOCK)
     dtype = out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the sum's barrier: see LOADS
+    x = tl.load(x_ptr + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)  # before the sum: see LOADS
     hidden = _rounded(residual + x, dtype)
-    tl.store(sum_ptr + row * n_cols + cols, hidden.to(dtype), mask=mask)
+    tl.store(sum_ptr + rows * n_cols + cols, hidden.to(dtype), mask=mask)
     inv_rms = _inverse_rms(hidden, n_cols, eps)
-    tl.store(out_ptr + row * n_cols + cols, _normed(hidden, inv_rms, weight, dtype).to(dtype), mask=mask)
+    tl.store(out_ptr + rows * n_cols + cols, _normed(hidden, inv_rms, weight, dtype).to(dtype), mask=mask)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -173,18 +197,18 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     x = x.reshape(-1, shape[-1]).contiguous()
     residual = residual.reshape(-1, shape[-1]).contiguous()
     total, out = torch.empty_like(x), torch.empty_like(x)
-    if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, total, out, x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]))
+    rows, n = x.shape
+    if rows:
+        per_program = norm_rows_per_program(n)
+        _add_rms_norm_kernel[(triton.cdiv(rows, per_program),)](x, residual, weight, total, out, rows, n, eps,
+                                                                 ROWS=per_program, BLOCK=triton.next_power_of_2(n))
     return total.view(shape), out.view(shape)
 
 
 # RoPE's launch shape: a program rotates ROWS (token, head) rows, ROWS = ROW_ELEMENTS // the row's padded size.
 # One head row per program made 8192 tokens x 24 heads = 196k programs of 128 elements per kernel, most of each
 # program's time spent starting up. RoPE has no reduction, so the packing changes no bit of the result. (RMSNorm
-# keeps one row per program: packing its q/k-norm rows changed the order of its float32 sum, and with it enough
-# bf16 roundings that tests/test_gpu.py's random model disagreed with transformers more often than the tie rule
-# allows, the 2026-11-28 experiment's failure, seen again on 2026-12-01.)
+# packs rows too, see NORM_ROW_ELEMENTS.)
 ROW_ELEMENTS = 1024
 
 

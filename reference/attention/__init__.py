@@ -45,6 +45,13 @@ class FlashPrefillBackend:
     def __init__(self, paged) -> None:
         self.paged = paged
 
+    @property
+    def fuse_decode_prologue(self) -> bool:  # decode steps are the paged backend's
+        return self.paged.fuse_decode_prologue
+
+    def decode_from_qkv(self, *args, **kwargs) -> torch.Tensor:
+        return self.paged.decode_from_qkv(*args, **kwargs)
+
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
                 kv_stored: bool = False) -> torch.Tensor:
         fresh = metadata.context_lens_host is not None and metadata.context_lens_host == metadata.query_lens

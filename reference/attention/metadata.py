@@ -50,6 +50,11 @@ class AttentionMetadata:
     def uses_cache(self) -> bool:
         return self.slot_mapping is not None
 
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token (the decode kernels' steps)."""
+        return bool(self.query_lens) and all(n == 1 for n in self.query_lens)
+
 
 def build_metadata(
     query_lens: list[int],

@@ -144,13 +144,38 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    start, end = _split_range(context_len, split, num_splits, TILE_N)
+    _decode_program(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+                    seq, kv_head, split, start, end, qk_scale, block_size, stride_q_seq, stride_q_head,
+                    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, stride_out_seq,
+                    stride_out_head, num_splits, GROUP, GROUP_PADDED, HEAD_DIM, HEAD_DIM_PADDED, TILE_N, SPLIT,
+                    DOT_PRECISION)
 
-    # This split's share of the context, in whole tiles: [start, end).
+
+@triton.jit
+def _split_range(context_len, split, num_splits, TILE_N: tl.constexpr):
+    """Split `split`'s share of the context, in whole tiles: [start, end) (empty for a split past a short context)."""
     num_tiles = tl.cdiv(context_len, TILE_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     start = split * tiles_per_split * TILE_N
-    end = tl.minimum(start + tiles_per_split * TILE_N, context_len)
+    return start, tl.minimum(start + tiles_per_split * TILE_N, context_len)
 
+
+@triton.jit
+def _decode_program(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+    seq, kv_head, split, start, end, qk_scale, block_size,
+    stride_q_seq, stride_q_head,
+    stride_cache_block, stride_cache_slot, stride_cache_head,
+    stride_table_seq,
+    stride_out_seq, stride_out_head,
+    num_splits,
+    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The work of one decode program, context positions [start, end) of sequence `seq` (also the body of
+    decode_prologue.py's kernel, which first makes q and the new K/V itself)."""
     # The group's query heads are the rows of a [GROUP_PADDED, HEAD_DIM_PADDED] matrix (padded for tl.dot
     # and tl.arange; padded rows are zeros and never stored).
     group_rows = tl.arange(0, GROUP_PADDED)
@@ -303,12 +328,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
     """Launch the decode kernel (and the merge when num_splits > 1) with an explicit tile configuration."""
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    group = num_heads // kv_heads
-    if num_splits > 1:
-        partial_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:  # the kernel writes `out` directly; these are never touched
-        partial_out = partial_lse = out
+    partial_out, partial_lse = split_buffers(out, num_splits)
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if seq_order is None else seq_order,
         out, partial_out, partial_lse,
@@ -318,20 +338,41 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_splits,
-        GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
-        TILE_N=tile_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), ORDERED=seq_order is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        **decode_constants(q.dtype, num_heads // kv_heads, head_dim, tile_n, num_splits),
+        ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _combine_splits_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out,
-            out.stride(0), out.stride(1),
-            num_heads, num_splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
-            SPLITS_PADDED=triton.next_power_of_2(num_splits),
-        )
+    combine_splits(partial_out, partial_lse, out, num_splits)
     return out
+
+
+def split_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial_out, partial_lse) for a split launch; without splits the kernel writes `out` and never these."""
+    if num_splits == 1:
+        return out, out
+    batch, num_heads, head_dim = out.shape
+    return (torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=out.device),
+            torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device))
+
+
+def decode_constants(dtype: torch.dtype, group: int, head_dim: int, tile_n: int, num_splits: int) -> dict:
+    """The decode program's compile-time arguments (_decode_program's, shared with decode_prologue.py)."""
+    return dict(GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+                HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim), TILE_N=tile_n, SPLIT=num_splits > 1,
+                DOT_PRECISION=_dot_precision(dtype))
+
+
+def combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """Merge a split launch's partial outputs into `out` (nothing to do without splits)."""
+    if num_splits == 1:
+        return
+    batch, num_heads, head_dim = out.shape
+    _combine_splits_kernel[(batch, num_heads)](
+        partial_out, partial_lse, out,
+        out.stride(0), out.stride(1),
+        num_heads, num_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=_padded_head_dim(head_dim),
+        SPLITS_PADDED=triton.next_power_of_2(num_splits),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,6 +524,9 @@ class TritonAttentionBackend:
     name = "triton"
     supports_cuda_graphs = True  # reads lengths and tables from device memory; launches of fixed shapes
     accepts_stored_kv = True  # forward(..., kv_stored=True): the model's fused kernel already stored the new K/V
+    # True: the model hands decode steps over straight from the q/k/v projection (decode_from_qkv); see
+    # decode_prologue.PrologueTritonBackend.
+    fuse_decode_prologue = False
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
                 kv_stored: bool = False) -> torch.Tensor:
@@ -493,7 +537,7 @@ class TritonAttentionBackend:
         if not kv_stored:
             store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         max_context_len = max(metadata.context_lens_host) if metadata.context_lens_host else None
-        if metadata.query_lens and all(n == 1 for n in metadata.query_lens):
+        if metadata.is_decode:
             return paged_decode_attention(
                 q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, scale,
                 max_context_len=max_context_len, seq_order=metadata.decode_order,

@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from public_api_throughput import save_random_checkpoint
+from public_api_throughput import save_random_checkpoint, use_decode_prologue
 from reference import LLM
-from reference.attention import decode_prologue, triton_ops
+from reference.attention import triton_ops
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
 from step_costs import generate, time_launches
@@ -40,8 +40,8 @@ def apply_setting(setting: str) -> None:
     num_warps, num_stages) for every launch; a "+prologue" suffix turns on the decode kernel that norms, rotates and
     stores q/k itself (decode_prologue.PrologueTritonBackend). All are read when the CUDA graphs are captured."""
     setting, _, prologue = setting.partition("+")
-    if prologue == "prologue":  # get_backend builds triton_ops.TritonAttentionBackend: the prologue's in its place
-        triton_ops.TritonAttentionBackend = decode_prologue.PrologueTritonBackend
+    if prologue == "prologue":
+        use_decode_prologue()
     programs_per_sm, _, config = setting.partition("/")
     triton_ops.PROGRAMS_PER_MULTIPROCESSOR = int(programs_per_sm)
     if config:

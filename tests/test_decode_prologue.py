@@ -63,13 +63,13 @@ def two_launches_and_one(batch, heads, kv_heads, head_dim, dtype, device=DEVICE,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])  # Qwen3 / Llama and Qwen2
-@pytest.mark.parametrize("num_splits, ordered", [(1, True), (3, False), (None, True)])
 # Qwen3-0.6B's heads; an odd GQA group, head_dim 64; a head_dim whose half is not a power of two; a group of 24
-# q heads, normed in three tiles of 8 rows.
-@pytest.mark.parametrize("batch, heads, kv_heads, head_dim", [(7, 16, 8, 128), (5, 9, 3, 64), (4, 5, 1, 40),
-                                                              (3, 48, 2, 128)])
-def test_one_launch_gives_the_bits_of_fused_qk_then_decode(dtype, norm, num_splits, ordered, batch, heads, kv_heads,
-                                                           head_dim):
+# q heads, normed in three tiles of 8 rows. Each with a split setting: none, 3 (some splits past the short
+# contexts: empty), and the split rule's choice; in batch order and longest first.
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, num_splits, ordered", [
+    (7, 16, 8, 128, 1, True), (5, 9, 3, 64, 3, False), (4, 5, 1, 40, None, True), (3, 48, 2, 128, 3, True)])
+def test_one_launch_gives_the_bits_of_fused_qk_then_decode(dtype, norm, batch, heads, kv_heads, head_dim, num_splits,
+                                                           ordered):
     two_launches_and_one(batch, heads, kv_heads, head_dim, dtype, norm=norm, num_splits=num_splits,
                          ordered=ordered)
 

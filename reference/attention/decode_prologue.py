@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..models.fused import norm_rows_per_program
-from ..models.fused_qk import _check_cache, _heads_view, _qk_rows
+from ..models.fused_qk import _check_cache, _qk_rows, checked_qkv
 from .metadata import AttentionMetadata
 from .triton_ops import (LOG2_E, TritonAttentionBackend, _check_attention_inputs, _decode_launch_config,
                          _decode_program, _split_range, choose_num_splits, combine_splits, decode_constants,
@@ -152,15 +152,8 @@ def decode_attention_from_qkv(
 def _checked_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, q_weight, k_weight,
                     seq_order) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (contiguous in their last dim), once every input is checked; a clear ValueError otherwise."""
-    q, k, v = _heads_view(q, "q"), _heads_view(k, "k"), _heads_view(v, "v")
+    q, k, v = checked_qkv(q, k, v, q_weight, k_weight)
     batch, _, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != head_dim or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share tokens and "
-                         "head_dim, and k and v their shape")
-    if head_dim % 2:
-        raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {head_dim}")
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("give both q_weight and k_weight (Qwen3's q/k-norm) or neither")
     _check_cache(k_cache, v_cache, slot_mapping, batch, k.shape[1], head_dim)
     _check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, batch)
     if seq_order is not None and seq_order.shape != (batch,):

@@ -95,6 +95,20 @@ def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def checked_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight, k_weight):
+    """(q, k, v), each with a contiguous last dim, once their shapes and the norm weights are checked."""
+    q, k, v = _heads_view(q, "q"), _heads_view(k, "k"), _heads_view(v, "v")
+    tokens, _, head_dim = k.shape
+    if q.shape[0] != tokens or q.shape[2] != head_dim or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share tokens and "
+                         "head_dim, and k and v their shape")
+    if head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {head_dim}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q_weight and k_weight (Qwen3's q/k-norm) or neither")
+    return q, k, v
+
+
 def _check_cache(k_cache, v_cache, slot_mapping, tokens: int, kv_heads: int, head_dim: int) -> None:
     if v_cache is None or slot_mapping is None:
         raise ValueError("storing into the cache needs k_cache, v_cache and slot_mapping")
@@ -130,15 +144,8 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     ([num_blocks, block_size, kv_heads, head_dim], contiguous) and slot_mapping (int64 [tokens], -1 = skip), the
     rotated k and v are written into their slots as store_kvcache writes them.
     Returns the rotated (q, k): new contiguous tensors, or `out`'s two contiguous tensors of q's and k's shapes."""
-    q, k, v = _heads_view(q, "q"), _heads_view(k, "k"), _heads_view(v, "v")
+    q, k, v = checked_qkv(q, k, v, q_weight, k_weight)
     tokens, kv_heads, head_dim = k.shape
-    if q.shape[0] != tokens or q.shape[2] != head_dim or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share tokens and "
-                         "head_dim, and k and v their shape")
-    if head_dim % 2:
-        raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {head_dim}")
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("give both q_weight and k_weight (Qwen3's q/k-norm) or neither")
     store = k_cache is not None
     if store:
         _check_cache(k_cache, v_cache, slot_mapping, tokens, kv_heads, head_dim)

@@ -140,3 +140,30 @@ def test_model_decode_steps_with_the_prologue_in_the_kernel_give_the_same_logits
     assert all(torch.equal(a, b) for pair_a, pair_b in zip(caches_off, caches_on) for a, b in zip(pair_a, pair_b))
     assert fusing.calls == 2 * config.num_hidden_layers  # the two decode steps took the one-launch path
     assert all(bool(k[2, 6].any() and k[0, 3].any()) for k, _ in caches_on)  # the last decodes' K (positions 22, 19)
+
+
+@pytest.mark.gpu
+def test_engine_with_the_prologue_gives_the_default_engines_tokens_and_logprobs_on_the_gpu(checkpoint_factory,
+                                                                                         monkeypatch):
+    """The whole engine in bf16 with CUDA graphs (captured batch sizes, padding rows, splits at long contexts):
+    greedy tokens and their logprobs equal the default backend's, as the kernel's bits promise."""
+    from reference import LLM, SamplingParams
+
+    shapes = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, num_hidden_layers=4, max_position_embeddings=2048)
+    path = str(checkpoint_factory("qwen3", **shapes))
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist()  # up to 900 tokens: split contexts
+               for n in torch.randint(5, 900, (24,), generator=generator).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
+    runs = []
+    for prologue in (False, True):
+        if prologue:  # get_backend builds triton_ops.TritonAttentionBackend, inside "flash" too
+            monkeypatch.setattr(triton_ops, "TritonAttentionBackend", PrologueTritonBackend)
+        llm = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=16, max_model_len=1024, num_kv_blocks=2048)
+        assert llm.engine.runner.decode_graphs is not None
+        assert llm.engine.runner.model.model.layers[0].self_attn.backend.fuse_decode_prologue == prologue
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params,
+                                                                                             use_tqdm=False)])
+        del llm
+    assert runs[1] == runs[0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint
+from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint, use_decode_prologue
 from reference import LLM, SamplingParams
 from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
 from reference.cuda_graphs import DecodeGraphs
@@ -202,8 +202,12 @@ def main() -> None:
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
+    parser.add_argument("--decode-prologue", action="store_true",
+                        help="decode steps through attention/decode_prologue.py (not yet the default)")
     args = parser.parse_args()
     DecodeGraphs.longest_first = not args.batch_order
+    if args.decode_prologue:
+        use_decode_prologue()
     options = dict(TUNED if args.tuned else {})
     for option in args.engine_option:
         name, value = option.split("=", 1)
@@ -223,7 +227,8 @@ def main() -> None:
         config, dtype = llm.engine.model_config, llm.engine.dtype
         kv_per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype.itemsize)
         floor = workload_floor(workload.input_lens, workload.output_lens, kv_per_token, weights, bandwidth)
-        print(f"{torch.cuda.get_device_name()}; options {options or 'default'}; copy bandwidth "
+        print(f"{torch.cuda.get_device_name()}; options {options or 'default'}"
+              f"{'; decode prologue' if args.decode_prologue else ''}; copy bandwidth "
               f"{bandwidth / 1e9:.0f} GB/s; call {wall:.2f} s, {sum(workload.output_lens) / wall:.0f} output tok/s, "
               f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
         report_steps(timings, wall, kv_per_token, weights, bandwidth)

@@ -13,6 +13,8 @@ Why "auto" does not pick "flash-attn" even where it runs: "flash" is the path ev
 number of this project was measured on, and it needs nothing beyond torch and Triton; FlashAttention 4 is a beta
 package whose kernels compile on first use. benchmarks/RESULTS.md compares the two; "auto" changes when it says so.
 triton_ops is imported only when a Triton backend is built, so `import reference` never imports triton.
+decode_prologue.py holds a variant of "triton" whose decode kernel also does the q/k-norm, RoPE and the KV store
+(one launch a layer fewer); not a choice here until it is measured on a GPU (the benchmarks swap it in).
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ def decode_inputs(batch, heads, kv_heads, head_dim, dtype, device, block_size=16
     last = context_lens - 1
     slots = tables[torch.arange(batch), last // block_size] * block_size + last % block_size
     slots[::3] = -1
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(device, dtype)
-    v_cache = torch.randn(k_cache.shape, generator=generator).to(device, dtype)
+    on_device = torch.Generator(device=device).manual_seed(seed)  # large caches are drawn where they live
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=on_device, device=device).to(dtype) for _ in range(2))
     order = torch.argsort(context_lens, descending=True, stable=True).to(device, torch.int32)
     return dict(q=q, k=k, v=v, cos=cos, sin=sin, weights=weights, k_cache=k_cache, v_cache=v_cache,
                 slots=slots.to(device), tables=tables.to(device, torch.int32),

@@ -116,7 +116,7 @@ class Attention(nn.Module):
             options = {}
             if self.qk_norm:
                 options.update(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
-            if store and metadata.is_decode and getattr(self.backend, "fuse_decode_prologue", False):
+            if store and getattr(self.backend, "fuse_decode_prologue", False) and metadata.is_decode:
                 # The decode kernel norms, rotates and stores itself (attention/decode_prologue.py).
                 out = self.backend.decode_from_qkv(q, k, v, cos, sin, k_cache, v_cache, metadata, self.scale, **options)
             elif store:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint, use_decode_prologue
+from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint, use_separate_merge
 from reference import LLM, SamplingParams
 from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
 from reference.cuda_graphs import DecodeGraphs
@@ -143,23 +143,33 @@ def group_of(name: str) -> str:
     return next((group for group, keys in KERNEL_GROUPS if any(k in lowered for k in keys)), "other")
 
 
-def print_kernel_groups(title: str, prof) -> None:
+def print_kernel_groups(title: str, prof, top: int) -> None:
+    """Kernel time by group (and the `top` heaviest kernels by name) beside the span from the first kernel's start
+    to the last one's end: the difference is the time between kernels, which only fewer launches remove."""
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    span_ms = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3 if events else 0
     groups: dict[str, list[float]] = {}
     for e in events:
         groups.setdefault(group_of(e.name), []).append(e.device_time_total)
     total = sum(sum(v) for v in groups.values())
-    print(f"\n{title}: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time")
+    print(f"\n{title}: {len(events)} kernels, {total / 1e3:.3f} ms of kernel time in a span of {span_ms:.3f} ms "
+          f"({span_ms - total / 1e3:.3f} ms between kernels)")
     by_name: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for e in events:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
+        counts[e.name] = counts.get(e.name, 0) + 1
+    if top:
+        print("| kernel | launches | ms | us each |\n|---|---|---|---|")
+        for t, n in sorted(((t, n) for n, t in by_name.items()), reverse=True)[:top]:
+            print(f"| {n[:90]} | {counts[n]} | {t / 1e3:.3f} | {t / counts[n]:.1f} |")
     for group, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
         print(f"  {group:26s} {len(times):4d} kernels {sum(times) / 1e3:7.3f} ms ({sum(times) / total:.0%})")
         heaviest = sorted((t, n) for n, t in by_name.items() if group_of(n) == group)[::-1][:3]
         print("      " + "; ".join(f"{n[:60]} {t / 1e3:.3f} ms" for t, n in heaviest))
 
 
-def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int) -> None:
+def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int, top: int) -> None:
     """torch.profiler around the first `prefill_steps` steps that run prompt tokens, and around the first
     decode-only step of each size in `decode_batches` (as the batch shrinks)."""
     from torch.profiler import ProfilerActivity, profile
@@ -181,7 +191,7 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             out = launch(batch)
             torch.cuda.synchronize()
-        print_kernel_groups(title, prof)
+        print_kernel_groups(title, prof, top)
         return out
 
     runner.launch = maybe_profiled
@@ -200,14 +210,16 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--profile-batches", default="256,128,32", help="decode batch sizes to profile")
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also list the N heaviest kernels of each profiled step by name")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
-    parser.add_argument("--decode-prologue", action="store_true",
-                        help="decode steps through attention/decode_prologue.py (not yet the default)")
+    parser.add_argument("--separate-merge", action="store_true",
+                        help="merge split decode launches in a second kernel (the default before, for an A/B)")
     args = parser.parse_args()
     DecodeGraphs.longest_first = not args.batch_order
-    if args.decode_prologue:
-        use_decode_prologue()
+    if args.separate_merge:
+        use_separate_merge()
     options = dict(TUNED if args.tuned else {})
     for option in args.engine_option:
         name, value = option.split("=", 1)
@@ -228,7 +240,7 @@ def main() -> None:
         kv_per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype.itemsize)
         floor = workload_floor(workload.input_lens, workload.output_lens, kv_per_token, weights, bandwidth)
         print(f"{torch.cuda.get_device_name()}; options {options or 'default'}"
-              f"{'; decode prologue' if args.decode_prologue else ''}; copy bandwidth "
+              f"{'; separate merge' if args.separate_merge else ''}; copy bandwidth "
               f"{bandwidth / 1e9:.0f} GB/s; call {wall:.2f} s, {sum(workload.output_lens) / wall:.0f} output tok/s, "
               f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
         report_steps(timings, wall, kv_per_token, weights, bandwidth)
@@ -238,7 +250,7 @@ def main() -> None:
             pstats.Stats(host_profile).sort_stats("cumulative").print_stats(35)
         batches = [int(b) for b in args.profile_batches.split(",") if b]
         profile_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches,
-                      args.profile_prefills)
+                      args.profile_prefills, args.kernels)
 
 
 if __name__ == "__main__":

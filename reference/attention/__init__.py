@@ -13,8 +13,6 @@ Why "auto" does not pick "flash-attn" even where it runs: "flash" is the path ev
 number of this project was measured on, and it needs nothing beyond torch and Triton; FlashAttention 4 is a beta
 package whose kernels compile on first use. benchmarks/RESULTS.md compares the two; "auto" changes when it says so.
 triton_ops is imported only when a Triton backend is built, so `import reference` never imports triton.
-decode_prologue.py holds a variant of "triton" whose decode kernel also does the q/k-norm, RoPE and the KV store
-(one launch a layer fewer); not a choice here until it is measured on a GPU (the benchmarks swap it in).
 """
 
 from __future__ import annotations
@@ -46,13 +44,6 @@ class FlashPrefillBackend:
 
     def __init__(self, paged) -> None:
         self.paged = paged
-
-    @property
-    def fuse_decode_prologue(self) -> bool:  # decode steps are the paged backend's
-        return self.paged.fuse_decode_prologue
-
-    def decode_from_qkv(self, *args, **kwargs) -> torch.Tensor:
-        return self.paged.decode_from_qkv(*args, **kwargs)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
                 kv_stored: bool = False) -> torch.Tensor:

@@ -116,10 +116,7 @@ class Attention(nn.Module):
             options = {}
             if self.qk_norm:
                 options.update(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
-            if store and getattr(self.backend, "fuse_decode_prologue", False) and metadata.is_decode:
-                # The decode kernel norms, rotates and stores itself (attention/decode_prologue.py).
-                out = self.backend.decode_from_qkv(q, k, v, cos, sin, k_cache, v_cache, metadata, self.scale, **options)
-            elif store:
+            if store:
                 q, k = fused_qk.qk_norm_rope_store(q, k, v, cos, sin, **options, k_cache=k_cache, v_cache=v_cache,
                                                    slot_mapping=metadata.slot_mapping)
                 out = self.backend.forward(q, k, v, k_cache, v_cache, metadata, self.scale, kv_stored=True)

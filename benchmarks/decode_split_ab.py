@@ -1,11 +1,10 @@
 """The decode kernel's split rule in the engine: one fresh engine per setting, interleaved, on the public-API workload.
 
-    python benchmarks/decode_split_ab.py [--programs-per-sm 3,6,12/32x4x4,12+separate-merge] [--repeats 2]
+    python benchmarks/decode_split_ab.py [--programs-per-sm 3,6,12/32x4x4] [--repeats 2]
 
 choose_num_splits (reference/attention/triton_ops.py) splits each sequence's context until the launch has
 PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor; a setting may also fix the kernel's tile configuration
-(12/32x4x4: TILE_N 32, 4 warps, 4 stages, in place of triton_ops._decode_launch_config's), and "+separate-merge"
-merges a split launch in a second kernel instead of inside the decode kernel (MERGE_IN_DECODE_KERNEL). The CUDA graphs
+(12/32x4x4: TILE_N 32, 4 warps, 4 stages, in place of triton_ops._decode_launch_config's). The CUDA graphs
 fix the split count per batch size when they are captured, so each setting needs its own engine: this script starts
 one per setting and repeat, each in a process of its own (an engine sizes its KV cache from the memory left free, so
 two in one process do not fit), in interleaved order (a, b, c, a, b, c: the card's drift between minutes falls on
@@ -27,7 +26,7 @@ import time
 
 import torch
 
-from public_api_throughput import save_random_checkpoint, use_separate_merge
+from public_api_throughput import save_random_checkpoint
 from reference import LLM
 from reference.attention import triton_ops
 from reference.models.presets import ARCHITECTURES
@@ -37,13 +36,7 @@ from step_costs import generate, time_launches
 
 def apply_setting(setting: str) -> None:
     """In this process: "12" sets PROGRAMS_PER_MULTIPROCESSOR; "12/32x4x4" also the decode kernel's (TILE_N,
-    num_warps, num_stages) for every launch; a "+separate-merge" suffix merges split launches in a second kernel
-    (triton_ops.MERGE_IN_DECODE_KERNEL off). All are read when the CUDA graphs are captured."""
-    setting, _, suffix = setting.partition("+")
-    if suffix not in ("", "separate-merge"):
-        raise SystemExit(f"unknown setting suffix +{suffix}: the one there is is +separate-merge")
-    if suffix:
-        use_separate_merge()
+    num_warps, num_stages) for every launch. Both are read when the CUDA graphs are captured."""
     programs_per_sm, _, config = setting.partition("/")
     triton_ops.PROGRAMS_PER_MULTIPROCESSOR = int(programs_per_sm)
     if config:
@@ -76,7 +69,7 @@ def in_own_process(path: str, setting: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--programs-per-sm", default="3,6,8",
-                        help="settings of PROGRAMS_PER_MULTIPROCESSOR, each optionally /TILE_NxWARPSxSTAGES, then +separate-merge")
+                        help="settings of PROGRAMS_PER_MULTIPROCESSOR, each optionally /TILE_NxWARPSxSTAGES")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this setting once
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)

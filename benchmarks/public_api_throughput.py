@@ -1,7 +1,6 @@
 """The nano-vllm workload through the public API, as a user writes it, against transformers' continuous batching.
 
     python benchmarks/public_api_throughput.py [--tuned] [--hf-requests 64] [--calls 3] [--copy-bandwidth GB/S]
-                                               [--separate-merge]
 
 What a user gets, not what `bench` gets: `LLM(checkpoint_dir, device="cuda", dtype="bfloat16")` with nothing else
 given (or, with --tuned, the preset's max_num_seqs 256 / max_num_batched_tokens 8192 / max_model_len 2048), then
@@ -46,14 +45,6 @@ def save_random_checkpoint(path: str, dtype: torch.dtype) -> None:
     config = AutoConfig.for_model(fields.pop("model_type"), **fields, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
-
-
-def use_separate_merge() -> None:
-    """Engines built after this in this process merge a split decode launch's partial outputs in a second kernel,
-    as before the decode kernel merged them itself (the A/B of triton_ops.MERGE_IN_DECODE_KERNEL)."""
-    from reference.attention import triton_ops
-
-    triton_ops.MERGE_IN_DECODE_KERNEL = False
 
 
 def run_ours(path: str, workloads: list, options: dict) -> tuple[list[dict], LLM]:
@@ -122,11 +113,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--copy-bandwidth", type=float, metavar="GB/S",
                         help="the floor's bandwidth, given instead of measured (one figure for every tree of an A/B)")
-    parser.add_argument("--separate-merge", action="store_true",
-                        help="merge split decode launches in a second kernel (the default before, for an A/B)")
     args = parser.parse_args()
-    if args.separate_merge:
-        use_separate_merge()
 
     vocab = ARCHITECTURES["qwen3-0.6b"]["vocab_size"]
     workload = make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=0)
@@ -148,7 +135,7 @@ def main() -> None:
             rows.append(run_transformers(path, workload, args.hf_requests))
             rows[-1]["workload"] = workload.head(args.hf_requests)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {'tuned' if args.tuned else 'default'} "
-          f"engine settings{', separate merge' if args.separate_merge else ''}; temperature {TEMPERATURE}; "
+          f"engine settings; temperature {TEMPERATURE}; "
           f"copy bandwidth {before / 1e9:.0f} GB/s before the calls, "
           f"{after / 1e9:.0f} after (best of 20 each)")
     bandwidth = max(before, after) if args.copy_bandwidth is None else args.copy_bandwidth * 1e9

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint, use_separate_merge
+from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint
 from reference import LLM, SamplingParams
 from reference.costs import measure_memory_bandwidth, weight_bytes, workload_floor
 from reference.cuda_graphs import DecodeGraphs
@@ -214,12 +214,8 @@ def main() -> None:
                         help="also list the N heaviest kernels of each profiled step by name")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra LLM(...) option, e.g. attention_backend=flash-attn (repeatable)")
-    parser.add_argument("--separate-merge", action="store_true",
-                        help="merge split decode launches in a second kernel (the default before, for an A/B)")
     args = parser.parse_args()
     DecodeGraphs.longest_first = not args.batch_order
-    if args.separate_merge:
-        use_separate_merge()
     options = dict(TUNED if args.tuned else {})
     for option in args.engine_option:
         name, value = option.split("=", 1)
@@ -240,7 +236,7 @@ def main() -> None:
         kv_per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype.itemsize)
         floor = workload_floor(workload.input_lens, workload.output_lens, kv_per_token, weights, bandwidth)
         print(f"{torch.cuda.get_device_name()}; options {options or 'default'}"
-              f"{'; separate merge' if args.separate_merge else ''}; copy bandwidth "
+              f"; copy bandwidth "
               f"{bandwidth / 1e9:.0f} GB/s; call {wall:.2f} s, {sum(workload.output_lens) / wall:.0f} output tok/s, "
               f"{floor.fraction(wall):.3f} of the workload's floor ({floor.seconds:.2f} s)")
         report_steps(timings, wall, kv_per_token, weights, bandwidth)

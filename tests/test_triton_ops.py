@@ -152,27 +152,6 @@ def test_decode_in_any_start_order_gives_the_same_bits(num_splits):
         triton_ops.paged_decode_attention(*args, seq_order=order[:3])
 
 
-@pytest.mark.parametrize("heads, kv_heads, num_splits", [(8, 2, 2), (8, 2, 5), (12, 4, 3), (7, 7, 4), (4, 2, 16)])
-def test_decode_merge_inside_the_kernel_gives_the_second_launchs_bits(monkeypatch, heads, kv_heads, num_splits):
-    # The last split of each (sequence, kv_head) to finish merges them all; with 16 splits many are empty.
-    args, expected = decode_case([1, 20, 100, 170, 64], heads, kv_heads, 64, 16, torch.float32)
-    monkeypatch.setattr(triton_ops, "MERGE_IN_DECODE_KERNEL", False)
-    second_launch = triton_ops.paged_decode_attention(*args, num_splits=num_splits)
-    monkeypatch.setattr(triton_ops, "MERGE_IN_DECODE_KERNEL", True)
-    split_buffers = triton_ops.split_buffers
-
-    def poisoned(out, splits):  # fresh buffers might still hold the second launch's partials: merge too early and fail
-        return tuple(buffer.fill_(float("nan")) for buffer in split_buffers(out, splits))
-
-    monkeypatch.setattr(triton_ops, "split_buffers", poisoned)
-    order = torch.tensor([3, 2, 4, 0, 1], dtype=torch.int32, device=DEVICE)
-    for seq_order in (None, order, None):  # and again: every launch must leave its counters at zero
-        assert torch.equal(triton_ops.paged_decode_attention(*args, num_splits=num_splits, seq_order=seq_order),
-                           second_launch)
-        assert not triton_ops.split_counters(DEVICE, 0).any()
-    assert_matches(second_launch, expected)
-
-
 def test_cuda_graph_warmup_order_keeps_each_captured_size_inside_its_rows():
     # DecodeGraphs warms up and captures every size from one static [lengths; order] buffer, sliced to the size.
     # The kernel sends program i to sequence order[i], so each slice must be a permutation of its rows: an order
@@ -304,23 +283,6 @@ def test_gpu_long_contexts_and_head_dims(dtype, head_dim):
     assert_matches(triton_ops.paged_decode_attention(*args), expected)
     args, expected = prefill_case([512, 64], [512, 3000], 16, 8, head_dim, 16, dtype)
     assert_matches(triton_ops.paged_prefill_attention(*args), expected)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [2, 5, 16])
-def test_gpu_merge_inside_the_kernel_holds_its_bits_under_real_concurrency(monkeypatch, num_splits):
-    # Thousands of programs at once, so splits of one sequence really finish in any order: a merge that does not
-    # wait for every split's partial (or sees stale ones) gives other bits in some of the 50 launches.
-    generator = torch.Generator().manual_seed(3)
-    lengths = torch.randint(1, 2048, (96,), generator=generator).tolist()
-    args, expected = decode_case(lengths, 16, 8, 128, 16, torch.bfloat16)
-    monkeypatch.setattr(triton_ops, "MERGE_IN_DECODE_KERNEL", False)
-    second_launch = triton_ops.paged_decode_attention(*args, num_splits=num_splits)
-    monkeypatch.setattr(triton_ops, "MERGE_IN_DECODE_KERNEL", True)
-    for _ in range(50):
-        assert torch.equal(triton_ops.paged_decode_attention(*args, num_splits=num_splits), second_launch)
-    assert not triton_ops.split_counters(DEVICE, 0).any()
-    assert_matches(second_launch, expected)
 
 
 # ---------------------------------------------------------------------------------------------------------

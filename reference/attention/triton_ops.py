@@ -42,9 +42,6 @@ LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 PROGRAMS_PER_MULTIPROCESSOR = 12  # decode programs asked for per multiprocessor (see choose_num_splits)
-# A split decode launch merges its splits itself (the last split of each sequence to finish does it), which saves
-# a launch a layer; False: a second launch, _combine_splits_kernel, merges them (the benchmarks' A/B switch).
-MERGE_IN_DECODE_KERNEL = True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,7 +119,7 @@ def store_kvcache(
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, seq_order_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
     qk_scale, block_size,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_slot, stride_cache_head,
@@ -132,14 +129,12 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr,
-    MERGE: tl.constexpr, SPLITS_PADDED: tl.constexpr,
 ):
     """One program per (sequence, kv_head, split): all GROUP query heads against one slice of the context.
 
     Without SPLIT the program owns the whole context and writes the final output. With SPLIT it writes its
-    normalized partial output and its log-sum-exp (base 2); then, with MERGE, the last of the sequence's splits to
-    finish merges them into the output (see _merge_when_last), else `_combine_splits_kernel` does, in a second
-    launch. (num_splits is a runtime value, so a new split count does not compile a new kernel.)
+    normalized partial output and its log-sum-exp (base 2) for `_combine_splits_kernel` to merge.
+    (num_splits is a runtime value, so a new split count does not compile a new kernel.)
     ORDERED: the programs take the sequences in seq_order's order (the GPU starts programs roughly in grid order;
     see paged_decode_attention), not in batch order. Each program's result is the same either way.
     """
@@ -155,31 +150,6 @@ def _paged_decode_kernel(
                     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, stride_out_seq,
                     stride_out_head, num_splits, GROUP, GROUP_PADDED, HEAD_DIM, HEAD_DIM_PADDED, TILE_N, SPLIT,
                     DOT_PRECISION)
-    if SPLIT and MERGE:
-        _merge_when_last(partial_out_ptr, partial_lse_ptr, out_ptr, split_counters_ptr, seq, kv_head,
-                         stride_out_seq, stride_out_head, num_splits, GROUP, HEAD_DIM, HEAD_DIM_PADDED,
-                         SPLITS_PADDED)
-
-
-@triton.jit
-def _merge_when_last(partial_out_ptr, partial_lse_ptr, out_ptr, split_counters_ptr, seq, kv_head,
-                     stride_out_seq, stride_out_head, num_splits,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-                     SPLITS_PADDED: tl.constexpr):
-    """The merge without a second launch: each split of (seq, kv_head) counts itself in on an arrival counter
-    once its partial is stored, and the one that arrives last merges all of them, with _combine_head's code, in
-    split order, so the output does not depend on which split that is. The barrier lets every thread's stores
-    finish before the counting thread's release; its acquire orders the merge's loads after the other splits'
-    stores (the pattern of a split-K semaphore). The merger sets the counter back to 0 for the next launch."""
-    tl.debug_barrier()
-    counter = split_counters_ptr + seq * tl.num_programs(1) + kv_head
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        tl.store(counter, 0)
-        for g in tl.static_range(GROUP):
-            _combine_head(partial_out_ptr, partial_lse_ptr, out_ptr, seq, kv_head * GROUP + g,
-                          stride_out_seq, stride_out_head, tl.num_programs(1) * GROUP, num_splits,
-                          HEAD_DIM, HEAD_DIM_PADDED, SPLITS_PADDED)
 
 
 @triton.jit
@@ -266,21 +236,13 @@ def _combine_splits_kernel(
     num_heads, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
 ):
-    """One program per (sequence, head): merge the splits' outputs (the decode kernel's second launch without
-    MERGE)."""
-    _combine_head(partial_out_ptr, partial_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
-                  stride_out_seq, stride_out_head, num_heads, num_splits, HEAD_DIM, HEAD_DIM_PADDED, SPLITS_PADDED)
-
-
-@triton.jit
-def _combine_head(partial_out_ptr, partial_lse_ptr, out_ptr, seq, head, stride_out_seq, stride_out_head,
-                  num_heads, num_splits,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr):
-    """Merge one (sequence, head)'s splits, each weighted by its share of the softmax's sum.
+    """One program per (sequence, head): merge the splits' outputs, each weighted by its share of the sum.
 
     Split s saw sum_s = 2^lse_s of the softmax's denominator, so out = sum_s 2^lse_s * out_s / sum_s 2^lse_s.
     Subtracting the largest lse first keeps the powers of two in range.
     """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PADDED)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     split_rows = (seq * num_heads + head) * num_splits + splits
@@ -366,11 +328,9 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     partial_out, partial_lse = split_buffers(out, num_splits)
-    merge = MERGE_IN_DECODE_KERNEL and num_splits > 1
-    counters = split_counters(q.device, batch * kv_heads) if merge else context_lens  # unread without MERGE
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if seq_order is None else seq_order,
-        out, partial_out, partial_lse, counters,
+        out, partial_out, partial_lse,
         scale * LOG2_E, k_cache.shape[1],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -378,29 +338,10 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         out.stride(0), out.stride(1),
         num_splits,
         **decode_constants(q.dtype, num_heads // kv_heads, head_dim, tile_n, num_splits),
-        ORDERED=seq_order is not None, MERGE=merge, SPLITS_PADDED=triton.next_power_of_2(num_splits),
-        num_warps=num_warps, num_stages=num_stages,
+        ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
     )
-    if not merge:
-        combine_splits(partial_out, partial_lse, out, num_splits)
+    combine_splits(partial_out, partial_lse, out, num_splits)
     return out
-
-
-_split_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, entries: int) -> torch.Tensor:
-    """The merge's arrival counters, int32 zeros, one per (sequence, kv_head), kept per device: every launch leaves
-    them at zero again, so one buffer serves every layer, step and CUDA graph (all launched in one stream order).
-    Allocated outside CUDA-graph capture (the engine's warm-up pass runs each graph's launch eagerly first)."""
-    device = torch.device(device)
-    held = _split_counters.get(device)
-    if held is None or held.numel() < entries:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the decode merge needs {entries} split counters but holds "
-                               f"{0 if held is None else held.numel()}; run the launch once outside the capture")
-        held = _split_counters[device] = torch.zeros(max(entries, 1 << 16), dtype=torch.int32, device=device)
-    return held
 
 
 def split_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """A decode step's matrix multiplies, alone: how far from reading the weights at copy bandwidth (GPU).
 
-    python benchmarks/decode_gemms.py [--batches 8,32,64,128,256] [--context-order | --uneven-sweep]
+    python benchmarks/decode_gemms.py [--batches 8,32,64,128,256] [--context-order | --uneven-sweep | --l2]
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix, so it should cost about the
 weights' bytes over the memory bandwidth. benchmarks/step_costs.py found the step's GEMMs taking about 4x that on
@@ -12,6 +12,10 @@ stays in L2), recorded in one CUDA graph as the engine replays them, per batch s
 then the paged decode attention kernel's split choice against every split count, batch x context, also replayed
 from CUDA graphs (Python's launch cost would otherwise be what is timed at small batches); then, over uneven
 contexts, the kernel's programs started in batch order against longest context first (--context-order: only that).
+--l2 (only that): would the projections run faster from L2? The packed chain with each layer's weights read from
+memory, against the same chain reusing one layer's 30 MB (L2-resident after the first layer: the bound), and against
+each layer's weights read once by a plain reduction just before its GEMMs (a prefetch; on a side stream during
+attention, its cost could hide).
 """
 
 from __future__ import annotations
@@ -92,6 +96,29 @@ def bench_gemms(batches: list[int], bandwidth: float) -> None:
             cells.append(f"{ms:.3f} ({floor_ms / ms:.0%})")
         torch.backends.cuda.preferred_blas_library("cublas")
         print(f"| {batch} | " + " | ".join(cells) + " |")
+
+
+def bench_l2(batches: list[int]) -> None:
+    weights = layer_weights(packed=True)
+    l2_mb = torch.cuda.get_device_properties(0).L2_cache_size >> 20
+    layer_mb = sum(w.numel() * w.element_size() for w in weights[0]) >> 20
+    print(f"\npacked projections, 28 layers, one CUDA graph replay, median ms (L2 {l2_mb} MB, a layer's weights "
+          f"{layer_mb} MB)")
+    print("| batch | weights from memory | one layer's weights 28 times (L2) | each layer prefetched, then its GEMMs |")
+    print("|---|---|---|---|")
+    for batch in batches:
+        from_memory = graph_ms(step_gemms(weights, batch))
+        resident = graph_ms(step_gemms([weights[0]] * LAYERS, batch))
+        inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=DTYPE) for w in weights[0]}
+
+        def prefetched():
+            for layer in weights:
+                for w in layer:
+                    w.amax()  # reads every byte once, through L2
+                for w in layer:
+                    F.linear(inputs[w.shape[1]], w)
+
+        print(f"| {batch} | {from_memory:.3f} | {resident:.3f} | {graph_ms(prefetched):.3f} |")
 
 
 def bench_splits(bandwidth: float) -> None:
@@ -220,9 +247,13 @@ def main() -> None:
     parser.add_argument("--context-order", action="store_true", help="only the uneven-contexts table")
     parser.add_argument("--uneven-sweep", action="store_true",
                         help="only the tile-configuration sweep over uneven contexts, at --batches")
+    parser.add_argument("--l2", action="store_true", help="only the projections from L2 against from memory")
     args = parser.parse_args()
-    bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.l2:
+        bench_l2([int(b) for b in args.batches.split(",")])
+        return
+    bandwidth = measure_memory_bandwidth("cuda", nbytes=1 << 30, repeats=10)
     if args.uneven_sweep:
         sweep_uneven(bandwidth, [int(b) for b in args.batches.split(",")])
         return

@@ -361,7 +361,11 @@ def decode_constants(dtype: torch.dtype, group: int, head_dim: int, tile_n: int,
 
 
 def combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
-    """Merge a split launch's partial outputs into `out` (nothing to do without splits)."""
+    """Merge a split launch's partial outputs into `out` (nothing to do without splits).
+
+    A second launch on purpose: merging inside the decode kernel (the last split to finish merges, counted on an
+    atomic) saves the launch but puts the merge on the end of the launch's critical path, and decode steps got 1.3%
+    slower on an H200 (benchmarks/RESULTS.md, 2026-12-02 twelfth session)."""
     if num_splits == 1:
         return
     batch, num_heads, head_dim = out.shape

@@ -112,6 +112,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         if self.fused:  # one launch from the packed q/k/v output (read in place) to the cache
             # Backends that say so take the new K/V already stored (the store is the same launch's last write).
+            # Not inside the decode kernel: done there, it delayed every program's first KV load and decode steps
+            # got 2% slower on an H200 (benchmarks/RESULTS.md, 2026-12-02 twelfth session).
             store = k_cache is not None and metadata.uses_cache and getattr(self.backend, "accepts_stored_kv", False)
             options = {}
             if self.qk_norm:

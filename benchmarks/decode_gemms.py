@@ -14,8 +14,8 @@ from CUDA graphs (Python's launch cost would otherwise be what is timed at small
 contexts, the kernel's programs started in batch order against longest context first (--context-order: only that).
 --l2 (only that): would the projections run faster from L2? The packed chain with each layer's weights read from
 memory, against the same chain reusing one layer's 30 MB (L2-resident after the first layer: the bound), and against
-each layer's weights read once by a plain reduction just before its GEMMs (a prefetch; on a side stream during
-attention, its cost could hide).
+each layer's weights read once by a plain reduction just before its GEMMs (a prefetch), then with an attention
+stand-in before each layer's GEMMs, alone and with the prefetch on a side stream beside it (where its cost hides).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,14 +100,62 @@ def bench_gemms(batches: list[int], bandwidth: float) -> None:
         print(f"| {batch} | " + " | ".join(cells) + " |")
 
 
+@triton.jit
+def _stream_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    """Read n bf16 values once, grid-strided, and store one sum per program (so the loads are not dropped).
+    EVICT_FIRST: the loads ask L2 to drop their lines first (how attention would read a KV cache it reads once),
+    else to keep them (a prefetch, whose lines the next GEMMs should find)."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        if EVICT_FIRST:
+            x = tl.load(src_ptr + offsets, mask=offsets < n, other=0.0, eviction_policy="evict_first")
+        else:
+            x = tl.load(src_ptr + offsets, mask=offsets < n, other=0.0, eviction_policy="evict_last")
+        acc += x.to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def stream(tensor: torch.Tensor, sums: torch.Tensor, evict_first: bool) -> None:
+    _stream_kernel[(sums.numel(),)](tensor, sums, tensor.numel(), BLOCK=4096, EVICT_FIRST=evict_first)
+
+
+def layers_with_attention(weights, batch: int, prefetch: bool):
+    """Per layer: an attention stand-in (one read of the KV a decode step of `batch` sequences of ~800 tokens
+    reads per layer, evict-first), then the four projections; with `prefetch`, a side stream reads the layer's
+    weights (evict-last) while the stand-in runs, joined before the projections."""
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=DTYPE) for w in weights[0]}
+    kv = torch.randn(batch * 800 * 2 * 8 * 128, device="cuda", dtype=DTYPE)  # K and V, 8 KV heads of 128
+    programs = 8 * torch.cuda.get_device_properties(0).multi_processor_count
+    sums, side_sums = torch.empty(programs, device="cuda"), torch.empty(programs, device="cuda")
+    side = torch.cuda.Stream()
+
+    def run():
+        for layer in weights:
+            if prefetch:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for w in layer:
+                        stream(w, side_sums, evict_first=False)
+            stream(kv, sums, evict_first=True)
+            if prefetch:
+                torch.cuda.current_stream().wait_stream(side)
+            for w in layer:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
 def bench_l2(batches: list[int]) -> None:
     weights = layer_weights(packed=True)
     l2_mb = torch.cuda.get_device_properties(0).L2_cache_size >> 20
     layer_mb = sum(w.numel() * w.element_size() for w in weights[0]) >> 20
     print(f"\npacked projections, 28 layers, one CUDA graph replay, median ms (L2 {l2_mb} MB, a layer's weights "
-          f"{layer_mb} MB)")
-    print("| batch | weights from memory | one layer's weights 28 times (L2) | each layer prefetched, then its GEMMs |")
-    print("|---|---|---|---|")
+          f"{layer_mb} MB). The last two columns put an attention stand-in before each layer's projections (~800 "
+          f"tokens of KV a sequence, read once): the gain of prefetching is the difference between them.")
+    print("| batch | weights from memory | one layer's weights 28 times (L2) | each layer prefetched, then its GEMMs "
+          "| stand-in, then GEMMs | stand-in while a side stream prefetches, then GEMMs |")
+    print("|---|---|---|---|---|---|")
     for batch in batches:
         from_memory = graph_ms(step_gemms(weights, batch))
         resident = graph_ms(step_gemms([weights[0]] * LAYERS, batch))
@@ -118,7 +168,9 @@ def bench_l2(batches: list[int]) -> None:
                 for w in layer:
                     F.linear(inputs[w.shape[1]], w)
 
-        print(f"| {batch} | {from_memory:.3f} | {resident:.3f} | {graph_ms(prefetched):.3f} |")
+        cells = [from_memory, resident, graph_ms(prefetched)]
+        cells += [graph_ms(layers_with_attention(weights, batch, prefetch)) for prefetch in (False, True)]
+        print(f"| {batch} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |")
 
 
 def bench_splits(bandwidth: float) -> None:

@@ -29,7 +29,6 @@ import torch
 from public_api_throughput import save_random_checkpoint
 from reference import LLM
 from reference.attention import triton_ops
-from reference.cuda_graphs import DecodeGraphs
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
 from step_costs import generate, time_launches
@@ -37,10 +36,7 @@ from step_costs import generate, time_launches
 
 def apply_setting(setting: str) -> None:
     """In this process: "12" sets PROGRAMS_PER_MULTIPROCESSOR; "12/32x4x4" also the decode kernel's (TILE_N,
-    num_warps, num_stages) for every launch; a suffix ":64" records batches of 64 or more as two halves on two
-    streams (DecodeGraphs.two_streams_from). All are read when the CUDA graphs are captured."""
-    setting, _, two_streams_from = setting.partition(":")
-    DecodeGraphs.two_streams_from = int(two_streams_from) if two_streams_from else None
+    num_warps, num_stages) for every launch. Both are read when the CUDA graphs are captured."""
     programs_per_sm, _, config = setting.partition("/")
     triton_ops.PROGRAMS_PER_MULTIPROCESSOR = int(programs_per_sm)
     if config:

@@ -38,9 +38,6 @@ class DecodeGraphs:
     # Start the decode kernel's programs longest context first (AttentionMetadata.decode_order); class-level so a
     # benchmark can compare. Same outputs either way.
     longest_first = True
-    # Experiment: at or above this batch size, record the forward as two half batches on two streams, so one
-    # half's GEMMs can run in the other's attention (bandwidth-bound) instead of after it. None = off.
-    two_streams_from: int | None = None
 
     def __init__(self, model, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
         device = next(model.parameters()).device
@@ -72,15 +69,9 @@ class DecodeGraphs:
             )
 
             def forward(size=size, metadata=metadata):
-                if self._halves(size):
-                    hidden = self._forward_halves(model, kv_caches, size, max_model_len)
-                else:
-                    hidden = model(self.input_ids[:size], self.positions[:size], metadata, kv_caches)
+                hidden = model(self.input_ids[:size], self.positions[:size], metadata, kv_caches)
                 return model.compute_logits(hidden, upcast=False)  # the samplers upcast (fast_runner)
 
-            self.decode_order.copy_(torch.arange(largest, dtype=torch.int32, device=device))
-            if self._halves(size):  # each half's decode order counts from its own first row
-                self.decode_order[self._halves(size):size] -= self._halves(size)
             forward()  # warm-up outside the graph: compiles the Triton kernels, initialises cuBLAS
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
@@ -88,31 +79,6 @@ class DecodeGraphs:
                 self.logits[size] = forward()
             pool = graph.pool()
             self.graphs[size] = graph
-
-    def _halves(self, size: int) -> int:
-        """Rows in the first half when `size` runs as two half batches on two streams, else 0."""
-        return size // 2 if self.two_streams_from is not None and size >= self.two_streams_from else 0
-
-    def _forward_halves(self, model, kv_caches, size: int, max_model_len: int) -> torch.Tensor:
-        """The forward of rows [0, half) on the current stream and of [half, size) on a side stream, joined."""
-        half = self._halves(size)
-        if not hasattr(self, "side_stream"):
-            self.side_stream = torch.cuda.Stream()
-        main, hidden = torch.cuda.current_stream(), []
-        self.side_stream.wait_stream(main)
-        for rows, stream in ((slice(half, size), self.side_stream), (slice(0, half), main)):
-            n = rows.stop - rows.start
-            metadata = AttentionMetadata(
-                cu_seqlens_q=self.cu_seqlens[: n + 1], query_lens=[1] * n,
-                context_lens=self.context_lens[rows], context_lens_host=[max_model_len] * n,
-                slot_mapping=self.slot_mapping[rows], block_tables=self.block_tables[rows],
-                page_table=self.block_tables[rows],
-                decode_order=self.decode_order[rows] if self.longest_first else None,
-            )
-            with torch.cuda.stream(stream):
-                hidden.append(model(self.input_ids[rows], self.positions[rows], metadata, kv_caches))
-        main.wait_stream(self.side_stream)
-        return torch.cat(hidden[::-1])
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
@@ -135,12 +101,7 @@ class DecodeGraphs:
         host_lens_and_order = torch.ones(self.lens_and_order.shape, dtype=torch.int32, pin_memory=True)
         lens, order = host_lens_and_order.numpy()
         lens[:n] = context_lens
-        half = self._halves(size)
-        if half:  # each half's order is a permutation of its own rows
-            order[:half] = np.argsort(-lens[:half], kind="stable")
-            order[half:size] = np.argsort(-lens[half:size], kind="stable")
-        else:
-            order[:size] = np.argsort(-lens[:size], kind="stable")  # a permutation of the graph's rows, padding last
+        order[:size] = np.argsort(-lens[:size], kind="stable")  # a permutation of the graph's rows, padding last
         num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
         width = int(num_blocks.max())
         host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)

@@ -9,6 +9,8 @@ every prompt length is a new shape. Measured on an H200, the first 8192-token pr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -21,9 +23,18 @@ def fresh_prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of each packed sequence over its own tokens.
 
-    q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]; query_lens: host copy of the
-    per-sequence lengths (cu_seqlens on the host), so no device sync is needed to slice.
+    q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]; cu_seqlens: int32 [batch + 1] on
+    q's device; query_lens: its host copy, so no device sync is needed to slice.
+    On a CUDA GPU in float16 / bfloat16 all sequences go to FlashAttention's variable-length kernel in one launch
+    (the kernel SDPA calls per sequence); elsewhere, one SDPA call per sequence.
     """
+    if flash_varlen_usable(q):
+        # The private op behind SDPA's flash backend (and torch.nn.attention.varlen, whose keyword arguments
+        # changed between torch releases); these ten positional arguments have not changed since torch 2.2.
+        # Grouped-query heads need no copies: the kernel maps each query head to its KV head.
+        longest = max(query_lens)
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, longest, longest, 0.0, True, False, scale=scale)[0]
     out = torch.empty_like(q)
     start = 0
     with sdpa_kernel(WITHOUT_CUDNN):
@@ -35,3 +46,15 @@ def fresh_prefill_attention(
             out[start:end] = attended.squeeze(0).transpose(0, 1)
             start = end
     return out
+
+
+def flash_varlen_usable(q: torch.Tensor) -> bool:
+    """FlashAttention's kernels (built into CUDA torch) need an Ampere or newer GPU, float16 / bfloat16 and a head
+    dim up to 256, a multiple of 8."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and torch.backends.cuda.flash_sdp_enabled() and _ampere_or_newer(q.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _ampere_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)

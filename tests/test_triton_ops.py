@@ -10,6 +10,7 @@ float32 1e-5 (the kernels' float32 dots are exact-precision, not tf32), float16 
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -359,25 +360,21 @@ def test_backend_matches_torch_backend_with_paged_blocks_and_a_mixed_batch(tiny_
 
 
 @torch.inference_mode()
-def test_flash_backend_cuts_a_step_before_its_trailing_fresh_prompts(tiny_qwen3):
-    """The "flash" backend: fresh prompts at the end of a step go to FlashAttention (SDPA per sequence off the
-    GPU), the rows before them to the paged kernels; the logits are the torch backend's at every step."""
-    from reference.attention import FlashPrefillBackend, fresh_suffix_start
+def test_flash_backend_matches_torch_backend_on_fresh_mixed_and_decode_steps(tiny_qwen3):
+    """The "flash" backend: a step of fresh prompts alone goes to FlashAttention (SDPA per sequence off the GPU),
+    every other step to the paged kernels; the logits are the torch backend's at every step."""
+    from reference.attention import FlashPrefillBackend
 
     model = tiny_qwen3
     block_size = 16
     tables = [[7, 2, 9], [4, 0], [5], [6]]
     chunk = list(range(30, 50))
     steps = [
-        ([chunk[:12]], [12], tables[:1]),  # all fresh: FlashAttention alone
-        ([chunk[12:]], [20], tables[:1]),  # a chunk over a cached prefix: paged alone
-        ([[3], list(range(60, 78))], [21, 18], tables[:2]),  # a decode, then a fresh prompt: cut after row 0
-        ([[4], [5], list(range(80, 87)), list(range(90, 95))], [22, 19, 7, 5], tables),  # cut after row 1
-        ([[6], [7], [8], [9]], [23, 20, 8, 6], tables),  # pure decode
+        ([chunk[:12], list(range(60, 78))], [12, 18], tables[:2]),  # two fresh prompts: FlashAttention
+        ([chunk[12:], [3]], [20, 19], tables[:2]),  # a chunk over a cached prefix and a decode: paged
+        ([[4], [5], list(range(80, 87)), list(range(90, 95))], [21, 20, 7, 5], tables),  # mixed: paged
+        ([[6], [7], [8], [9]], [22, 21, 8, 6], tables),  # pure decode
     ]
-    cuts = [fresh_suffix_start(build_metadata([len(t) for t in new], lens, tabs, block_size, DEVICE)[1])
-            for new, lens, tabs in steps]
-    assert cuts == [0, None, 1, 2, None]
     results = [
         run_steps(model, backend, steps, paged_caches(model, 10, block_size), block_size)
         for backend in (torch_ref.TorchAttentionBackend(), FlashPrefillBackend(triton_ops.TritonAttentionBackend()))
@@ -389,36 +386,20 @@ def test_flash_backend_cuts_a_step_before_its_trailing_fresh_prompts(tiny_qwen3)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (14, 2, 64), (12, 4, 80)])
-def test_gpu_flash_backend_on_a_mixed_step(dtype, heads, kv_heads, head_dim):
-    """FlashAttention's one variable-length launch for the trailing fresh prompts (their cu_seqlens counted from
-    their own first token), the paged kernels for the rows before, against torch_ref on the whole step."""
-    from reference.attention import FlashPrefillBackend
+def test_gpu_fresh_prefills_in_one_flash_launch(dtype, heads, kv_heads, head_dim):
+    """sdpa.fresh_prefill_attention's one variable-length FlashAttention launch (grouped-query heads, packed
+    sequences of uneven lengths) against torch_ref, sequence by sequence."""
+    from reference.attention import fresh_prefill_attention
+    from reference.attention.sdpa import flash_varlen_usable
 
-    block_size = 16
-    query_lens = [1, 1, 40, 300, 17, 1]  # decodes, a chunk over a prefix; then fresh prompts
-    context_lens = [500, 33, 140, 300, 17, 1]
-    caches = random_paged_cache(context_lens, kv_heads, head_dim, block_size, dtype)[:3]
-    tables = [[b for b in row if b >= 0] for row in caches[2].tolist()]
-    _, metadata = build_metadata(query_lens, context_lens, tables, block_size, DEVICE)
+    query_lens = [1, 300, 17, 129, 2]
     tokens = sum(query_lens)
     q = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
+    assert flash_varlen_usable(q)
     k, v = (torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(2))
-    outputs = []
-    for backend in (torch_ref.TorchAttentionBackend(), FlashPrefillBackend(triton_ops.TritonAttentionBackend())):
-        k_cache, v_cache = (c.clone() for c in caches[:2])
-        outputs.append(backend.forward(q, k, v, k_cache, v_cache, metadata, head_dim**-0.5))
-    assert_matches(outputs[1], outputs[0])
-
-
-def test_a_fresh_prompt_before_a_continuing_row_is_not_cut_out():
-    from reference.attention import fresh_suffix_start
-
-    # A fresh prompt followed by a chunk over a cached prefix: the last row is not fresh, so nothing is cut.
-    _, metadata = build_metadata([5, 4], [5, 20], [[0], [1, 2]], 16, DEVICE)
-    assert fresh_suffix_start(metadata) is None
-    # Without host context lengths nothing can be known fresh.
-    _, metadata = build_metadata([5, 4], None, None, None, DEVICE)
-    assert fresh_suffix_start(metadata) is None
+    cu = torch.tensor([0] + list(itertools.accumulate(query_lens)), dtype=torch.int32, device=DEVICE)
+    expected = torch_ref.varlen_attention(q, k, v, cu, head_dim**-0.5)
+    assert_matches(fresh_prefill_attention(q, k, v, cu, query_lens, head_dim**-0.5), expected)
 
 
 @torch.inference_mode()

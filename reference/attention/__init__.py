@@ -36,66 +36,28 @@ def triton_available() -> bool:
 
 
 class FlashPrefillBackend:
-    """Fresh prefills through FlashAttention (sdpa.fresh_prefill_attention); decodes and chunks over a cached
-    prefix through `paged`. A step that mixes them (running sequences first, new prompts last: the scheduler's
-    order) is cut in two: its leading rows go to `paged`, its trailing run of fresh prompts to FlashAttention,
-    which needs no cache reads for them and is about twice as fast as our paged prefill kernel on an H200."""
+    """Fresh prefills through FlashAttention (sdpa.fresh_prefill_attention); decodes and chunked prefills through
+    `paged`. Only a step of fresh prompts alone (an engine's first step, mostly) goes to FlashAttention: cutting a
+    mixed step in two, its running rows to `paged` and its trailing fresh prompts to FlashAttention, made the
+    prompt-running steps slower on an H200 (benchmarks/RESULTS.md, 2026-12-02 thirteenth session)."""
 
     name = "flash"
     supports_cuda_graphs = True  # decode steps never reach SDPA: they run the paged kernels
     accepts_stored_kv = True  # forward(..., kv_stored=True): the model's fused kernel already stored the new K/V
-    cut_mixed_steps = True
 
     def __init__(self, paged) -> None:
         self.paged = paged
-        self._split: tuple | None = None  # (metadata, its split): every layer of a step asks for the same one
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
                 kv_stored: bool = False) -> torch.Tensor:
-        first = fresh_suffix_start(metadata) if metadata.uses_cache and metadata.max_query_len > 1 else None
-        if first and not self.cut_mixed_steps:
-            first = None
-        if first is None:
+        fresh = metadata.context_lens_host is not None and metadata.context_lens_host == metadata.query_lens
+        if not metadata.uses_cache or not fresh or metadata.max_query_len <= 1:
             return self.paged.forward(q, k, v, k_cache, v_cache, metadata, scale, kv_stored=kv_stored)
         if not kv_stored:  # fresh prefills still fill the cache for later decodes
             from .triton_ops import store_kvcache
 
             store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
-        if first == 0:
-            return fresh_prefill_attention(q, k, v, metadata.cu_seqlens_q, metadata.query_lens, scale)
-        head, tail_cu, tokens = self._split_of(metadata, first)
-        return torch.cat([
-            self.paged.forward(q[:tokens], k[:tokens], v[:tokens], k_cache, v_cache, head, scale, kv_stored=True),
-            fresh_prefill_attention(q[tokens:], k[tokens:], v[tokens:], tail_cu, metadata.query_lens[first:], scale),
-        ])
-
-    def _split_of(self, metadata: AttentionMetadata, first: int) -> tuple[AttentionMetadata, torch.Tensor, int]:
-        """The leading rows' metadata, the fresh rows' cu_seqlens (from 0) and the leading rows' token count."""
-        if self._split is None or self._split[0] is not metadata:
-            self._split = (metadata, leading_rows(metadata, first))
-        return self._split[1]
-
-
-def fresh_suffix_start(metadata: AttentionMetadata) -> int | None:
-    """The first row of the step's trailing run of fresh prompts (rows whose whole context is their new tokens),
-    or None where the last row is not one (then nothing goes to FlashAttention)."""
-    contexts, first = metadata.context_lens_host, len(metadata.query_lens)
-    while contexts is not None and first and contexts[first - 1] == metadata.query_lens[first - 1]:
-        first -= 1
-    return None if first == len(metadata.query_lens) else first
-
-
-def leading_rows(metadata: AttentionMetadata, first: int) -> tuple[AttentionMetadata, torch.Tensor, int]:
-    """Metadata of rows [0, first) (their tokens come first in the packed batch), the cu_seqlens of rows
-    [first, batch) counted from their first token, and the leading rows' token count."""
-    tokens = sum(metadata.query_lens[:first])
-    head = AttentionMetadata(
-        cu_seqlens_q=metadata.cu_seqlens_q[: first + 1], query_lens=metadata.query_lens[:first],
-        context_lens=metadata.context_lens[:first], context_lens_host=metadata.context_lens_host[:first],
-        slot_mapping=metadata.slot_mapping[:tokens], block_tables=metadata.block_tables[:first],
-        page_table=None if metadata.page_table is None else metadata.page_table[:first],
-    )
-    return head, metadata.cu_seqlens_q[first:] - tokens, tokens
+        return fresh_prefill_attention(q, k, v, metadata.cu_seqlens_q, metadata.query_lens, scale)
 
 
 def resolve_backend_name(name: str, device: torch.device, block_size: int = 16,

@@ -1,15 +1,25 @@
-"""The GPU sampler: temperature, the top-k / top-p cut and the draw in one pass over the bf16 logits.
+"""The GPU sampler: temperature, the top-k / top-p cut and the draw in two short kernels over the bf16 logits.
 
 sampling.sample (the slow twin, any device) upcasts the whole [batch, vocab] block to float32, divides by the
 temperature, takes a softmax, draws Exp(1) noise of the same size and divides: six passes over a 150 MB block for
-256 rows of a 152k vocabulary. The same draw needs one read of the logits. The exponential race says
-argmax_j p_j / E_j with E_j ~ Exp(1) is one draw from p; its logarithm, argmax_j (l_j / T - log E_j), needs
-neither the softmax (its normaliser is the same for every j) nor any float32 copy. The kernel reads each logit
-once, makes its noise from a counter-based generator (Philox: the noise of column j depends only on the row's
-seed and j, so a seeded row gets the same token whatever else is in the batch), and keeps a running argmax.
+256 rows of a 152k vocabulary. The exponential race says argmax_j p_j / E_j with E_j ~ Exp(1) is one draw from p;
+its logarithm, argmax_j (l_j / T - log E_j), needs neither the softmax (its normaliser is the same for every j)
+nor any float32 copy. Racing every column, though, costs a random number and two logarithms a column: one pass
+that does so is bound by that arithmetic, not by reading the logits (0.16 ms at 256 rows on an H200).
+
+So the race runs in two rounds over tiles of TILE columns. The first kernel reads each tile once and writes three
+numbers: its log-mass log sum_j exp(l_j / T) (one exponential a column, no noise), its largest logit and that
+logit's first column. The second races the tiles by log-mass (about 150 entrants a row), then the columns of the
+winning tile alone. P(tile) * P(column | tile) = [sum_tile e^(l/T) / sum_all e^(l/T)] * [e^(l_j/T) / sum_tile
+e^(l/T)] = softmax(l / T)_j: the same distribution, with noise for some 1,200 numbers a row instead of 152,000.
+
+The noise comes from a counter-based generator (Philox): column j's is word 0 of counter j under the row's seed,
+tile t's is word 1 of counter t. It depends only on the seed, the vocabulary size and TILE (never on the batch or
+the launch), so a seeded row gets the same token whatever else is in the batch.
 
 Top-k / top-p become one number per row: a logit threshold (sampling.filter_thresholds; tokens below it are out),
-computed only for the rows that ask for a cut. Greedy rows (inverse temperature 0) take the plain argmax.
+computed only for the rows that ask for a cut. Greedy rows (inverse temperature 0) take the plain argmax: the
+first tile holding the largest logit, and its first column holding it.
 
 The noise is not torch's: torch's CUDA generator lays its stream out by launch configuration, so a seeded request
 draws other tokens here than through sampling.sample on the same seed (same distribution, same contract).
@@ -24,16 +34,13 @@ import triton.language as tl
 
 from .sampling import GREEDY_BELOW, SamplingParams, filter_thresholds
 
-# Columns per loop iteration: 4 x QUARTER, QUARTER = min(MAX_QUARTER, the vocabulary / 4 rounded up to a power
-# of two). One Philox call gives four 32-bit words, one per quarter of a block: column j's noise is word
-# (j % BLOCK) // QUARTER of counter (j // BLOCK) * QUARTER + j % QUARTER under the row's seed. So it depends on
-# the vocabulary size and this constant, never on the launch: changing it changes every seeded request's tokens.
-MAX_QUARTER = 256
+# Columns per tile: a model's vocabulary takes MAX_TILE, a test's tiny one no wider than it needs. The tiles fix
+# which columns race together in the second round, so changing MAX_TILE changes every seeded request's tokens.
+MAX_TILE = 1024
 
 
-def block_quarter(vocab: int) -> int:
-    """QUARTER for a vocabulary: a model's takes MAX_QUARTER; a test's tiny one no wider than it needs."""
-    return min(MAX_QUARTER, triton.next_power_of_2(triton.cdiv(vocab, 4)))
+def tile_width(vocab: int) -> int:
+    return min(MAX_TILE, triton.next_power_of_2(vocab))
 
 
 @triton.jit
@@ -48,51 +55,75 @@ def _exp1_log(bits):
 
 
 @triton.jit
-def _race_update(best_key, best_id, logits_ptr, row_offsets, cols, end, inv_temp, threshold, bits, row_mask):
-    """Fold one [ROWS, QUARTER] tile into the running best: key l / T - log E (sampled rows) or l (greedy rows,
-    inv_temp 0), -inf past the end or below the threshold. Strictly greater: the earlier column keeps a tie."""
-    mask = row_mask & (cols < end)
+def _first_argmax(values, index):
+    """Per row of values [ROWS, N]: the smallest index (index broadcasts to values) among the largest values."""
+    top = tl.max(values, axis=1)
+    return tl.min(tl.where(values == top[:, None], index, 2147483647), axis=1)
+
+
+@triton.jit
+def _scaled_kept(logits_ptr, row_offsets, cols, mask, inv_temp, threshold):
+    """l / T for sampled rows, l for greedy ones (inv_temp 0); -inf past the end or below the threshold."""
     logit = tl.load(logits_ptr + row_offsets + cols, mask=mask, other=0.0).to(tl.float32)
-    key = tl.where(inv_temp > 0, logit * inv_temp - _exp1_log(bits), logit)
-    key = tl.where(mask & (logit >= threshold), key, float("-inf"))
-    better = key > best_key
-    return tl.where(better, key, best_key), tl.where(better, cols, best_id)
+    x = tl.where(inv_temp > 0, logit * inv_temp, logit)
+    return tl.where(mask & (logit >= threshold), x, float("-inf"))
 
 
 # The sizes that change from step to step are not specialised on (Triton compiles a variant for an int that is 1
 # or a multiple of 16): one compiled kernel per vocabulary, so the engine's warm-up compiles every one a run needs.
-@triton.jit(do_not_specialize=["num_rows", "cols_per_split", "num_splits"])
-def _race_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, keys_ptr, ids_ptr,
-                 num_rows, vocab, cols_per_split, num_splits, ROWS: tl.constexpr, QUARTER: tl.constexpr):
-    """Program (row block, split): for each of ROWS rows, the best key and its column over the split's columns
-    [split * cols_per_split, ...), written to keys/ids[row, split]."""
-    split = tl.program_id(1)
+@triton.jit(do_not_specialize=["num_rows", "tiles_per_split"])
+def _tile_stats_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, log_mass_ptr, top_ptr, top_id_ptr,
+                       num_rows, vocab, num_tiles, tiles_per_split, ROWS: tl.constexpr, TILE: tl.constexpr):
+    """Program (row block, split): for each of ROWS rows and each tile of the split, the tile's log-mass
+    log sum exp(x), its largest x and that x's first column, written to [row, tile] of the three outputs."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = (rows < num_rows)[:, None]
-    inv_temp = tl.load(inv_temp_ptr + rows, mask=rows < num_rows, other=0.0)[:, None]
-    threshold = tl.load(threshold_ptr + rows, mask=rows < num_rows, other=0.0)[:, None]
-    seed = tl.load(seed_ptr + rows, mask=rows < num_rows, other=0)[:, None]
+    row_ok = rows < num_rows
+    inv_temp = tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0.0)[:, None]
     row_offsets = rows.to(tl.int64)[:, None] * row_stride
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, vocab)
-    lanes = tl.arange(0, QUARTER)[None, :]
-    best_key = tl.full([ROWS, QUARTER], float("-inf"), tl.float32)
-    best_id = tl.zeros([ROWS, QUARTER], tl.int32)
-    for offset in range(start, end, 4 * QUARTER):
-        # One Philox call gives four words per counter: one for each quarter of the block.
-        r0, r1, r2, r3 = tl.randint4x(seed, offset // 4 + lanes)
-        best_key, best_id = _race_update(best_key, best_id, logits_ptr, row_offsets, offset + lanes, end,
-                                         inv_temp, threshold, r0, row_mask)
-        best_key, best_id = _race_update(best_key, best_id, logits_ptr, row_offsets, offset + QUARTER + lanes,
-                                         end, inv_temp, threshold, r1, row_mask)
-        best_key, best_id = _race_update(best_key, best_id, logits_ptr, row_offsets, offset + 2 * QUARTER + lanes,
-                                         end, inv_temp, threshold, r2, row_mask)
-        best_key, best_id = _race_update(best_key, best_id, logits_ptr, row_offsets, offset + 3 * QUARTER + lanes,
-                                         end, inv_temp, threshold, r3, row_mask)
-    top = tl.max(best_key, axis=1)
-    first = tl.min(tl.where(best_key == top[:, None], best_id, 2147483647), axis=1)
-    tl.store(keys_ptr + rows * num_splits + split, top, mask=rows < num_rows)
-    tl.store(ids_ptr + rows * num_splits + split, first, mask=rows < num_rows)
+    lanes = tl.arange(0, TILE)[None, :]
+    first = tl.program_id(1) * tiles_per_split
+    for tile in range(first, tl.minimum(first + tiles_per_split, num_tiles)):
+        cols = tile * TILE + lanes
+        x = _scaled_kept(logits_ptr, row_offsets, cols, row_ok[:, None] & (cols < vocab), inv_temp, threshold)
+        top = tl.max(x, axis=1)
+        at_top = x == top[:, None]  # exp(0) spelled out: an all -inf tile gets log-mass -inf, a +inf top mass 1
+        shift = tl.where(top > float("-inf"), top, 0.0)[:, None]
+        mass = tl.sum(tl.where(at_top, 1.0, tl.exp(x - shift)), axis=1)
+        out = rows * num_tiles + tile
+        tl.store(log_mass_ptr + out, top + tl.log(mass), mask=row_ok)
+        tl.store(top_ptr + out, top, mask=row_ok)
+        tl.store(top_id_ptr + out, tl.min(tl.where(at_top, cols, 2147483647), axis=1), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _draw_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, log_mass_ptr, top_ptr, top_id_ptr,
+                 tokens_ptr, num_rows, vocab, num_tiles, ROWS: tl.constexpr, TILE: tl.constexpr,
+                 TILES: tl.constexpr):
+    """Program (row block): each row's token. Greedy: the first tile holding the largest logit, its first column
+    holding it. Sampled: the race of the tiles by log-mass, then of the winning tile's columns."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    inv_temp = tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)[:, None]
+    tiles = tl.arange(0, TILES)[None, :]
+    tile_ok = row_ok[:, None] & (tiles < num_tiles)
+    stats = rows[:, None] * num_tiles + tiles
+    top = tl.load(top_ptr + stats, mask=tile_ok, other=float("-inf"))
+    top_tile = _first_argmax(top, tiles)[:, None]
+    top_ids = tl.load(top_id_ptr + stats, mask=tile_ok, other=0)
+    greedy_id = tl.sum(tl.where(tiles == top_tile, top_ids, 0), axis=1)
+    _, tile_bits, _, _ = tl.randint4x(seed, tiles)
+    log_mass = tl.load(log_mass_ptr + stats, mask=tile_ok, other=float("-inf"))
+    won = _first_argmax(tl.where(tile_ok, log_mass - _exp1_log(tile_bits), float("-inf")), tiles)
+    cols = won[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    row_offsets = rows.to(tl.int64)[:, None] * row_stride
+    x = _scaled_kept(logits_ptr, row_offsets, cols, row_ok[:, None] & (cols < vocab), inv_temp, threshold)
+    column_bits, _, _, _ = tl.randint4x(seed, cols)
+    sampled_id = _first_argmax(x - _exp1_log(column_bits), cols)
+    token = tl.where(tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0) > 0, sampled_id, greedy_id)
+    tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> torch.Tensor:
@@ -156,40 +187,59 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def race(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds: torch.Tensor, seeds: torch.Tensor,
          num_splits: int | None = None, rows_per_program: int | None = None) -> torch.Tensor:
-    """One token per row: argmax_j (l_j * inv_temperature - log E_j) over the columns with l_j >= threshold.
+    """One token per row: a draw from softmax(l * inv_temperature) over the columns with l >= threshold.
 
     logits: [rows, vocab] any float dtype, last dim contiguous. inv_temperatures: float32 [rows], 0 = greedy
     (plain argmax, first index among ties, like torch.argmax). thresholds: float32 [rows], -inf = no cut.
     seeds: int64 [rows], the Philox key of each row's noise. Returns int64 [rows] on logits.device.
-    num_splits (None: enough programs to fill the GPU) and rows_per_program (a power of two; None: one row of a
-    model's vocabulary, many rows of a test's small one) choose the launch; the tokens depend on neither.
+    num_splits and rows_per_program choose the launch (see tile_stats); the tokens depend on neither.
     """
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    quarter = block_quarter(vocab)
-    block = 4 * quarter
-    blocks = triton.cdiv(vocab, block)
-    if num_splits is None:
-        num_splits = _splits_to_fill(rows, logits.device)
-    num_splits = max(1, min(num_splits, blocks))
-    cols_per_split = triton.cdiv(blocks, num_splits) * block  # a multiple of the block: the noise stays put
-    num_splits = triton.cdiv(vocab, cols_per_split)
-    keys = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)
-    if rows_per_program is None:
-        rows_per_program = 1 if quarter == MAX_QUARTER else min(2048, 16384 // block)
+    rows_per_program = rows_per_program or _rows_per_program(vocab, logits.device)
+    log_mass, top, top_id = tile_stats(logits, inv_temperatures, thresholds, num_splits, rows_per_program)
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
-        grid = (triton.cdiv(rows, rows_per_program), num_splits)
-        _race_kernel[grid](logits, logits.stride(0), inv_temperatures, thresholds, seeds, keys, ids, rows, vocab,
-                           cols_per_split, num_splits, ROWS=rows_per_program, QUARTER=quarter)
-    return ids.gather(1, keys.argmax(dim=1, keepdim=True)).squeeze(1).long()
+        num_tiles = log_mass.shape[1]
+        _draw_kernel[(triton.cdiv(rows, rows_per_program),)](
+            logits, logits.stride(0), inv_temperatures, thresholds, seeds, log_mass, top, top_id, tokens, rows,
+            vocab, num_tiles, ROWS=rows_per_program, TILE=tile_width(vocab), TILES=triton.next_power_of_2(num_tiles))
+    return tokens
 
 
-# Programs per multiprocessor the vocabulary splits aim for. Each program walks its columns one block after
-# another (a Philox call and two logarithms per column): it is latency-bound, so it takes many programs in flight
-# to hide that (python benchmarks/sampler_launch.py, RESULTS.md 2026-12-01 sixth session).
-PROGRAMS_PER_MULTIPROCESSOR = 16
+def tile_stats(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds: torch.Tensor,
+               num_splits: int | None = None, rows_per_program: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first round: [rows, tiles] log-mass (float32), largest x (float32) and its first column (int32), for
+    x = l * inv_temperature (l where it is 0), -inf below the threshold. logits as race's, last dim contiguous.
+    num_splits: programs a row's tiles are split over (None: enough to fill the GPU); rows_per_program: a power
+    of two (None: one row of a model's vocabulary, many rows of a test's small one)."""
+    rows, vocab = logits.shape
+    tile = tile_width(vocab)
+    num_tiles = triton.cdiv(vocab, tile)
+    num_splits = num_splits or _splits_to_fill(rows, logits.device)
+    tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_splits, num_tiles)))
+    rows_per_program = rows_per_program or _rows_per_program(vocab, logits.device)
+    log_mass = torch.empty(rows, num_tiles, dtype=torch.float32, device=logits.device)
+    top = torch.empty_like(log_mass)
+    top_id = torch.empty(rows, num_tiles, dtype=torch.int32, device=logits.device)
+    if rows:
+        grid = (triton.cdiv(rows, rows_per_program), triton.cdiv(num_tiles, tiles_per_split))
+        _tile_stats_kernel[grid](logits, logits.stride(0), inv_temperatures, thresholds, log_mass, top, top_id,
+                                 rows, vocab, num_tiles, tiles_per_split, ROWS=rows_per_program, TILE=tile)
+    return log_mass, top, top_id
+
+
+def _rows_per_program(vocab: int, device: torch.device) -> int:
+    """One row of a model's vocabulary a program on a GPU; a test's small rows, or any row in Triton's
+    interpreter (which pays per program, not per element), many to a program."""
+    tile = tile_width(vocab)
+    return 1 if tile == MAX_TILE and device.type == "cuda" else min(2048, 16384 // tile)
+
+
+# Programs per multiprocessor the first kernel's splits of the tiles aim for (python benchmarks/sampler_launch.py).
+PROGRAMS_PER_MULTIPROCESSOR = 32
 
 
 def _splits_to_fill(rows: int, device: torch.device) -> int:

@@ -438,11 +438,57 @@ def test_the_distribution_test_catches_a_wrong_fused_sampler(mistake, mutate):
 def test_fused_sampler_keeps_greedy_rows_argmax_with_ties_in_a_mixed_batch():
     fused = fused_sampler()
     logits = (torch.randn(6, 3000) * 2).to(FUSED_DEVICE, torch.bfloat16)  # bfloat16: many exact ties, the first wins
-    logits[1, 2000:2003] = logits[1].max() + 1  # a three-way tie for the top, across a block boundary
+    edge = fused.MAX_TILE  # the first column of the second tile
+    logits[1, edge - 1:edge + 2] = logits[1].max() + 1  # a three-way tie for the top, across a tile boundary
+    logits[3, edge + 1:edge + 3] = logits[3].max() + 1  # a tie inside a tile that is not the first
     params = [SamplingParams(temperature=0.0 if i % 2 else 0.8) for i in range(6)]
     tokens = fused.sample(logits, params, [None] * 6)
     assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))  # torch.argmax: the first of tied maxima
-    assert tokens[1].item() == 2000
+    assert tokens[1].item() == edge - 1 and tokens[3].item() == edge + 1
+
+
+def test_fused_first_round_gives_each_tiles_logsumexp_top_and_first_top_column():
+    # The slow twin of the first kernel: torch's logsumexp, max and argmax over each tile of the kept, scaled row.
+    fused = fused_sampler()
+    tile = fused.MAX_TILE
+    logits = (torch.randn(4, 2 * tile + 300) * 3).to(torch.bfloat16)  # bfloat16: ties; the last tile ragged
+    logits[2, tile + 5] = float("nan")  # never drawn, never the top
+    inv_t = torch.tensor([1 / 0.6, 0.0, 1.0, 1 / 1.3])
+    thresholds = torch.tensor([float("-inf"), float("-inf"), 0.5, 2.0])
+    x = logits.float() * inv_t[:, None]
+    x[1] = logits[1].float()  # greedy: the raw logits
+    x = x.masked_fill(~(logits.float() >= thresholds[:, None]), float("-inf"))
+    for splits in (1, 2, 3):
+        log_mass, top, top_id = (t.cpu() for t in fused.tile_stats(
+            logits.to(FUSED_DEVICE), inv_t.to(FUSED_DEVICE), thresholds.to(FUSED_DEVICE), num_splits=splits))
+        for t, chunk in enumerate(x.split(tile, dim=1)):
+            torch.testing.assert_close(log_mass[:, t], torch.logsumexp(chunk, dim=1), rtol=1e-5, atol=1e-5)
+            assert torch.equal(top[:, t], chunk.max(dim=1).values)
+            assert torch.equal(top_id[:, t].long(), chunk.argmax(dim=1) + t * tile), f"tile {t}, {splits} splits"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_sampler_races_tiles_by_their_whole_mass(temperature, monkeypatch):
+    # The second round races tiles by log-mass, then the winner's columns. A plausible mistake, racing the tiles by
+    # their largest logit alone, would draw the first tile's two tokens too rarely: the test tells the two apart.
+    fused = fused_sampler()
+    tile = 8  # tiles of 8 columns: three of them in a 21-column row, cheap for the interpreter's 20,000 rows
+    monkeypatch.setattr(fused, "MAX_TILE", tile)
+    columns = [3, tile - 1, 2 * tile - 1, 2 * tile + 2, 2 * tile + 4]  # NUCLEUS_LOGITS' tokens: tiles 0, 0, 1, 2, 2
+    row = torch.full((2 * tile + 5,), -40.0)  # every other column: no mass to speak of
+    row[columns] = torch.tensor(NUCLEUS_LOGITS)
+    tokens = fused.sample(row.to(FUSED_DEVICE).expand(NUM_DRAWS, -1).contiguous(),
+                          [SamplingParams(temperature=temperature)] * NUM_DRAWS, [None] * NUM_DRAWS).cpu()
+    frequencies = torch.bincount(tokens, minlength=row.numel()).double()[columns] / NUM_DRAWS
+    expected = reference_distribution(NUCLEUS_LOGITS, temperature, -1, 1.0)
+    assert_frequencies_match(frequencies, expected)
+    weights = [math.exp(x / temperature) for x in NUCLEUS_LOGITS]
+    by_top = [weights[0], weights[2], weights[3]]  # each tile's largest weight
+    tile_of = [0, 0, 1, 2, 2]
+    tile_mass = [weights[0] + weights[1], weights[2], weights[3] + weights[4]]
+    mistaken = [by_top[tile_of[i]] / sum(by_top) * weights[i] / tile_mass[tile_of[i]] for i in range(5)]
+    with pytest.raises(AssertionError):
+        assert_frequencies_match(frequencies, mistaken)
 
 
 def test_fused_seeded_row_does_not_depend_on_the_batch_or_the_launch():

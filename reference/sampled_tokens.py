@@ -1,7 +1,7 @@
 """What a runner hands back after a step: the sampled token of each sequence that sampled, with its logprobs.
 
 Both runners (model_runner.py, fast_runner.py) sample the same way and build the same SampledTokens, so their
-tokens agree: the sampling itself is sampling.py's (fused_sampling.py's one-pass kernel on a GPU, same
+tokens agree: the sampling itself is sampling.py's (fused_sampling.py's two-round race on a GPU, same
 distribution); this module applies it to a step's sequences.
 """
 
@@ -61,7 +61,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: fro
 
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """On a GPU, the one-pass sampler (fused_sampling.py) when a row samples; elsewhere sampling.sample."""
+    """On a GPU, the fused sampler (fused_sampling.py) when a row samples; elsewhere sampling.sample."""
     params = [s.params for s in seqs]
     seeded = [s.params.seed is not None and not s.params.greedy for s in seqs]
     if logits.device.type == "cuda" and not all(p.temperature < GREEDY_BELOW for p in params):

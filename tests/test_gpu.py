@@ -161,7 +161,7 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(qwen3_06b):
 
 
 def test_seeded_sample_is_the_same_alone_and_in_any_batch_on_the_gpu(qwen3_06b):
-    """DESIGN's contract with the one-pass GPU sampler: a seeded request's tokens depend on its seed alone, not on
+    """DESIGN's contract with the fused GPU sampler: a seeded request's tokens depend on its seed alone, not on
     the batch around it, its row, chunking or CUDA graphs (the noise is keyed by seed, sample and position)."""
     from reference import LLM, SamplingParams
 
@@ -232,7 +232,7 @@ def test_the_bench_presets_engine_sizes_start_and_give_transformers_tokens(qwen3
 
 
 def test_best_of_on_the_gpu_keeps_the_samples_with_the_highest_cumulative_logprob(qwen3_06b):
-    """best_of through the fast runner (CUDA graphs, the one-pass sampler, async scheduling): the n kept samples
+    """best_of through the fast runner (CUDA graphs, the fused sampler, async scheduling): the n kept samples
     are the best of the best_of drawn, each exactly as drawn, ranked by the logprobs that logprobs=0 reports."""
     from reference import LLM, SamplingParams
 

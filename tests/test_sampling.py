@@ -373,7 +373,7 @@ def test_compute_logprobs_rejects_bad_num_top(num_top):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The GPU's one-pass sampler (fused_sampling.py), run here by Triton's interpreter: the same distribution as
+# The GPU's fused sampler (fused_sampling.py), run here by Triton's interpreter: the same distribution as
 # `sample`, noise that depends on a row's seed alone, greedy rows untouched.
 
 

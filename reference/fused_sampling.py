@@ -7,11 +7,11 @@ its logarithm, argmax_j (l_j / T - log E_j), needs neither the softmax (its norm
 nor any float32 copy. Racing every column, though, costs a random number and two logarithms a column: one pass
 that does so is bound by that arithmetic, not by reading the logits (0.16 ms at 256 rows on an H200).
 
-So the race runs in two rounds over tiles of TILE columns. The first kernel reads each tile once and writes three
-numbers: its log-mass log sum_j exp(l_j / T) (one exponential a column, no noise), its largest logit and that
-logit's first column. The second races the tiles by log-mass (about 150 entrants a row), then the columns of the
-winning tile alone. P(tile) * P(column | tile) = [sum_tile e^(l/T) / sum_all e^(l/T)] * [e^(l_j/T) / sum_tile
-e^(l/T)] = softmax(l / T)_j: the same distribution, with noise for some 1,200 numbers a row instead of 152,000.
+So the race runs in two rounds over tiles of TILE columns. The first kernel reads each tile once and writes two
+numbers: its log-mass log sum_j exp(l_j / T) (one exponential a column, no noise) and its largest logit. The second
+races the tiles by log-mass (about 150 entrants a row), then the columns of the winning tile alone.
+P(tile) * P(column | tile) = [sum_tile e^(l/T) / sum_all e^(l/T)] * [e^(l_j/T) / sum_tile e^(l/T)] = softmax(l / T)_j:
+the same distribution, with noise for some 1,200 numbers a row instead of 152,000.
 
 The noise comes from a counter-based generator (Philox): column j's is word 0 of counter j under the row's seed,
 tile t's is word 1 of counter t. It depends only on the seed, the vocabulary size and TILE (never on the batch or
@@ -19,7 +19,7 @@ the launch), so a seeded row gets the same token whatever else is in the batch.
 
 Top-k / top-p become one number per row: a logit threshold (sampling.filter_thresholds; tokens below it are out),
 computed only for the rows that ask for a cut. Greedy rows (inverse temperature 0) take the plain argmax: the
-first tile holding the largest logit, and its first column holding it.
+first tile holding the largest logit, read again, and its first column holding it.
 
 The noise is not torch's: torch's CUDA generator lays its stream out by launch configuration, so a seeded request
 draws other tokens here than through sampling.sample on the same seed (same distribution, same contract).
@@ -72,10 +72,11 @@ def _scaled_kept(logits_ptr, row_offsets, cols, mask, inv_temp, threshold):
 # The sizes that change from step to step are not specialised on (Triton compiles a variant for an int that is 1
 # or a multiple of 16): one compiled kernel per vocabulary, so the engine's warm-up compiles every one a run needs.
 @triton.jit(do_not_specialize=["num_rows", "tiles_per_split"])
-def _tile_stats_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, log_mass_ptr, top_ptr, top_id_ptr,
+def _tile_stats_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, log_mass_ptr, top_ptr,
                        num_rows, vocab, num_tiles, tiles_per_split, ROWS: tl.constexpr, TILE: tl.constexpr):
     """Program (row block, split): for each of ROWS rows and each tile of the split, the tile's log-mass
-    log sum exp(x), its largest x and that x's first column, written to [row, tile] of the three outputs."""
+    log sum exp(x) and its largest x, written to [row, tile] of the two outputs. Two reductions a tile, not a
+    third for where the largest is: the draw finds that in the one tile it needs."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
     inv_temp = tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -93,12 +94,11 @@ def _tile_stats_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, log_
         out = rows * num_tiles + tile
         tl.store(log_mass_ptr + out, top + tl.log(mass), mask=row_ok)
         tl.store(top_ptr + out, top, mask=row_ok)
-        tl.store(top_id_ptr + out, tl.min(tl.where(at_top, cols, 2147483647), axis=1), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _draw_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, log_mass_ptr, top_ptr, top_id_ptr,
-                 tokens_ptr, num_rows, vocab, num_tiles, ROWS: tl.constexpr, TILE: tl.constexpr,
+def _draw_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, log_mass_ptr, top_ptr, tokens_ptr,
+                 num_rows, vocab, num_tiles, ROWS: tl.constexpr, TILE: tl.constexpr,
                  TILES: tl.constexpr):
     """Program (row block): each row's token. Greedy: the first tile holding the largest logit, its first column
     holding it. Sampled: the race of the tiles by log-mass, then of the winning tile's columns."""
@@ -110,19 +110,17 @@ def _draw_kernel(logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, seed_ptr, 
     tiles = tl.arange(0, TILES)[None, :]
     tile_ok = row_ok[:, None] & (tiles < num_tiles)
     stats = rows[:, None] * num_tiles + tiles
-    top = tl.load(top_ptr + stats, mask=tile_ok, other=float("-inf"))
-    top_tile = _first_argmax(top, tiles)[:, None]
-    top_ids = tl.load(top_id_ptr + stats, mask=tile_ok, other=0)
-    greedy_id = tl.sum(tl.where(tiles == top_tile, top_ids, 0), axis=1)
+    top_tile = _first_argmax(tl.load(top_ptr + stats, mask=tile_ok, other=float("-inf")), tiles)
     _, tile_bits, _, _ = tl.randint4x(seed, tiles)
     log_mass = tl.load(log_mass_ptr + stats, mask=tile_ok, other=float("-inf"))
     won = _first_argmax(tl.where(tile_ok, log_mass - _exp1_log(tile_bits), float("-inf")), tiles)
-    cols = won[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    tile = tl.where(inv_temp > 0, won[:, None], top_tile[:, None])  # the one tile a row reads again
+    cols = tile * TILE + tl.arange(0, TILE)[None, :]
     row_offsets = rows.to(tl.int64)[:, None] * row_stride
     x = _scaled_kept(logits_ptr, row_offsets, cols, row_ok[:, None] & (cols < vocab), inv_temp, threshold)
     column_bits, _, _, _ = tl.randint4x(seed, cols)
     sampled_id = _first_argmax(x - _exp1_log(column_bits), cols)
-    token = tl.where(tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0) > 0, sampled_id, greedy_id)
+    token = tl.where(tl.load(inv_temp_ptr + rows, mask=row_ok, other=0.0) > 0, sampled_id, _first_argmax(x, cols))
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
 
 
@@ -198,20 +196,20 @@ def race(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds: torch
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     rows_per_program = rows_per_program or _rows_per_program(vocab, logits.device)
-    log_mass, top, top_id = tile_stats(logits, inv_temperatures, thresholds, num_splits, rows_per_program)
+    log_mass, top = tile_stats(logits, inv_temperatures, thresholds, num_splits, rows_per_program)
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         num_tiles = log_mass.shape[1]
         _draw_kernel[(triton.cdiv(rows, rows_per_program),)](
-            logits, logits.stride(0), inv_temperatures, thresholds, seeds, log_mass, top, top_id, tokens, rows,
+            logits, logits.stride(0), inv_temperatures, thresholds, seeds, log_mass, top, tokens, rows,
             vocab, num_tiles, ROWS=rows_per_program, TILE=tile_width(vocab), TILES=triton.next_power_of_2(num_tiles))
     return tokens
 
 
 def tile_stats(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds: torch.Tensor,
                num_splits: int | None = None, rows_per_program: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first round: [rows, tiles] log-mass (float32), largest x (float32) and its first column (int32), for
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first round: [rows, tiles] log-mass and largest x (float32), for
     x = l * inv_temperature (l where it is 0), -inf below the threshold. logits as race's, last dim contiguous.
     num_splits: programs a row's tiles are split over (None: enough to fill the GPU); rows_per_program: a power
     of two (None: one row of a model's vocabulary, many rows of a test's small one)."""
@@ -223,12 +221,11 @@ def tile_stats(logits: torch.Tensor, inv_temperatures: torch.Tensor, thresholds:
     rows_per_program = rows_per_program or _rows_per_program(vocab, logits.device)
     log_mass = torch.empty(rows, num_tiles, dtype=torch.float32, device=logits.device)
     top = torch.empty_like(log_mass)
-    top_id = torch.empty(rows, num_tiles, dtype=torch.int32, device=logits.device)
     if rows:
         grid = (triton.cdiv(rows, rows_per_program), triton.cdiv(num_tiles, tiles_per_split))
-        _tile_stats_kernel[grid](logits, logits.stride(0), inv_temperatures, thresholds, log_mass, top, top_id,
-                                 rows, vocab, num_tiles, tiles_per_split, ROWS=rows_per_program, TILE=tile)
-    return log_mass, top, top_id
+        _tile_stats_kernel[grid](logits, logits.stride(0), inv_temperatures, thresholds, log_mass, top, rows, vocab,
+                                 num_tiles, tiles_per_split, ROWS=rows_per_program, TILE=tile, num_warps=2)
+    return log_mass, top
 
 
 def _rows_per_program(vocab: int, device: torch.device) -> int:

@@ -447,8 +447,8 @@ def test_fused_sampler_keeps_greedy_rows_argmax_with_ties_in_a_mixed_batch():
     assert tokens[1].item() == edge - 1 and tokens[3].item() == edge + 1
 
 
-def test_fused_first_round_gives_each_tiles_logsumexp_top_and_first_top_column():
-    # The slow twin of the first kernel: torch's logsumexp, max and argmax over each tile of the kept, scaled row.
+def test_fused_first_round_gives_each_tiles_logsumexp_and_top():
+    # The slow twin of the first kernel: torch's logsumexp and max over each tile of the kept, scaled row.
     fused = fused_sampler()
     tile = fused.MAX_TILE
     logits = (torch.randn(4, 2 * tile + 300) * 3).to(torch.bfloat16)  # bfloat16: ties; the last tile ragged
@@ -459,12 +459,11 @@ def test_fused_first_round_gives_each_tiles_logsumexp_top_and_first_top_column()
     x[1] = logits[1].float()  # greedy: the raw logits
     x = x.masked_fill(~(logits.float() >= thresholds[:, None]), float("-inf"))
     for splits in (1, 2, 3):
-        log_mass, top, top_id = (t.cpu() for t in fused.tile_stats(
+        log_mass, top = (t.cpu() for t in fused.tile_stats(
             logits.to(FUSED_DEVICE), inv_t.to(FUSED_DEVICE), thresholds.to(FUSED_DEVICE), num_splits=splits))
         for t, chunk in enumerate(x.split(tile, dim=1)):
             torch.testing.assert_close(log_mass[:, t], torch.logsumexp(chunk, dim=1), rtol=1e-5, atol=1e-5)
-            assert torch.equal(top[:, t], chunk.max(dim=1).values)
-            assert torch.equal(top_id[:, t].long(), chunk.argmax(dim=1) + t * tile), f"tile {t}, {splits} splits"
+            assert torch.equal(top[:, t], chunk.max(dim=1).values), f"tile {t}, {splits} splits"
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])

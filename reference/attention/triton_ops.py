@@ -394,14 +394,16 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, sequence, kv_head).
+    """One program per (sequence, kv_head, query tile).
 
     The rows of a query tile are (token, query head of this KV group) pairs, token-major: row r is token
     r // GROUP, head kv_head * GROUP + r % GROUP. So the group's heads share every K/V tile, as in decode.
+    Query tiles go last tile first (axis 2 is the slowest to launch): a causal tile's work grows with its
+    position, so the long ones start first and the short ones fill in behind them instead of running last.
     """
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if tile * TILE_M >= q_len * GROUP:  # the grid is sized for the longest sequence; this one is shorter
@@ -423,38 +425,60 @@ def _paged_prefill_kernel(
     # see every key, so they never produce an all-masked row (no NaN), and they are not stored.
     query_positions = context_len - q_len + tokens
 
-    # Keys past the tile's last query are masked for every row: stop there (the causal saving).
+    # Keys past the tile's last query are masked for every row: stop there (the causal saving). Keys up to the
+    # tile's first query are seen by every row: the whole K/V tiles among them need no mask (most of them).
     last_token = tl.minimum((tile * TILE_M + TILE_M - 1) // GROUP, q_len - 1)
     kv_end = context_len - q_len + last_token + 1
+    unmasked_end = (context_len - q_len + tile * TILE_M // GROUP + 1) // TILE_N * TILE_N
 
     max_score = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
     sum_exp = tl.zeros([TILE_M], dtype=tl.float32)
     acc = tl.zeros([TILE_M, HEAD_DIM_PADDED], dtype=tl.float32)
-
-    for tile_start in range(0, kv_end, TILE_N):
-        positions = tile_start + tl.arange(0, TILE_N)
-        valid = positions < kv_end
-        block = tl.load(block_tables_ptr + seq * stride_table_seq + positions // block_size, mask=valid, other=0)
-        cache_rows = block.to(tl.int64) * stride_cache_block + (positions % block_size) * stride_cache_slot
-        kv_offsets = (cache_rows + kv_head * stride_cache_head)[:, None] + dims[None, :]
-        kv_mask = valid[:, None] & dim_mask[None, :]
-
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [TILE_M, TILE_N]
-        causal = positions[None, :] <= query_positions[:, None]
-        scores = tl.where(causal & valid[None, :], scores, float("-inf"))
-
-        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
-        correction = tl.exp2(max_score - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        sum_exp = sum_exp * correction + tl.sum(probs, axis=1)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        max_score = new_max
+    table = block_tables_ptr + seq * stride_table_seq
+    head_offset = kv_head * stride_cache_head
+    for tile_start in range(0, unmasked_end, TILE_N):
+        max_score, sum_exp, acc = _prefill_tile(
+            q, k_cache_ptr, v_cache_ptr, table, block_size, stride_cache_block, stride_cache_slot, head_offset,
+            tile_start, kv_end, query_positions, dims, dim_mask, qk_scale, max_score, sum_exp, acc,
+            False, TILE_N, DOT_PRECISION)
+    for tile_start in range(unmasked_end, kv_end, TILE_N):
+        max_score, sum_exp, acc = _prefill_tile(
+            q, k_cache_ptr, v_cache_ptr, table, block_size, stride_cache_block, stride_cache_slot, head_offset,
+            tile_start, kv_end, query_positions, dims, dim_mask, qk_scale, max_score, sum_exp, acc,
+            True, TILE_N, DOT_PRECISION)
 
     result = acc / sum_exp[:, None]  # every row saw key 0 at least, so sum_exp > 0
     out_offsets = (q_start + tokens)[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :]
     tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _prefill_tile(q, k_cache_ptr, v_cache_ptr, table, block_size, stride_cache_block, stride_cache_slot,
+                  head_offset, tile_start, kv_end, query_positions, dims, dim_mask, qk_scale, max_score, sum_exp,
+                  acc, MASKED: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K/V tile of the online softmax. MASKED: the tile reaches past the tile's first query (the causal
+    diagonal) or past kv_end; unmasked tiles skip the bounds and the causal comparison, with the same result."""
+    positions = tile_start + tl.arange(0, TILE_N)
+    valid = positions < kv_end
+    if MASKED:
+        block = tl.load(table + positions // block_size, mask=valid, other=0)
+    else:
+        block = tl.load(table + positions // block_size)
+    cache_rows = block.to(tl.int64) * stride_cache_block + (positions % block_size) * stride_cache_slot
+    kv_offsets = (cache_rows + head_offset)[:, None] + dims[None, :]
+    kv_mask = valid[:, None] & dim_mask[None, :] if MASKED else dim_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [TILE_M, TILE_N]
+    if MASKED:
+        causal = positions[None, :] <= query_positions[:, None]
+        scores = tl.where(causal & valid[None, :], scores, float("-inf"))
+    new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+    correction = tl.exp2(max_score - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    sum_exp = sum_exp * correction + tl.sum(probs, axis=1)
+    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return new_max, sum_exp, acc
 
 
 def paged_prefill_attention(
@@ -500,7 +524,7 @@ def _launch_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
     batch, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[2]
     kv_heads = k_cache.shape[2]
     group = q.shape[1] // kv_heads
-    grid = (triton.cdiv(max_query_len * group, tile_m), batch, kv_heads)
+    grid = (batch, kv_heads, triton.cdiv(max_query_len * group, tile_m))
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale * LOG2_E, k_cache.shape[1],

@@ -24,6 +24,17 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
+# Per captured row: four int64 token inputs, then (after every row's) two int32s, context length and start order.
+INPUT_BYTES_PER_ROW = 4 * 8 + 2 * 4
+
+
+def input_views(buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A byte buffer of INPUT_BYTES_PER_ROW * rows bytes seen as int64 [4, rows] token inputs and int32 [2, rows]
+    lengths and order (the same layout on the host and on the device, so one copy moves both)."""
+    split = 4 * 8 * rows
+    return buffer[:split].view(torch.int64).view(4, rows), buffer[split:].view(torch.int32).view(2, rows)
+
+
 def warmup_lens_and_order(largest: int, device=None) -> torch.Tensor:
     """The static [context lengths; decode order] buffer as the warm-up and capture passes read it: every context
     one token long, and for every captured size the order's first `size` entries a permutation of range(size).
@@ -45,12 +56,13 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         largest = self.sizes[-1]
         max_blocks = blocks_for_tokens(max_model_len, block_size)
-        # Static device inputs. Token ids, positions, slots and pending rows share one tensor so one copy fills them.
-        self.token_inputs = torch.zeros(4, largest, dtype=torch.int64, device=device)
+        # Static device inputs, all in one byte buffer so that one copy fills them: int64 token ids, positions,
+        # slots and pending rows, then int32 context lengths and the attention kernel's start order (longest first).
+        self.inputs = torch.zeros(INPUT_BYTES_PER_ROW * largest, dtype=torch.uint8, device=device)
+        self.token_inputs, self.lens_and_order = input_views(self.inputs, largest)
         self.input_ids, self.positions, self.slot_mapping, self.pending_rows = self.token_inputs.unbind(0)
         self.slot_mapping.fill_(-1)  # the warm-up and capture passes below must write no KV
-        # Context lengths and the attention kernel's start order (longest first), one copy for both.
-        self.lens_and_order = warmup_lens_and_order(largest, device)
+        self.lens_and_order.copy_(warmup_lens_and_order(largest, device))
         self.context_lens, self.decode_order = self.lens_and_order.unbind(0)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         # Every tensor a graph reads must outlive the graph: kept on self, even those our Triton decode kernel
@@ -96,11 +108,11 @@ class DecodeGraphs:
         # plans the next step while this one may still be copying, and torch's pinned-memory cache hands a
         # buffer out again only once the copies reading it have finished.
         # Padding rows n..size-1 write nothing (slot -1) and attend over one token of block 0 (output ignored).
-        host_tokens = torch.zeros(self.token_inputs.shape, dtype=torch.int64, pin_memory=True)  # one contiguous copy
-        tokens = host_tokens.numpy()
-        host_lens_and_order = torch.ones(self.lens_and_order.shape, dtype=torch.int32, pin_memory=True)
-        lens, order = host_lens_and_order.numpy()
-        lens[:n] = context_lens
+        host_inputs = torch.empty(self.inputs.shape, dtype=torch.uint8, pin_memory=True)
+        host_tokens, host_lens_and_order = input_views(host_inputs, self.sizes[-1])
+        tokens, (lens, order) = host_tokens.numpy(), host_lens_and_order.numpy()
+        tokens[:, n:] = 0
+        lens[:n], lens[n:], order[size:] = context_lens, 1, 0
         order[:size] = np.argsort(-lens[:size], kind="stable")  # a permutation of the graph's rows, padding last
         num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
         width = int(num_blocks.max())
@@ -112,11 +124,12 @@ class DecodeGraphs:
         tokens[2, :n] = batched_slot_mapping(tables, np.arange(n), tokens[1, :n], self.block_size)
         tokens[2, n:size] = tokens[3, n:size] = -1
         tokens[3, :n] = -1 if pending_rows is None else pending_rows
-        self.token_inputs.copy_(host_tokens, non_blocking=True)
-        self.lens_and_order.copy_(host_lens_and_order, non_blocking=True)
+        self.inputs.copy_(host_inputs, non_blocking=True)
         # Columns past `width` keep stale ids: the kernel reads only the blocks a row's context length covers.
         self.block_tables[:size, :width].copy_(host_tables, non_blocking=True)
-        if pending_rows is not None:
+        if pending_rows is not None and min(pending_rows) >= 0:  # every input is last step's token: one gather
+            torch.index_select(previous, 0, self.pending_rows[:n], out=self.input_ids[:n])
+        elif pending_rows is not None:
             fill_pending(self.input_ids[:size], self.pending_rows[:size], previous)
         self.graphs[size].replay()
         return self.logits[size][:n]

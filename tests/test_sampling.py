@@ -14,6 +14,7 @@ import math
 import re
 
 import pytest
+import numpy as np
 import torch
 
 from reference.sampling import SamplingParams, compute_logprobs, sample, seeded_generator
@@ -398,11 +399,22 @@ def fused_frequencies(logits: list[float], params: SamplingParams, mutate=None) 
         tokens = fused.sample(batch, [params] * NUM_DRAWS, [None] * NUM_DRAWS)
     else:
         inv_temperatures = torch.full((NUM_DRAWS,), 1 / params.temperature, device=FUSED_DEVICE)
-        thresholds = fused._thresholds(batch, [params] * NUM_DRAWS, [True] * NUM_DRAWS)
+        thresholds = torch.full((NUM_DRAWS,), float("-inf"), device=FUSED_DEVICE)
+        fused._cut_thresholds(thresholds, batch, [params] * NUM_DRAWS, [True] * NUM_DRAWS)
         inv_temperatures, thresholds = mutate(inv_temperatures, thresholds)
         seeds = torch.from_numpy(fused._unseeded_row_seeds(NUM_DRAWS)).to(FUSED_DEVICE)
         tokens = fused.race(batch, inv_temperatures, thresholds, seeds)
     return torch.bincount(tokens.cpu(), minlength=len(logits)).double() / NUM_DRAWS
+
+
+def test_fused_sampler_row_inputs_arrive_in_one_buffer_unchanged():
+    # sample() sends seeds, inverse temperatures and (no cut) -inf thresholds in one copy of one byte buffer.
+    fused = fused_sampler()
+    seeds = np.array([2**62 + 3, -5, 0], dtype=np.int64)
+    on_device, inv_temperatures, thresholds = fused._row_inputs(seeds, [1 / 0.6, 0.0, 2.5], torch.device("cpu"))
+    assert on_device.tolist() == seeds.tolist()
+    assert torch.equal(inv_temperatures, torch.tensor([1 / 0.6, 0.0, 2.5], dtype=torch.float32))
+    assert thresholds.dtype == torch.float32 and torch.isneginf(thresholds).all()
 
 
 FUSED_SETTINGS = [  # (temperature, top_k, top_p) on NUCLEUS_LOGITS; each case's kept set is named
@@ -511,7 +523,8 @@ def test_fused_seeded_row_does_not_depend_on_the_batch_or_the_launch():
         seeds[row] = seed_state(42, 0, position)
         for splits in (1, 2):
             inv_t = torch.tensor([0.0 if p.greedy else 1 / p.temperature for p in params_batch], device=FUSED_DEVICE)
-            thresholds = fused._thresholds(logits, params_batch, [not p.greedy for p in params_batch])
+            thresholds = torch.full((batch_size,), float("-inf"), device=FUSED_DEVICE)
+            fused._cut_thresholds(thresholds, logits, params_batch, [not p.greedy for p in params_batch])
             seed_tensor = torch.tensor([s if s is not None else 5 for s in seeds], device=FUSED_DEVICE)
             tokens = fused.race(logits, inv_t, thresholds, seed_tensor, num_splits=splits)
             assert tokens[row].item() == alone[position], f"position {position}, row {row}, {splits} splits"

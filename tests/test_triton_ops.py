@@ -176,6 +176,24 @@ def test_cuda_graph_warmup_order_keeps_each_captured_size_inside_its_rows():
         assert torch.all(guarded[size] == 7.0), f"batch of {size}: the kernel wrote past its output"
 
 
+def test_cuda_graph_inputs_share_one_byte_buffer_without_overlap():
+    # DecodeGraphs moves a step's token inputs (int64) and lengths / order (int32) in one copy of one byte buffer:
+    # the views must tile it exactly, rows where the graph reads them, and a write to one never shows in another.
+    from reference.cuda_graphs import INPUT_BYTES_PER_ROW, input_views
+
+    rows = 5
+    buffer = torch.zeros(INPUT_BYTES_PER_ROW * rows, dtype=torch.uint8)
+    tokens, lens_and_order = input_views(buffer, rows)
+    assert tokens.shape == (4, rows) and tokens.dtype == torch.int64
+    assert lens_and_order.shape == (2, rows) and lens_and_order.dtype == torch.int32
+    tokens.copy_(torch.arange(4 * rows).view(4, rows) - 2**40)  # every byte of the int64s non-zero-ish
+    lens_and_order.copy_(torch.arange(2 * rows, dtype=torch.int32).view(2, rows) + 7)
+    assert torch.equal(tokens, torch.arange(4 * rows).view(4, rows) - 2**40)
+    assert torch.equal(lens_and_order, torch.arange(2 * rows, dtype=torch.int32).view(2, rows) + 7)
+    copy = buffer.clone()  # the device's side of the one copy sees the same values through the same views
+    assert torch.equal(input_views(copy, rows)[0], tokens) and torch.equal(input_views(copy, rows)[1], lens_and_order)
+
+
 def test_decode_block_larger_than_tile_and_odd_block_size():
     # One block per sequence (the contiguous cache's layout): a tile covers only part of a block.
     for block_size in (128, 100):

@@ -1,11 +1,12 @@
-"""Another version of the paged prefill kernel against this tree's: the same outputs bit for bit, and the time.
+"""Another version of the paged prefill kernel against this tree's: their outputs, and their time.
 
     git show 00adf02:reference/attention/triton_ops.py > /tmp/old_triton_ops.py
     python benchmarks/prefill_kernel_ab.py /tmp/old_triton_ops.py [--quick]
 
 The other module is loaded from its file as a sibling of this tree's (its relative imports resolve here). Cases
-at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head_dim 128, bf16, block size 16), each checked
-bit for bit between the two kernels and against torch_ref (max absolute difference), then timed as CUDA-graph
+at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head_dim 128, bf16, block size 16), each compared
+bit for bit between the two kernels (a restructured loop may round differently once compiled: the compiler
+contracts multiply-adds its own way) and against torch_ref (max absolute difference), then timed as CUDA-graph
 replays: fresh prompts, chunks over a cached prefix, and a prompt-running step as the engine runs them (8,192
 tokens: a few prompt chunks beside 240 one-token decodes). On the CPU (TRITON_INTERPRET=1) --quick checks the
 bits on small cases and times nothing.

@@ -457,7 +457,8 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, table, block_size, stride_cache_b
                   head_offset, tile_start, kv_end, query_positions, dims, dim_mask, qk_scale, max_score, sum_exp,
                   acc, MASKED: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One K/V tile of the online softmax. MASKED: the tile reaches past the tile's first query (the causal
-    diagonal) or past kv_end; unmasked tiles skip the bounds and the causal comparison, with the same result."""
+    diagonal) or past kv_end; unmasked tiles skip the bounds and the causal comparison. The same arithmetic
+    either way (the interpreter gives the same bits; compiled, the compiler may fuse a multiply-add differently)."""
     positions = tile_start + tl.arange(0, TILE_N)
     valid = positions < kv_end
     if MASKED:

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from decode_gemms import graph_ms  # noqa: E402 (this folder is on the path when run as a script)
 from reference.attention import torch_ref, triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,25 +76,6 @@ def engine_step(seed: int = 0) -> tuple[list[int], list[int]]:
         contexts.append(prefix + n)
         left -= n
     return [1] * 240 + chunks, decode_contexts + contexts
-
-
-def graph_ms(fn, replays: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return sorted(times)[len(times) // 2]
 
 
 def flops(query_lens: list[int], context_lens: list[int]) -> float:

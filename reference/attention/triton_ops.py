@@ -162,6 +162,23 @@ def _split_range(context_len, split, num_splits, TILE_N: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(scores, max_score, sum_exp, acc, v_cache_ptr, kv_offsets, kv_mask,
+                         DOT_PRECISION: tl.constexpr):
+    """Add one K/V tile to a running softmax (both kernels' inner step): rescale what is there by
+    exp2(old max - new max), then add the tile's weights exp2(score - new max) to the sum and the weights times V to
+    the accumulator. scores: [rows, TILE_N] in base-2 units, -inf where masked. V (v_cache_ptr + kv_offsets) is
+    addressed and loaded here, after the scores' arithmetic, where the kernels always loaded it: the compiled code
+    is the one they had inline. Returns the new (max, sum, acc)."""
+    new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+    correction = tl.exp2(max_score - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    sum_exp = sum_exp * correction + tl.sum(probs, axis=1)
+    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return new_max, sum_exp, acc
+
+
+@triton.jit
 def _decode_program(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     seq, kv_head, split, start, end, qk_scale, block_size,
@@ -204,14 +221,8 @@ def _decode_program(
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PADDED, TILE_N]
         scores = tl.where(valid[None, :], scores, float("-inf"))
 
-        # Online softmax: rescale what we have by exp2(old max - new max), then add this tile.
-        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
-        correction = tl.exp2(max_score - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        sum_exp = sum_exp * correction + tl.sum(probs, axis=1)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        max_score = new_max
+        max_score, sum_exp, acc = _online_softmax_step(scores, max_score, sum_exp, acc, v_cache_ptr, kv_offsets,
+                                                       kv_mask, DOT_PRECISION)
 
     # An empty split (a short context) has sum_exp == 0: it stores zeros with log-sum-exp -inf (weight 0).
     has_keys = sum_exp > 0
@@ -473,13 +484,7 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, table, block_size, stride_cache_b
     if MASKED:
         causal = positions[None, :] <= query_positions[:, None]
         scores = tl.where(causal & valid[None, :], scores, float("-inf"))
-    new_max = tl.maximum(max_score, tl.max(scores, axis=1))
-    correction = tl.exp2(max_score - new_max)
-    probs = tl.exp2(scores - new_max[:, None])
-    sum_exp = sum_exp * correction + tl.sum(probs, axis=1)
-    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return new_max, sum_exp, acc
+    return _online_softmax_step(scores, max_score, sum_exp, acc, v_cache_ptr, kv_offsets, kv_mask, DOT_PRECISION)
 
 
 def paged_prefill_attention(

@@ -1,4 +1,4 @@
-"""Where a fresh engine's first calls lose time: Python's garbage collector, the CUDA allocator, the host (GPU).
+"""Where a fresh engine's first calls lose time: the garbage collector, Triton, the CUDA allocator, the host.
 
     python benchmarks/first_call.py CHECKPOINT_DIR [--tuned] [--freeze] [--calls 3]
 
@@ -9,6 +9,7 @@ temperature 0.6, workload seeds 0, 1, ...), as benchmarks/public_api_throughput.
   steps beside the host's time in launch, and the device's idle time between steps (the host behind);
 - every collection of the cyclic garbage collector (gc.callbacks): count and time per generation, and each pause
   over 5 ms with the step it fell in;
+- each Triton compilation (its kernel, specialisation, seconds and step): a variant the warm-up missed;
 - the caching allocator's cudaMalloc / cudaFree / retry counts during the call (torch.cuda.memory_stats);
 - the steps whose time most exceeds their GPU work.
 --freeze: gc.freeze() for the length of each call (the heap the collector then skips), gc.unfreeze() after.
@@ -38,11 +39,25 @@ class Recorder:
 
     def __init__(self, runner) -> None:
         self.pauses: list[tuple[int, float, float]] = []  # (generation, start, seconds)
-        self.steps: list[tuple[float, float, bool, torch.cuda.Event, torch.cuda.Event]] = []
+        self.steps: list[tuple[float, float, bool, torch.cuda.Event, torch.cuda.Event, int]] = []
         self.runner, self.launch = runner, runner.launch
         self._started = 0.0
+        self.compiles: list[tuple[float, float, str]] = []  # (start, seconds, kernel and specialisation)
         gc.callbacks.append(self._on_gc)
         runner.launch = self._timed
+        self._watch_triton_compiles()
+
+    def _watch_triton_compiles(self) -> None:
+        """Triton's hooks around each compilation (the cache hook must return None, or Triton skips compiling)."""
+        from triton import knobs
+
+        def before(**_):
+            self._compile_started = time.perf_counter()
+
+        def after(repr: str, **_):  # noqa: A002 - Triton's keyword
+            self.compiles.append((self._compile_started, time.perf_counter() - self._compile_started, repr))
+
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -58,7 +73,8 @@ class Recorder:
         host = time.perf_counter() - began
         end.record()
         if batch.seqs:
-            self.steps.append((began, host, sum(batch.num_tokens) > len(batch.seqs), start, end))
+            tokens = sum(batch.num_tokens)
+            self.steps.append((began, host, tokens > len(batch.seqs), start, end, tokens))
         return out
 
     def close(self) -> None:
@@ -68,7 +84,7 @@ class Recorder:
 
 def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_start: float) -> None:
     steps = recorder.steps
-    busy = np.array([a.elapsed_time(b) / 1e3 for *_, a, b in steps])
+    busy = np.array([s[3].elapsed_time(s[4]) / 1e3 for s in steps])
     span = np.array([x[3].elapsed_time(y[3]) / 1e3 for x, y in zip(steps, steps[1:])] + [busy[-1]])
     prompt = np.array([s[2] for s in steps])
     host = np.array([s[1] for s in steps])
@@ -83,6 +99,9 @@ def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_sta
             print(f"  gc generation {generation}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, "
                   f"longest {1e3 * max(times):.1f} ms")
     begins = np.array([s[0] for s in steps])
+    for start, seconds, text in recorder.compiles:
+        i = max(int(np.searchsorted(begins, start)) - 1, 0)
+        print(f"  Triton compiled for {1e3 * seconds:.0f} ms in step {i}: {text[:300]}")
     for generation, start, seconds in recorder.pauses:
         if seconds > 0.005:
             i = max(int(np.searchsorted(begins, start)) - 1, 0)
@@ -91,6 +110,9 @@ def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_sta
     print("  steps longest beyond their GPU work (index, prompt-running, span ms, GPU ms, host ms):")
     for i in np.argsort(span - busy)[-5:][::-1]:
         print(f"    {i}, {bool(prompt[i])}, {1e3 * span[i]:.1f}, {1e3 * busy[i]:.1f}, {1e3 * host[i]:.1f}")
+    print("  steps longest on the GPU (index, prompt-running, tokens, GPU ms, host ms):")
+    for i in np.argsort(busy)[-5:][::-1]:
+        print(f"    {i}, {bool(prompt[i])}, {steps[i][5]}, {1e3 * busy[i]:.1f}, {1e3 * host[i]:.1f}")
 
 
 def main() -> None:
@@ -111,6 +133,7 @@ def main() -> None:
         params = [SamplingParams(temperature=TEMPERATURE, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
         recorder.steps.clear()
         recorder.pauses.clear()
+        recorder.compiles.clear()
         before = torch.cuda.memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()

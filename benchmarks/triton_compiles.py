@@ -1,13 +1,13 @@
 """Which Triton kernels a workload still compiles after the engine's start-up warm-up: what the warm-up misses.
 
-    python benchmarks/triton_compiles.py [--calls 2] [--requests 256]
+    python benchmarks/triton_compiles.py [--calls 2] [--requests 256] [--tuned]
 
 Triton compiles a kernel once per specialisation: per constexpr value, and per class of each integer argument
 (1, divisible by 16, other) and of each pointer's alignment. A compilation met inside a timed `generate` costs it
 up to a second (issue 16: a fresh machine's first call trailed a warm one by about 0.7 s). With a fresh, empty
 TRITON_CACHE_DIR every compilation leaves one cache entry (a directory with the kernel's <name>.json metadata and
 its IR), so this script:
-1. builds `LLM(checkpoint, device="cuda", dtype="bfloat16")` on a random Qwen3-0.6B checkpoint (engine start
+1. builds `LLM(checkpoint, device="cuda", dtype="bfloat16")` (--tuned: with the preset's engine sizes) on a random Qwen3-0.6B checkpoint (engine start
    includes CUDA-graph capture and the warm-up, reference/warmup.py) and lists the cache's entries;
 2. runs the nano-vllm workload through the public API (256 requests, input and output uniform in [100, 1024],
    temperature 0.6, ignore EOS; call 2 on fresh prompts, workload seed 1), as benchmarks/public_api_throughput.py;
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for public_api_throughput's checkpoint and settings
-from public_api_throughput import TEMPERATURE, save_random_checkpoint  # noqa: E402
+from public_api_throughput import TEMPERATURE, TUNED, save_random_checkpoint  # noqa: E402
 
 from reference import LLM, SamplingParams  # noqa: E402
 from reference.models.presets import ARCHITECTURES  # noqa: E402
@@ -138,6 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2, choices=(1, 2), help="workload seeds 0 (and 1)")
     parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (Triton compiles nothing on the CPU)")
@@ -146,7 +147,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as path:
             save_random_checkpoint(path, torch.bfloat16)
             start = time.perf_counter()
-            llm = LLM(path, device="cuda", dtype="bfloat16")
+            llm = LLM(path, device="cuda", dtype="bfloat16", **(TUNED if args.tuned else {}))
             warm_up = llm.engine.warm_up_seconds or 0.0
             print(f"engine start {time.perf_counter() - start:.1f} s, of which warm-up {warm_up:.2f} s")
             at_start = cache_entries(CACHE_DIR)

@@ -149,16 +149,22 @@ def _row_inputs(row_seeds: np.ndarray, inv_temperatures: list[float], device: to
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The race's per-row inputs on the device in one asynchronous copy from pinned memory (one copy, not three:
     each is a few microseconds of a decode step): int64 seeds, float32 inverse temperatures and float32 thresholds
-    (-inf: no cut), laid out one after another in one byte buffer."""
-    batch = len(row_seeds)
-    host = torch.empty(16 * batch, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    (-inf: no cut), laid out one after another in one byte buffer.
+
+    Each part starts at a multiple of 16 bytes whatever the batch (rows padded to a multiple of 4): Triton compiles
+    a kernel again for each pointer alignment it meets, and a part at 8 * batch bytes was aligned for even batches
+    only, so a first odd batch compiled both sampling kernels anew inside a timed call (1.5 s on an H200)."""
+    batch, padded = len(row_seeds), -(-len(row_seeds) // 4) * 4
+    host = torch.empty(16 * padded, dtype=torch.uint8, pin_memory=device.type == "cuda")
     staged = host.numpy()
+    temperatures_at, thresholds_at = 8 * padded, 12 * padded
     staged[:8 * batch].view(np.int64)[:] = row_seeds
-    staged[8 * batch:12 * batch].view(np.float32)[:] = inv_temperatures
-    staged[12 * batch:].view(np.float32)[:] = float("-inf")
+    staged[temperatures_at:temperatures_at + 4 * batch].view(np.float32)[:] = inv_temperatures
+    staged[thresholds_at:thresholds_at + 4 * batch].view(np.float32)[:] = float("-inf")
     buffer = host.to(device, non_blocking=True)
-    return (buffer[:8 * batch].view(torch.int64), buffer[8 * batch:12 * batch].view(torch.float32),
-            buffer[12 * batch:].view(torch.float32))
+    return (buffer[:8 * batch].view(torch.int64),
+            buffer[temperatures_at:temperatures_at + 4 * batch].view(torch.float32),
+            buffer[thresholds_at:thresholds_at + 4 * batch].view(torch.float32))
 
 
 def _cut_thresholds(thresholds: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams],

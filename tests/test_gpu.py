@@ -206,6 +206,49 @@ def test_gpu_defaults_are_sized_from_free_memory_and_the_engine_starts_warm(qwen
     assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_NEW] * 4
 
 
+def engine_triton_kernels() -> list:
+    """Every @triton.jit kernel of the engine's modules."""
+    from triton.runtime.jit import JITFunction
+
+    from reference import fused_sampling
+    from reference.attention import triton_ops
+    from reference.models import fused
+
+    return [value for module in (fused, triton_ops, fused_sampling) for value in vars(module).values()
+            if isinstance(value, JITFunction)]
+
+
+def test_no_triton_kernel_compiles_after_the_engines_warm_up(qwen3_06b):
+    """A kernel variant first met inside a timed `generate` costs it up to a second a kernel: found on the first
+    call of the nano-vllm workload (issue 16), where the sampler's per-row inputs sat at pointer alignments that
+    depended on the batch size. Batches of odd and even sizes, greedy and sampled, with and without a cut, one
+    after another on an engine that has warmed up must compile nothing. The kernels' in-process caches are
+    emptied first, so that kernels compiled by earlier tests cannot hide a miss (from Triton's disk cache the
+    engine's start reloads them quickly)."""
+    from triton import knobs
+
+    from reference import LLM, SamplingParams
+
+    kernels = engine_triton_kernels()
+    assert len(kernels) >= 8, kernels
+    for kernel in kernels:
+        kernel.device_caches.clear()
+    path, _, prompts, _ = qwen3_06b
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    settings = [dict(temperature=0), dict(temperature=0.6), dict(temperature=0.8, top_k=20, top_p=0.9)]
+    compiled = []
+    knobs.runtime.jit_post_compile_hook = lambda repr, **_: compiled.append(repr)  # noqa: A002 - Triton's keyword
+    try:
+        for batch in (1, 3, 2, 5, 7, 6):
+            params = [SamplingParams(max_tokens=3 + i % 4, ignore_eos=True, seed=i, **settings[(i + batch) % 3])
+                      for i in range(batch)]
+            outputs = llm.generate(prompts[:batch], params, use_tqdm=False)
+            assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+    assert compiled == [], "\n".join(compiled)
+
+
 def test_the_bench_presets_engine_sizes_start_and_give_transformers_tokens(qwen3_06b_fp16):
     """The nano-vllm preset's engine sizes (256 seats, 8192-token budget, max_model_len 2048; the KV capacity from
     free memory), which every other test here leaves out: CUDA graphs captured up to 256 sequences, where the

@@ -417,6 +417,18 @@ def test_fused_sampler_row_inputs_arrive_in_one_buffer_unchanged():
     assert thresholds.dtype == torch.float32 and torch.isneginf(thresholds).all()
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 6, 7, 8])
+def test_fused_sampler_row_inputs_start_16_byte_aligned_for_every_batch(batch):
+    # Triton compiles its kernels again for each pointer alignment: parts aligned only for some batch sizes made
+    # a timed call compile both sampling kernels (a first odd batch after a warm-up of even ones).
+    seeds = np.arange(batch, dtype=np.int64)
+    parts = fused_sampler()._row_inputs(seeds, [1.0] * batch, torch.device("cpu"))
+    base = parts[0].data_ptr()
+    assert [(part.data_ptr() - base) % 16 for part in parts] == [0, 0, 0]
+    assert [part.numel() for part in parts] == [batch] * 3
+    assert parts[0].tolist() == seeds.tolist() and parts[1].tolist() == [1.0] * batch
+
+
 FUSED_SETTINGS = [  # (temperature, top_k, top_p) on NUCLEUS_LOGITS; each case's kept set is named
     (0.6, -1, 1.0),  # the benchmark's: temperature alone, all five tokens
     (2.0, -1, 1.0),

@@ -10,7 +10,8 @@ temperature 0.6, workload seeds 0, 1, ...), as benchmarks/public_api_throughput.
 - every collection of the cyclic garbage collector (gc.callbacks): count and time per generation, and each pause
   over 5 ms with the step it fell in;
 - each Triton compilation (its kernel, specialisation, seconds and step): a variant the warm-up missed;
-- the caching allocator's cudaMalloc / cudaFree / retry counts during the call (torch.cuda.memory_stats);
+- the caching allocator's cudaMalloc / cudaFree / retry counts during the call (torch.cuda.memory_stats), and the
+  pinned host allocator's new blocks and their microseconds (torch.cuda.host_memory_stats);
 - the steps whose time most exceeds their GPU work.
 --freeze: gc.freeze() for the length of each call (the heap the collector then skips), gc.unfreeze() after.
 Make a checkpoint with public_api_throughput.save_random_checkpoint; run in a fresh process for a first call.
@@ -31,6 +32,7 @@ from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
 
 ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+HOST_ALLOCATOR_EVENTS = ("num_host_alloc", "host_alloc_time.total", "host_alloc_time.max")  # pinned memory, us
 
 
 class Recorder:
@@ -115,17 +117,30 @@ def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_sta
         print(f"    {i}, {bool(prompt[i])}, {steps[i][5]}, {1e3 * busy[i]:.1f}, {1e3 * host[i]:.1f}")
 
 
+def reserve_pinned(largest: int = 1 << 21, depth: int = 12) -> None:
+    """Grow torch's pinned-memory pool before the calls: `depth` blocks of every power-of-two size up to `largest`
+    bytes (its size classes), allocated together and freed, so that no call has to create one."""
+    size = 16
+    while size <= largest:
+        blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
+        del blocks
+        size *= 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() during each call")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--reserve-pinned", action="store_true", help="grow the pinned-memory pool first")
     args = parser.parse_args()
     start = time.perf_counter()
     llm = LLM(args.checkpoint, device="cuda", dtype="bfloat16", **(TUNED if args.tuned else {}))
     print(f"engine start {time.perf_counter() - start:.1f} s; {len(gc.get_objects())} objects tracked by the "
           f"collector; settings {'tuned' if args.tuned else 'default'}{', heap frozen in calls' * args.freeze}")
+    if args.reserve_pinned:
+        reserve_pinned()
     vocab = ARCHITECTURES["qwen3-0.6b"]["vocab_size"]
     recorder = Recorder(llm.engine.runner)
     for call in range(args.calls):
@@ -134,7 +149,7 @@ def main() -> None:
         recorder.steps.clear()
         recorder.pauses.clear()
         recorder.compiles.clear()
-        before = torch.cuda.memory_stats()
+        before, host_before = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
         if args.freeze:
@@ -144,8 +159,11 @@ def main() -> None:
             gc.unfreeze()
         wall = time.perf_counter() - start
         torch.cuda.synchronize()
-        after = torch.cuda.memory_stats()
-        report(call + 1, wall, recorder, {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_EVENTS}, start)
+        after, host_after = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
+        events = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_EVENTS}
+        events.update({k: host_after.get(k, 0) - host_before.get(k, 0) for k in HOST_ALLOCATOR_EVENTS[:2]})
+        events[HOST_ALLOCATOR_EVENTS[2]] = host_after.get(HOST_ALLOCATOR_EVENTS[2], 0)
+        report(call + 1, wall, recorder, events, start)
     recorder.close()
 
 

@@ -169,9 +169,22 @@ def print_kernel_groups(title: str, prof, top: int) -> None:
         print("      " + "; ".join(f"{n[:60]} {t / 1e3:.3f} ms" for t, n in heaviest))
 
 
+def print_runtime_calls(prof, top: int = 8) -> None:
+    """The host's CUDA runtime / driver calls in a profiled step by total time: a synchronising call (a stream or
+    event wait, a pinned or device allocation) stands out beside the launches."""
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cu"):
+            totals.setdefault(e.name, []).append(e.cpu_time_total)
+    rows = sorted(((sum(t), n, len(t)) for n, t in totals.items()), reverse=True)[:top]
+    print("  host runtime calls: " + "; ".join(f"{n} {count}x {t / 1e3:.2f} ms" for t, n, count in rows))
+
+
 def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int, top: int) -> None:
     """torch.profiler around the first `prefill_steps` steps that run prompt tokens, and around the first
-    decode-only step of each size in `decode_batches` (as the batch shrinks)."""
+    decode-only step of each size in `decode_batches` (as the batch shrinks). Each starts on an idle GPU; for the
+    prompt-running steps, how long the host took to queue the step and how much longer the GPU ran after it (near
+    zero: the GPU waited for the host, whose launches set the step's length) are printed as well."""
     from torch.profiler import ProfilerActivity, profile
 
     runner, wanted, launch = llm.engine.runner, sorted(decode_batches, reverse=True), llm.engine.runner.launch
@@ -188,10 +201,15 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
         else:
             return launch(batch)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             out = launch(batch)
+            queued = time.perf_counter()
             torch.cuda.synchronize()
         print_kernel_groups(title, prof, top)
+        print(f"  (profiled) the host queued it in {1e3 * (queued - start):.1f} ms; the GPU ran "
+              f"{1e3 * (time.perf_counter() - queued):.1f} ms after that")
+        print_runtime_calls(prof)
         return out
 
     runner.launch = maybe_profiled
@@ -199,6 +217,33 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
         generate(llm, workload)
     finally:
         runner.launch = launch
+
+
+def time_prompt_steps_from_idle(llm: LLM, workload, steps: int) -> None:
+    """Without a profiler: the first `steps` prompt-running steps, each started on an idle GPU: the host's time to
+    queue it against the GPU's time after that (near zero: host-bound)."""
+    runner, launch, rows = llm.engine.runner, llm.engine.runner.launch, []
+
+    def timed(batch):
+        if sum(batch.num_tokens) <= len(batch.seqs) or len(rows) >= steps:
+            return launch(batch)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = launch(batch)
+        queued = time.perf_counter()
+        torch.cuda.synchronize()
+        rows.append((len(batch.seqs), sum(batch.num_tokens), queued - start, time.perf_counter() - queued))
+        return out
+
+    runner.launch = timed
+    try:
+        generate(llm, workload)
+    finally:
+        runner.launch = launch
+    print("\n| prompt-running step from an idle GPU | sequences | tokens | host queues it, ms | GPU runs on, ms |"
+          "\n|---|---|---|---|---|")
+    for i, (seqs, tokens, host, after) in enumerate(rows):
+        print(f"| {i} | {seqs} | {tokens} | {1e3 * host:.1f} | {1e3 * after:.1f} |")
 
 
 def main() -> None:
@@ -210,6 +255,8 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--profile-batches", default="256,128,32", help="decode batch sizes to profile")
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
+    parser.add_argument("--idle-starts", type=int, default=0, metavar="N", help="time the first N prompt-running "
+                        "steps of another call each from an idle GPU, without a profiler: host-bound or GPU-bound")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="also list the N heaviest kernels of each profiled step by name")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
@@ -247,6 +294,9 @@ def main() -> None:
         batches = [int(b) for b in args.profile_batches.split(",") if b]
         profile_steps(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=2), batches,
                       args.profile_prefills, args.kernels)
+        if args.idle_starts:
+            time_prompt_steps_from_idle(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=3),
+                                        args.idle_starts)
 
 
 if __name__ == "__main__":

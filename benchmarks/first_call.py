@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from public_api_throughput import TEMPERATURE, TUNED
-from reference import LLM, SamplingParams
+from reference import LLM, SamplingParams, warmup
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
 
@@ -117,30 +117,21 @@ def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_sta
         print(f"    {i}, {bool(prompt[i])}, {steps[i][5]}, {1e3 * busy[i]:.1f}, {1e3 * host[i]:.1f}")
 
 
-def reserve_pinned(largest: int = 1 << 21, depth: int = 12) -> None:
-    """Grow torch's pinned-memory pool before the calls: `depth` blocks of every power-of-two size up to `largest`
-    bytes (its size classes), allocated together and freed, so that no call has to create one."""
-    size = 16
-    while size <= largest:
-        blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
-        del blocks
-        size *= 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--tuned", action="store_true", help="the preset's engine sizes instead of the defaults")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() during each call")
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--reserve-pinned", action="store_true", help="grow the pinned-memory pool first")
+    parser.add_argument("--no-pinned-pool", action="store_true", help="start without growing the pinned-memory "
+                        "pool (reference/warmup.py's grow_pinned_pool), to measure what it saves")
     args = parser.parse_args()
+    if args.no_pinned_pool:
+        warmup.PINNED_POOL_DEPTH = 0
     start = time.perf_counter()
     llm = LLM(args.checkpoint, device="cuda", dtype="bfloat16", **(TUNED if args.tuned else {}))
     print(f"engine start {time.perf_counter() - start:.1f} s; {len(gc.get_objects())} objects tracked by the "
           f"collector; settings {'tuned' if args.tuned else 'default'}{', heap frozen in calls' * args.freeze}")
-    if args.reserve_pinned:
-        reserve_pinned()
     vocab = ARCHITECTURES["qwen3-0.6b"]["vocab_size"]
     recorder = Recorder(llm.engine.runner)
     for call in range(args.calls):

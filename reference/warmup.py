@@ -21,16 +21,50 @@ workload still compiles after the warm-up):
   vocabulary, the cache's block size) is fixed for a model.
 Each width class costs one compilation of the paged prefill kernel on a cold Triton cache (none once cached), the
 price of a first `generate` as fast as the second; benchmarks/triton_compiles.py prints the warm-up's seconds.
+
+Pinned host memory is the third one-off cost. Every step stages its inputs in pinned memory (so that their copies
+to the GPU do not wait, see fast_runner._upload), through torch's pinned-memory cache: blocks of power-of-two
+sizes, each created once with cudaHostAlloc and then reused. cudaHostAlloc is slow and waits for the GPU, so a
+block size first met inside a timed call (a step's block tables grow with its contexts) stalls the host's lead
+(benchmarks/first_call.py counts them). grow_pinned_pool creates, at start, PINNED_POOL_DEPTH blocks of every
+size class a step can ask for.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from .sampling import SamplingParams
 
 WARM_UP_PREFIX = "warmup"
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+PINNED_POOL_DEPTH = 8  # blocks of each size class: a step's uploads of one class, times the steps in flight
+
+
+def largest_pinned_block(config) -> int:
+    """Bytes of the largest host buffer a step stages: int64 per token (ids, positions, slots), int32 block tables
+    (a row of blocks per sequence, at the longest context), or 64 bytes per sequence (the decode graph's inputs
+    and the sampler's per-row inputs)."""
+    widest_table = -(-config.max_model_len // config.block_size)
+    return max(8 * config.max_num_batched_tokens, 4 * config.max_num_seqs * widest_table, 64 * config.max_num_seqs)
+
+
+def grow_pinned_pool(largest: int, depth: int | None = None) -> int:
+    """Create `depth` pinned blocks of every power-of-two size from 16 bytes to the one holding `largest` bytes in
+    torch's pinned-memory cache, all at once, and hand them back to it; returns the bytes it now holds for them.
+    Does nothing without CUDA. depth None: PINNED_POOL_DEPTH."""
+    depth = PINNED_POOL_DEPTH if depth is None else depth
+    if not torch.cuda.is_available() or depth <= 0:
+        return 0
+    size, total = 16, 0
+    while size < 2 * largest:
+        blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
+        total += size * len(blocks)
+        del blocks
+        size *= 2
+    return total
 
 
 def warm_up(engine, every_step_kind: bool | None = None) -> float:
@@ -42,6 +76,7 @@ def warm_up(engine, every_step_kind: bool | None = None) -> float:
     if every_step_kind is None:
         every_step_kind = engine.device.type == "cuda"
     if every_step_kind:
+        grow_pinned_pool(largest_pinned_block(engine.config))
         _warm_up_step_kinds(engine)
         _warm_up_block_table_widths(engine)
     else:

@@ -218,13 +218,14 @@ def engine_triton_kernels() -> list:
             if isinstance(value, JITFunction)]
 
 
-def test_no_triton_kernel_compiles_after_the_engines_warm_up(qwen3_06b):
+def test_nothing_compiles_and_no_pinned_block_is_created_after_the_engines_warm_up(qwen3_06b):
     """A kernel variant first met inside a timed `generate` costs it up to a second a kernel: found on the first
     call of the nano-vllm workload (issue 16), where the sampler's per-row inputs sat at pointer alignments that
     depended on the batch size. Batches of odd and even sizes, greedy and sampled, with and without a cut, one
     after another on an engine that has warmed up must compile nothing. The kernels' in-process caches are
     emptied first, so that kernels compiled by earlier tests cannot hide a miss (from Triton's disk cache the
-    engine's start reloads them quickly)."""
+    engine's start reloads them quickly). Nor may they create a pinned host block (cudaHostAlloc, slow): the
+    warm-up grew torch's pinned-memory pool for every size class (reference/warmup.py)."""
     from triton import knobs
 
     from reference import LLM, SamplingParams
@@ -236,7 +237,7 @@ def test_no_triton_kernel_compiles_after_the_engines_warm_up(qwen3_06b):
     path, _, prompts, _ = qwen3_06b
     llm = LLM(str(path), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
     settings = [dict(temperature=0), dict(temperature=0.6), dict(temperature=0.8, top_k=20, top_p=0.9)]
-    compiled = []
+    compiled, pinned_blocks = [], torch.cuda.host_memory_stats()["num_host_alloc"]
     knobs.runtime.jit_post_compile_hook = lambda repr, **_: compiled.append(repr)  # noqa: A002 - Triton's keyword
     try:
         for batch in (1, 3, 2, 5, 7, 6):
@@ -247,6 +248,7 @@ def test_no_triton_kernel_compiles_after_the_engines_warm_up(qwen3_06b):
     finally:
         knobs.runtime.jit_post_compile_hook = None
     assert compiled == [], "\n".join(compiled)
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == pinned_blocks
 
 
 def test_the_bench_presets_engine_sizes_start_and_give_transformers_tokens(qwen3_06b_fp16):

@@ -24,9 +24,10 @@ price of a first `generate` as fast as the second; benchmarks/triton_compiles.py
 
 Pinned host memory is the third one-off cost. Every step stages its inputs in pinned memory (so that their copies
 to the GPU do not wait, see fast_runner._upload), through torch's pinned-memory cache: blocks of power-of-two
-sizes, each created once with cudaHostAlloc and then reused. cudaHostAlloc is slow and waits for the GPU, so a
-block size first met inside a timed call (a step's block tables grow with its contexts) stalls the host's lead
-(benchmarks/first_call.py counts them). grow_pinned_pool creates, at start, PINNED_POOL_DEPTH blocks of every
+sizes, each created once with cudaHostAlloc and then reused. A page-locked allocation is slow, and the CUDA
+programming guide lists it among the operations that synchronise the device implicitly ("Implicit
+Synchronization"), so a block size first met inside a timed call (a step's block tables grow with its contexts)
+can cost the host its lead over the GPU (benchmarks/first_call.py counts such blocks). grow_pinned_pool creates, at start, PINNED_POOL_DEPTH blocks of every
 size class a step can ask for.
 """
 

@@ -41,7 +41,8 @@ from .sampling import SamplingParams
 
 WARM_UP_PREFIX = "warmup"
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-PINNED_POOL_DEPTH = 8  # blocks of each size class: a step's uploads of one class, times the steps in flight
+PINNED_POOL_DEPTH = 12  # blocks a size class: up to 4 uploads of one class a step (ids, positions, slots, pending
+# rows), times the steps whose copies may not have run yet, with room to spare
 
 
 def largest_pinned_block(config) -> int:

@@ -33,6 +33,7 @@ from reference.workload import make_workload
 
 ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
 HOST_ALLOCATOR_EVENTS = ("num_host_alloc", "host_alloc_time.total", "host_alloc_time.max")  # pinned memory, us
+PINNED_GROWTH = ("num_host_alloc", "allocated_bytes.allocated")  # new pinned blocks, their bytes
 
 
 class Recorder:
@@ -45,6 +46,7 @@ class Recorder:
         self.runner, self.launch = runner, runner.launch
         self._started = 0.0
         self.compiles: list[tuple[float, float, str]] = []  # (start, seconds, kernel and specialisation)
+        self.pinned: list[tuple[int, int, int]] = []  # (step, new pinned blocks, their bytes) created in a launch
         gc.callbacks.append(self._on_gc)
         runner.launch = self._timed
         self._watch_triton_compiles()
@@ -70,10 +72,14 @@ class Recorder:
     def _timed(self, batch):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        pinned = torch.cuda.host_memory_stats()
         began = time.perf_counter()
         out = self.launch(batch)
         host = time.perf_counter() - began
         end.record()
+        grown = {k: torch.cuda.host_memory_stats()[k] - pinned[k] for k in PINNED_GROWTH}
+        if grown["num_host_alloc"]:
+            self.pinned.append((len(self.steps), grown["num_host_alloc"], grown["allocated_bytes.allocated"]))
         if batch.seqs:
             tokens = sum(batch.num_tokens)
             self.steps.append((began, host, tokens > len(batch.seqs), start, end, tokens))
@@ -95,6 +101,8 @@ def report(call: int, wall: float, recorder: Recorder, allocator: dict, call_sta
           f"{span[~prompt].sum():.3f}, GPU {busy[~prompt].sum():.3f}, host {host[~prompt].sum():.3f}; device idle "
           f"between steps {max(span.sum() - busy.sum(), 0):.3f} s")
     print("  allocator during the call:", allocator)
+    for step, blocks, nbytes in recorder.pinned:
+        print(f"  {blocks} pinned block(s) of {nbytes} bytes in all created in step {step}'s launch")
     for generation in range(3):
         times = [p[2] for p in recorder.pauses if p[0] == generation]
         if times:
@@ -140,6 +148,7 @@ def main() -> None:
         recorder.steps.clear()
         recorder.pauses.clear()
         recorder.compiles.clear()
+        recorder.pinned.clear()
         before, host_before = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -19,6 +19,7 @@ a first call warms everything, the timed call uses fresh prompts (workload seed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import tempfile
@@ -35,6 +36,8 @@ from reference.cuda_graphs import DecodeGraphs
 from reference.kv import kv_bytes_per_token
 from reference.models.presets import ARCHITECTURES
 from reference.workload import make_workload
+
+SLEEP_CYCLES_PER_US = 1980  # torch.cuda._sleep counts SM clock cycles: an H200's 1.98 GHz (only roughly)
 
 
 @dataclass
@@ -169,15 +172,20 @@ def print_kernel_groups(title: str, prof, top: int) -> None:
         print("      " + "; ".join(f"{n[:60]} {t / 1e3:.3f} ms" for t, n in heaviest))
 
 
-def print_runtime_calls(prof, top: int = 8) -> None:
+def print_runtime_calls(prof, top: int = 8, longest: bool = False) -> None:
     """The host's CUDA runtime / driver calls in a profiled step by total time: a synchronising call (a stream or
-    event wait, a pinned or device allocation) stands out beside the launches."""
+    event wait, a pinned or device allocation) stands out beside the launches. longest: also the `top` longest
+    single host operations of any kind (where a launch waited)."""
     totals: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cu"):
             totals.setdefault(e.name, []).append(e.cpu_time_total)
     rows = sorted(((sum(t), n, len(t)) for n, t in totals.items()), reverse=True)[:top]
     print("  host runtime calls: " + "; ".join(f"{n} {count}x {t / 1e3:.2f} ms" for t, n, count in rows))
+    if longest:
+        singles = sorted(((e.cpu_time_total, e.name) for e in prof.events()
+                          if e.device_type == torch.autograd.DeviceType.CPU), reverse=True)[:top]
+        print("  longest host operations: " + "; ".join(f"{n} {t / 1e3:.2f} ms" for t, n in singles))
 
 
 def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: int, top: int) -> None:
@@ -219,20 +227,32 @@ def profile_steps(llm: LLM, workload, decode_batches: list[int], prefill_steps: 
         runner.launch = launch
 
 
-def time_prompt_steps_from_idle(llm: LLM, workload, steps: int) -> None:
+def time_prompt_steps_from_idle(llm: LLM, workload, steps: int, busy_ms: float = 0.0) -> None:
     """Without a profiler: the first `steps` prompt-running steps, each started on an idle GPU: the host's time to
-    queue it against the GPU's time after that (near zero: host-bound)."""
+    queue it against the GPU's time after that (near zero: host-bound). busy_ms > 0: every other step starts
+    behind a GPU sleep of that length instead, as in a real call, where the step before is still running; if the
+    host then takes longer to queue the same work, something in the launch waits for the GPU. The first of those
+    is profiled (host side) for the runtime call that waited."""
+    from torch.profiler import ProfilerActivity, profile
+
     runner, launch, rows = llm.engine.runner, llm.engine.runner.launch, []
 
     def timed(batch):
         if sum(batch.num_tokens) <= len(batch.seqs) or len(rows) >= steps:
             return launch(batch)
+        busy = busy_ms > 0 and len(rows) % 2 == 1
         torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(int(busy_ms * 1e3 * SLEEP_CYCLES_PER_US))
+        prof = profile(activities=[ProfilerActivity.CPU]) if busy and len(rows) == 1 else None
         start = time.perf_counter()
-        out = launch(batch)
+        with prof or contextlib.nullcontext():
+            out = launch(batch)
         queued = time.perf_counter()
         torch.cuda.synchronize()
-        rows.append((len(batch.seqs), sum(batch.num_tokens), queued - start, time.perf_counter() - queued))
+        rows.append((busy, len(batch.seqs), sum(batch.num_tokens), queued - start, time.perf_counter() - queued))
+        if prof is not None:
+            print_runtime_calls(prof, longest=True)
         return out
 
     runner.launch = timed
@@ -240,10 +260,10 @@ def time_prompt_steps_from_idle(llm: LLM, workload, steps: int) -> None:
         generate(llm, workload)
     finally:
         runner.launch = launch
-    print("\n| prompt-running step from an idle GPU | sequences | tokens | host queues it, ms | GPU runs on, ms |"
-          "\n|---|---|---|---|---|")
-    for i, (seqs, tokens, host, after) in enumerate(rows):
-        print(f"| {i} | {seqs} | {tokens} | {1e3 * host:.1f} | {1e3 * after:.1f} |")
+    print("\n| prompt-running step | GPU at the start | sequences | tokens | host queues it, ms | GPU runs on, ms |"
+          "\n|---|---|---|---|---|---|")
+    for i, (busy, seqs, tokens, host, after) in enumerate(rows):
+        print(f"| {i} | {'busy' if busy else 'idle'} | {seqs} | {tokens} | {1e3 * host:.1f} | {1e3 * after:.1f} |")
 
 
 def main() -> None:
@@ -257,6 +277,8 @@ def main() -> None:
     parser.add_argument("--profile-prefills", type=int, default=2, help="how many prompt-running steps to profile")
     parser.add_argument("--idle-starts", type=int, default=0, metavar="N", help="time the first N prompt-running "
                         "steps of another call each from an idle GPU, without a profiler: host-bound or GPU-bound")
+    parser.add_argument("--busy-ms", type=float, default=0.0, metavar="MS", help="with --idle-starts: every other "
+                        "step starts behind a GPU sleep of MS ms instead of on an idle GPU")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="also list the N heaviest kernels of each profiled step by name")
     parser.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
@@ -296,7 +318,7 @@ def main() -> None:
                       args.profile_prefills, args.kernels)
         if args.idle_starts:
             time_prompt_steps_from_idle(llm, make_workload(256, (100, 1024), (100, 1024), vocab_size=vocab, seed=3),
-                                        args.idle_starts)
+                                        args.idle_starts, args.busy_ms)
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ def largest_pinned_block(config) -> int:
 
 
 def grow_pinned_pool(largest: int, depth: int | None = None) -> int:
-    """Create `depth` pinned blocks of every power-of-two size from 16 bytes to the one holding `largest` bytes in
-    torch's pinned-memory cache, all at once, and hand them back to it; returns the bytes it now holds for them.
-    Does nothing without CUDA. depth None: PINNED_POOL_DEPTH."""
+    """Create `depth` pinned blocks of every power-of-two size from 1 byte (a batch of one stages 4- and 8-byte
+    buffers) to the one holding `largest` bytes in torch's pinned-memory cache, all at once, and hand them back to
+    it; returns the bytes it now holds for them. Does nothing without CUDA. depth None: PINNED_POOL_DEPTH."""
     depth = PINNED_POOL_DEPTH if depth is None else depth
     if not torch.cuda.is_available() or depth <= 0:
         return 0
-    size, total = 16, 0
+    size, total = 1, 0
     while size < 2 * largest:
         blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
         total += size * len(blocks)

@@ -153,6 +153,27 @@ def test_decode_in_any_start_order_gives_the_same_bits(num_splits):
         triton_ops.paged_decode_attention(*args, seq_order=order[:3])
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 3)])
+def test_decode_grid_in_either_order_gives_the_same_bits(num_splits, heads, kv_heads):
+    # The grid (kv_heads, batch, splits) only changes which programs run side by side; a split program must still
+    # find its row of the partial outputs (it counts the KV heads on the grid's first axis, not its second).
+    args, expected = decode_case([7, 150, 1, 64, 33], heads, kv_heads, 64, 16, torch.float32)
+    tile_n, warps, stages = triton_ops._decode_launch_config(torch.float32, 64, num_splits)
+    outputs = [triton_ops._launch_decode(*args, torch.empty_like(args[0]), num_splits=num_splits, tile_n=tile_n,
+                                         num_warps=warps, num_stages=stages, heads_first=heads_first)
+               for heads_first in (True, False)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert_matches(outputs[0], expected)
+
+
+def test_a_split_decode_launch_reads_wider_tiles():
+    # Measured on an H200 (RESULTS.md, seventeenth session): a split launch's short slices run faster in longer tiles.
+    for dtype in (torch.float32, torch.bfloat16):
+        whole, split = (triton_ops._decode_launch_config(dtype, 128, n)[0] for n in (1, 4))
+        assert split == triton_ops.SPLIT_TILE_FACTOR * whole
+
+
 def test_cuda_graph_warmup_order_keeps_each_captured_size_inside_its_rows():
     # DecodeGraphs warms up and captures every size from one static [lengths; order] buffer, sliced to the size.
     # The kernel sends program i to sequence order[i], so each slice must be a permutation of its rows: an order

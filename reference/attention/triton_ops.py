@@ -42,6 +42,8 @@ LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 PROGRAMS_PER_MULTIPROCESSOR = 12  # decode programs asked for per multiprocessor (see choose_num_splits)
+HEADS_FIRST = True  # the decode grid's order (see _paged_decode_kernel): 2-4% faster on an H200 (RESULTS.md)
+SPLIT_TILE_FACTOR = 2  # a split decode launch reads tiles this many times longer (see _decode_launch_config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,6 +131,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     TILE_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
     """One program per (sequence, kv_head, split): all GROUP query heads against one slice of the context.
 
@@ -137,16 +140,21 @@ def _paged_decode_kernel(
     (num_splits is a runtime value, so a new split count does not compile a new kernel.)
     ORDERED: the programs take the sequences in seq_order's order (the GPU starts programs roughly in grid order;
     see paged_decode_attention), not in batch order. Each program's result is the same either way.
+    HEADS_FIRST: the grid is (kv_heads, batch, splits), so a sequence's KV heads start side by side and read
+    neighbouring bytes of the same cache rows (each row holds every KV head of a position); else (batch, kv_heads,
+    splits), where the programs running at one time read one head's 256 bytes of many sequences' rows.
     """
-    seq = tl.program_id(0)
+    if HEADS_FIRST:
+        kv_head, seq, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    else:
+        seq, kv_head, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     if ORDERED:
         seq = tl.load(seq_order_ptr + seq)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start, end = _split_range(context_len, split, num_splits, TILE_N)
     _decode_program(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-                    seq, kv_head, split, start, end, qk_scale, block_size, stride_q_seq, stride_q_head,
+                    seq, kv_head, num_kv_heads, split, start, end, qk_scale, block_size, stride_q_seq, stride_q_head,
                     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, stride_out_seq,
                     stride_out_head, num_splits, GROUP, GROUP_PADDED, HEAD_DIM, HEAD_DIM_PADDED, TILE_N, SPLIT,
                     DOT_PRECISION)
@@ -181,7 +189,7 @@ def _online_softmax_step(scores, max_score, sum_exp, acc, v_cache_ptr, kv_offset
 @triton.jit
 def _decode_program(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-    seq, kv_head, split, start, end, qk_scale, block_size,
+    seq, kv_head, num_kv_heads, split, start, end, qk_scale, block_size,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_slot, stride_cache_head,
     stride_table_seq,
@@ -234,7 +242,7 @@ def _decode_program(
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # partial_out: fp32 [batch, heads, num_splits, HEAD_DIM]; partial_lse: fp32 [batch, heads, num_splits]
-        split_row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        split_row = (seq * num_kv_heads * GROUP + heads) * num_splits + split
         tl.store(partial_out_ptr + split_row[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
         lse = tl.where(has_keys, max_score + tl.log2(safe_sum), float("-inf"))
         tl.store(partial_lse_ptr + split_row, lse, mask=row_mask)
@@ -324,7 +332,7 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_context_len, q.device)
-    tile_n, num_warps, num_stages = _decode_launch_config(q.dtype, head_dim)
+    tile_n, num_warps, num_stages = _decode_launch_config(q.dtype, head_dim, num_splits)
     if seq_order is not None and seq_order.shape != (batch,):
         raise ValueError(f"seq_order must be a permutation of the {batch} sequences, got shape {tuple(seq_order.shape)}")
     return _launch_decode(
@@ -334,12 +342,14 @@ def paged_decode_attention(
 
 
 def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, *,
-                   num_splits, tile_n, num_warps, num_stages, seq_order=None) -> torch.Tensor:
+                   num_splits, tile_n, num_warps, num_stages, seq_order=None, heads_first=None) -> torch.Tensor:
     """Launch the decode kernel (and the merge when num_splits > 1) with an explicit tile configuration."""
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
+    heads_first = HEADS_FIRST if heads_first is None else heads_first
     partial_out, partial_lse = split_buffers(out, num_splits)
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+    grid = (kv_heads, batch, num_splits) if heads_first else (batch, kv_heads, num_splits)
+    _paged_decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if seq_order is None else seq_order,
         out, partial_out, partial_lse,
         scale * LOG2_E, k_cache.shape[1],
@@ -349,7 +359,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, 
         out.stride(0), out.stride(1),
         num_splits,
         **decode_constants(q.dtype, num_heads // kv_heads, head_dim, tile_n, num_splits),
-        ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
+        ORDERED=seq_order is not None, HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
     )
     combine_splits(partial_out, partial_lse, out, num_splits)
     return out
@@ -643,14 +653,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _decode_launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+def _decode_launch_config(dtype: torch.dtype, head_dim: int, num_splits: int = 1) -> tuple[int, int, int]:
     """(TILE_N, num_warps, num_stages) for the decode kernel; 4-byte types get half the tile (same bytes).
 
     Chosen by `benchmarks/attention_kernels.py`'s sweep on an H200 (bf16, head_dim 128): three stages keep
     the next tiles' loads in flight while this one is computed (96% of copy bandwidth, against 90% with two).
+    A split launch (smaller batches) reads SPLIT_TILE_FACTOR times longer tiles: half the loop trips for each
+    program's short slice, 3-5% faster at 32-192 sequences, where a whole batch of 256 is not
+    (`benchmarks/decode_kernel_sweep.py`, RESULTS.md 2026-12-03 seventeenth session).
     """
     tile_n = 64 if dtype != torch.float32 and head_dim <= 128 else 32
-    return tile_n, 4, 3
+    return tile_n * (SPLIT_TILE_FACTOR if num_splits > 1 else 1), 4, 3
 
 
 def _prefill_launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:

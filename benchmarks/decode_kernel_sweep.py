@@ -1,0 +1,149 @@
+"""The paged decode kernel as a decode step runs it: 28 layers in one CUDA graph, contexts as in the workload.
+
+    python benchmarks/decode_kernel_sweep.py [--batches 256,192,128,64,32] [--layers 28] [--variants all]
+
+For each batch size, sequences get contexts as in the middle of the nano-vllm workload (input uniform in
+[100, 1024] plus the tokens generated so far, more for the smaller batches that remain later in a call), their
+blocks scattered through a paged cache of block size 16 (each layer its own cache, as in the engine), the
+programs started longest context first and split as the engine splits them (choose_num_splits). Each variant
+(a launch configuration, and the grid's order: sequences first, or a sequence's KV heads side by side) is
+recorded as `layers` launches in one CUDA graph; its replay is timed (median of 20) and its KV read rate is
+compared with the card's copy bandwidth. Every variant's output must equal the engine's default variant's to
+within bf16 rounding of a different summation order (checked first). Without CUDA: --quick in the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16  # Qwen3-0.6B, the engine's block size
+VARIANTS = {  # name: (TILE_N, num_warps, num_stages, heads_first)
+    "default 64/4/3": (64, 4, 3, False),
+    "heads first": (64, 4, 3, True),
+    "64/4/4": (64, 4, 4, False),
+    "32/4/3": (32, 4, 3, False),
+    "32/4/4": (32, 4, 4, False),
+    "64/2/3": (64, 2, 3, False),
+    "128/4/3": (128, 4, 3, False),
+    "heads first 128/4/3": (128, 4, 3, True),
+    "heads first 32/4/4": (32, 4, 4, True),
+}
+
+
+def contexts_for(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Context lengths of `batch` running sequences: prompt in [100, 1024] plus the tokens made so far."""
+    made = int(1024 * (1 - batch / 256)) if batch < 256 else 64
+    return torch.randint(100, 1025, (batch,), generator=generator) + made
+
+
+def paged_inputs(batch: int, layers: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """q, per-layer caches, scattered block tables, context lengths and the longest-first order."""
+    generator = torch.Generator().manual_seed(seed)
+    lens = contexts_for(batch, generator)
+    blocks_each = (lens + BLOCK - 1) // BLOCK
+    widest = int(blocks_each.max())
+    num_blocks = int(blocks_each.sum())
+    permutation = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+    tables = torch.full((batch, widest), -1, dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(blocks_each.tolist()):
+        tables[row, :count] = permutation[start:start + count]
+        start += count
+    torch.manual_seed(seed)  # the caches are drawn where they live (28 layers of them: gigabytes)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    caches = [(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+              for _ in range(layers)]
+    return dict(q=torch.randn(batch, HEADS, HEAD_DIM, generator=generator).to(device, dtype), caches=caches,
+                tables=tables.to(device), lens=lens.to(torch.int32).to(device),
+                order=torch.argsort(lens, descending=True).to(torch.int32).to(device), max_len=int(lens.max()),
+                kv_bytes=int(lens.sum()) * KV_HEADS * HEAD_DIM * 2 * torch.finfo(dtype).bits // 8 * layers)
+
+
+def launcher(triton_ops, data: dict, variant: tuple, outs: list[torch.Tensor]):
+    tile_n, warps, stages, heads_first = variant
+    splits = triton_ops.choose_num_splits(data["q"].shape[0], KV_HEADS, data["max_len"], data["q"].device)
+
+    def run():
+        for (k, v), out in zip(data["caches"], outs):
+            triton_ops._launch_decode(data["q"], k, v, data["tables"], data["lens"], HEAD_DIM ** -0.5, out,
+                                      num_splits=splits, tile_n=tile_n, num_warps=warps, num_stages=stages,
+                                      seq_order=data["order"], heads_first=heads_first)
+    return run, splits
+
+
+def graph_ms(run, replays: int = 20) -> float:
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    source = torch.ones(1 << 28, device="cuda")
+    target = torch.empty_like(source)
+    run = lambda: target.copy_(source)  # noqa: E731
+    return 2 * source.numel() * 4 / graph_ms(run) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="256,192,128,64,32")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--variants", default="all", help="comma-separated names from VARIANTS, or all")
+    parser.add_argument("--quick", action="store_true", help="the interpreter on the CPU: check outputs only")
+    args = parser.parse_args()
+    if args.quick:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from reference.attention import triton_ops
+
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    device, dtype = ("cpu", torch.float32) if args.quick else ("cuda", torch.bfloat16)
+    batches = [4] if args.quick else [int(b) for b in args.batches.split(",")]
+    layers = 1 if args.quick else args.layers
+    bandwidth = None if args.quick else copy_gbps()
+    if bandwidth:
+        print(f"{torch.cuda.get_device_name()}; copy {bandwidth:.0f} GB/s; {layers} layers a replay")
+    print("| batch | splits | variant | ms a step | KV GB/s | of copy | max diff to default |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in batches:
+        data = paged_inputs(batch, layers, device, dtype)
+        expected = None
+        for name in names:
+            outs = [torch.empty_like(data["q"]) for _ in range(layers)]
+            run, splits = launcher(triton_ops, data, VARIANTS[name], outs)
+            run()
+            expected = outs[0].float() if expected is None else expected
+            diff = (outs[0].float() - expected).abs().max().item()
+            if diff > 0.02:
+                raise SystemExit(f"{name} at batch {batch}: output differs from the default's by {diff}")
+            if args.quick:
+                print(f"| {batch} | {splits} | {name} | - | - | - | {diff:.2e} |")
+                continue
+            ms = graph_ms(run)
+            gbps = data["kv_bytes"] / ms / 1e6
+            print(f"| {batch} | {splits} | {name} | {ms:.3f} | {gbps:.0f} | {gbps / bandwidth:.1%} | {diff:.2e} |")
+        del data
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * LOG2_E)
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 PROGRAMS_PER_MULTIPROCESSOR = 12  # decode programs asked for per multiprocessor (see choose_num_splits)
-HEADS_FIRST = True  # the decode grid's order (see _paged_decode_kernel): 2-4% faster on an H200 (RESULTS.md)
+HEADS_FIRST = True  # the decode grid's order (see _paged_decode_kernel): 0-4% faster on an H200 (RESULTS.md)
 SPLIT_TILE_FACTOR = 2  # a split decode launch reads tiles this many times longer (see _decode_launch_config)
 
 

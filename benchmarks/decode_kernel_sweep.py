@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -82,25 +81,6 @@ def launcher(triton_ops, data: dict, variant: tuple, outs: list[torch.Tensor]):
     return run, splits
 
 
-def graph_ms(run, replays: int = 20) -> float:
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_gbps() -> float:
     """The card's copy bandwidth as the floor measures it (eager copies of 1 GiB; a copy recorded in a CUDA graph
     read 2,712 GB/s against ~4,100 eager on an H200, so the graph is not used here)."""
@@ -118,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         os.environ["TRITON_INTERPRET"] = "1"
+    from decode_gemms import graph_ms  # imports triton: after TRITON_INTERPRET
     from reference.attention import triton_ops
 
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -143,7 +124,7 @@ def main() -> None:
             if args.quick:
                 print(f"| {batch} | {splits} | {name} | - | - | - | {diff:.2e} |")
                 continue
-            ms = graph_ms(run)
+            ms = graph_ms(run)  # one replay of the recorded launches, median of 20
             gbps = data["kv_bytes"] / ms / 1e6
             print(f"| {batch} | {splits} | {name} | {ms:.3f} | {gbps:.0f} | {gbps / bandwidth:.1%} | {diff:.2e} |")
         del data
